@@ -1,0 +1,458 @@
+"""
+PRISM: the transformer as a signal-denoising operator derived from MCR² (arXiv 2601.15540).
+
+This file reads top to bottom like the derivation (../shared/docs/PRISM.md holds the design):
+  1. the coding rate R and the rate reduction ΔR, the objective everything is derived from;
+  2. attention as one gradient step on the compressed rate R^c (the MSSA step);
+  3. constraint 1, the overcomplete dictionary: q = k = v = Uᵀz with H·p > d;
+  4. constraint 2, π-RoPE: half the heads rotate π times faster than the others;
+  5. the conventional rest: pre-norm block, GELU MLP, tied embeddings;
+  6. what every language model here shares (the baselines in baselines.py too): loss, generation,
+     the optimizer, MFU and loading a checkpoint written by train.py.
+"""
+
+import inspect
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+# -----------------------------------------------------------------------------
+# 1. Coding rate and rate reduction.
+# Tokens Z ∈ R^{n×d} (one token per row). The number of bits to code them up to precision ε is
+#     R(Z) = ½ log det(I + d/(n ε²) ZᵀZ).
+# Given subspaces U_k ∈ R^{d×p}, the compressed rate codes each projection separately,
+#     R^c(Z; U) = Σ_k ½ log det(I + p/(n ε²) (Z U_k)ᵀ(Z U_k)),
+# and MCR² seeks a large rate reduction ΔR = R(Z) − R^c(Z; U): diverse overall, compact per subspace.
+# The model never evaluates these (they are O(d³)); analyze_heads.py does, to check each layer.
+
+
+def coding_rate(Z, eps=0.5):
+    """R(Z) for Z of shape (n, d), in nats, computed in float64 through the smaller Gram matrix
+    (det(I_d + a ZᵀZ) = det(I_n + a ZZᵀ))."""
+    Z = Z.double()
+    n, d = Z.shape
+    gram = Z.T @ Z if d <= n else Z @ Z.T
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return 0.5 * torch.logdet(eye + (d / (n * eps**2)) * gram)
+
+
+def compressed_coding_rate(Z, subspaces, eps=0.5):
+    """R^c(Z; U) for Z (n, d) and subspaces (K, p, d) holding each U_kᵀ: Σ_k R(Z U_k)."""
+    return sum(coding_rate(Z.double() @ U_k.double().T, eps) for U_k in subspaces)
+
+
+# -----------------------------------------------------------------------------
+# 2-4. The PRISM attention.
+
+
+@dataclass
+class PrismConfig:
+    vocab_size: int = 50257      # GPT-2 BPE; the embedding is padded to a multiple of 64 inside
+    block_size: int = 512        # context length
+    n_layer: int = 8
+    n_embd: int = 512            # d
+    n_head: int = 16             # H: one head = one subspace U_k of the dictionary
+    head_dim: int = 64           # p: overcompleteness ρ = H·p / d = 2 by default
+    signal_heads: int = -1       # H_s: heads at the base RoPE frequencies; -1 means n_head // 2
+    rope_theta: float = 10000.0  # θ: base of the signal frequencies θ^(−2i/p)
+    rope_ratio: float = math.pi  # noise frequencies are rope_ratio × signal ones; 1.0 = π-RoPE off
+    tie_dictionary: bool = False  # back-project with the same U (white-box) or a decoupled matrix
+    qkv_sharing: str = "qkv"     # "qkv": q = k = v = Uᵀz (PRISM); "qk": own value; "none": q, k, v apart
+    dropout: float = 0.0
+    bias: bool = False           # biases in Linear and LayerNorm
+
+    def __post_init__(self):
+        if self.signal_heads == -1:
+            self.signal_heads = self.n_head // 2
+        for name in ("vocab_size", "block_size", "n_layer", "n_embd", "n_head", "head_dim"):
+            _check(self, name, getattr(self, name) > 0, "must be positive")
+        _check(self, "head_dim", self.head_dim % 2 == 0, "must be even (RoPE rotates pairs)")
+        _check(self, "signal_heads", 0 <= self.signal_heads <= self.n_head, "must be in [0, n_head]")
+        _check(self, "rope_theta", self.rope_theta > 1, "must be > 1")
+        _check(self, "rope_ratio", self.rope_ratio > 0, "must be positive")
+        _check(self, "dropout", 0 <= self.dropout < 1, "must be in [0, 1)")
+        _check(self, "qkv_sharing", self.qkv_sharing in ("qkv", "qk", "none"),
+               "must be 'qkv', 'qk' or 'none'")
+
+
+def _check(config, name, ok, why):
+    if not ok:
+        raise ValueError(f"{type(config).__name__}.{name} = {getattr(config, name)!r} {why}")
+
+
+# π-RoPE. Every head rotates the 2-D pairs (x_i, x_{i+p/2}) of its q and k by angle t·ω_i at
+# position t, so q_sᵀk_t depends on positions only through s − t. Signal heads use
+#     ω_i = θ^(−2i/p),            i = 0 … p/2 − 1,
+# noise heads ω_i = π·θ^(−2i/p). Each noise/signal frequency ratio is π times an algebraic number,
+# hence irrational: the phases of the two groups never re-align at any distance, which keeps the
+# signal and noise subspaces incoherent across positions. The value is not rotated.
+
+
+def rope_frequencies(config):
+    """(n_head, head_dim // 2) float64 angular frequencies; signal heads come first."""
+    i = torch.arange(config.head_dim // 2, dtype=torch.float64)
+    base = config.rope_theta ** (-2 * i / config.head_dim)
+    ratio = torch.ones(config.n_head, 1, dtype=torch.float64)
+    ratio[config.signal_heads:] = config.rope_ratio
+    return ratio * base
+
+
+def rotary_tables(freqs, length):
+    """cos and sin of t·ω for t < length: (n_head, length, pairs) each, float32."""
+    angles = torch.arange(length, dtype=torch.float64)[None, :, None] * freqs[:, None, :]
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate x (B, H, T, p) pair-wise; cos, sin (H, T, p/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class PrismAttention(nn.Module):
+    """One MSSA step: Z ← Z + η Σ_k U_k SA(U_kᵀZ), SA(W) = W softmax(WᵀW / √p), causal.
+
+    Why this is attention. The gradient of one compressed-rate term is
+        ∇_Z R(U_kᵀZ) = β U_k W (I + β WᵀW)⁻¹,   W = U_kᵀZ,  β = p/(nε²).
+    The n×n inverse weighs each token by how similar it is to the others; CRATE replaces it by a
+    softmax over the similarities WᵀW, a normalised, causal-friendly stand-in. A descent step on
+    R^c (an ascent step on ΔR) therefore reads like attention in which query, key and value are
+    all the same projection W = U_kᵀZ: one head = one subspace, no separate W_q, W_k, W_v.
+
+    The overcomplete dictionary. U = [U_1 … U_H] ∈ R^{d×H·p} with ρ = H·p/d > 1 (default 2) gives
+    more subspaces than dimensions to explain the tokens with. Sharing q = k = v pays for it:
+    ρ = 2 costs 2d² weights (with the tied back-projection), against 3d² for q, k, v apart.
+    The back-projection is U itself (tied, strictly white-box: the update stays in the span of the
+    dictionary, with a learned step η) or a decoupled d×H·p matrix (CRATE-α).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.head_dim = config.n_head, config.head_dim
+        self.qkv_sharing = config.qkv_sharing
+        self.dropout = config.dropout
+        inner = config.n_head * config.head_dim
+        # The first `inner` rows are the dictionary Uᵀ; "qk" adds a value, "none" a key and a value.
+        n_proj = {"qkv": 1, "qk": 2, "none": 3}[config.qkv_sharing]
+        self.dictionary = nn.Linear(config.n_embd, n_proj * inner, bias=config.bias)
+        if config.tie_dictionary:
+            self.back_projection = None
+            self.step_size = nn.Parameter(torch.ones(()))  # η
+        else:
+            self.back_projection = nn.Linear(inner, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        # RoPE tables are built once here and move with the module to its device.
+        cos, sin = rotary_tables(rope_frequencies(config), config.block_size)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def subspaces(self):
+        """(H, p, d): each head's U_kᵀ, the projection its queries and keys live in."""
+        inner = self.n_head * self.head_dim
+        return self.dictionary.weight[:inner].view(self.n_head, self.head_dim, -1)
+
+    def forward(self, x, record=None):
+        B, T, _ = x.shape
+        heads = self.dictionary(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_proj·H, T, p)
+        cos, sin = self.rope_cos[:, :T], self.rope_sin[:, :T]
+        if self.qkv_sharing == "qkv":
+            w = heads                          # W_k = U_kᵀZ
+            q = k = apply_rotary(w, cos, sin)  # q = k: rotate once
+            v = w
+        elif self.qkv_sharing == "qk":
+            w, v = heads.split(self.n_head, dim=1)
+            q = k = apply_rotary(w, cos, sin)
+        else:
+            q, k, v = heads.split(self.n_head, dim=1)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if record is None:
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        else:
+            y = explicit_attention(q, k, v, record)
+        y = y.transpose(1, 2).reshape(B, T, -1)
+        if self.back_projection is None:
+            value_weight = self.dictionary.weight[-y.shape[-1]:]  # U (the value rows) back to R^d
+            y = self.step_size * F.linear(y, value_weight.t())
+        else:
+            y = self.back_projection(y)
+        return self.resid_dropout(y)
+
+
+def explicit_attention(q, k, v, record):
+    """softmax(qkᵀ/√p) v with a causal mask, spelled out so the probabilities can be kept.
+    The analysis path of every model; equal to the fused kernel up to float rounding."""
+    T = q.shape[-2]
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    attn = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+    record.append({"attn": attn, "q": q, "k": k})
+    return attn @ v
+
+
+# -----------------------------------------------------------------------------
+# 5. The rest of the block is deliberately conventional (PRISM.md §5): pre-norm residual,
+# LayerNorm, a GELU MLP of width 4d, tied input/output embeddings, no learned positions.
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config, attention=PrismAttention):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = attention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, record=None):
+        z = self.ln_1(x)
+        if record is not None:
+            before = len(record)
+            x = x + self.attn(z, record)
+            record[before]["z"] = z  # the tokens Z this layer's MCR² step acts on
+        else:
+            x = x + self.attn(z)
+        return x + self.mlp(self.ln_2(x))
+
+
+# -----------------------------------------------------------------------------
+# 6. What every language model in this project shares.
+
+
+def padded_vocab_size(vocab_size):
+    return 64 * math.ceil(vocab_size / 64)  # matmuls on multiples of 64 run faster
+
+
+class LanguageModel(nn.Module):
+    """Base of PRISM and the baselines. A subclass builds `self.transformer` (with `wte`, `h`) and
+    `self.lm_head`, and implements `forward_hidden(idx, record)` -> final hidden states."""
+
+    arch = None  # the name train.py and the checkpoints use
+
+    def _finish_init(self):
+        self.lm_head.weight = self.transformer.wte.weight  # tied input/output embeddings
+        self.apply(self._init_weights)
+        # GPT-2's residual scaling: layers that write into the residual stream start smaller.
+        for name, p in self.named_parameters():
+            if name.endswith(("back_projection.weight", "proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
+        report = self.parameter_report()
+        print(f"{self.arch}: {report['total'] / 1e6:.2f}M parameters ("
+              + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in report.items() if k != "total") + ")")
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def parameter_report(self):
+        """Parameter counts split into embedding / attention / mlp / norm, and the total."""
+        report = dict(embedding=0, attention=0, mlp=0, norm=0)
+        for name, p in self.named_parameters():  # the tied lm_head is listed once, as wte
+            part = ("attention" if ".attn." in name else "mlp" if ".mlp." in name
+                    else "embedding" if name.startswith(("transformer.wte", "transformer.wpe"))
+                    else "norm")
+            report[part] += p.numel()
+        report["total"] = sum(report.values())
+        return report
+
+    def get_num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, targets=None):
+        """idx (B, T) token ids -> logits (B, T, vocab_size) and the mean cross-entropy loss
+        against targets (B, T) when given (-1 marks positions to ignore)."""
+        return self._head(self.forward_hidden(idx), targets)
+
+    def analyze(self, idx, targets=None):
+        """The analysis path: (logits, loss, layers) where layers[l] holds, for layer l, the
+        attention probabilities `attn` (B, H, T, T), the rotated per-head `q`, `k` (B, H, T, p) and
+        the layer's normalised input tokens `z` (B, T, d). Same numbers as forward()."""
+        record = []
+        logits, loss = self._head(self.forward_hidden(idx, record), targets)
+        return logits, loss, record
+
+    def _check_length(self, idx):
+        if idx.shape[1] > self.config.block_size:
+            raise ValueError(f"sequence of length {idx.shape[1]} is longer than "
+                             f"block_size = {self.config.block_size}")
+
+    def _head(self, x, targets):
+        logits = self.lm_head(x)[..., : self.config.vocab_size]  # drop the padding rows
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-1)
+        return logits, loss
+
+    def rope_frequencies(self):
+        """(n_head, head_dim // 2) angular frequencies, or None for a model without rotary heads."""
+        return None
+
+    def head_groups(self):
+        """Each head's designed group ('signal' / 'noise'), or None where there are no groups."""
+        return None
+
+    def subspaces(self, layer):
+        """(H, p, d) dictionary of a layer for the MCR² diagnostics, or None where there is none."""
+        return None
+
+    # -- generation -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None):
+        """Yield (B, 1) sampled tokens one at a time, feeding each back in. The context is cropped
+        to the last block_size tokens, so it runs past block_size. temperature 0 is greedy."""
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.config.block_size:])
+            logits = logits[:, -1, :].float()
+            if temperature == 0:
+                next_token = logits.argmax(dim=-1, keepdim=True)
+            else:
+                probs = filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)
+                next_token = torch.multinomial(probs, num_samples=1)
+            idx = torch.cat((idx, next_token), dim=1)
+            yield next_token
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None):
+        """idx (B, T) -> (B, T + max_new_tokens)."""
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p))
+        return torch.cat([idx, *new], dim=1)
+
+    # -- training helpers -------------------------------------------------------------------
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW with weight decay on matrices (and embeddings) only, never on norms, biases or
+        scalar step sizes; the fused kernel where this PyTorch has it for the device."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas,
+                                 **({"fused": True} if fused else {}))
+
+    def flops_per_token(self):
+        """Training FLOPs per token (forward + backward): 6 per weight (PaLM appendix B) plus the
+        attention matmuls qkᵀ and AV, 12·L·(H·p)·T. PRISM's shared q = k = v changes only the
+        weight count; each head still forms scores and mixes values over T positions."""
+        c = self.config
+        return 6 * self.get_num_params() + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=989e12):
+        """Model FLOPs utilisation of `fwdbwd_per_iter` sequences in `dt` seconds, as a fraction of
+        `peak_flops` (default: H100 SXM dense bf16)."""
+        flops = self.flops_per_token() * self.config.block_size * fwdbwd_per_iter
+        return flops / dt / peak_flops
+
+
+class Prism(LanguageModel):
+    arch = "prism"
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(padded_vocab_size(config.vocab_size), config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, padded_vocab_size(config.vocab_size), bias=False)
+        self._finish_init()
+
+    @property
+    def overcompleteness(self):
+        """ρ = H·p / d: how many more dictionary directions than token dimensions."""
+        return self.config.n_head * self.config.head_dim / self.config.n_embd
+
+    def forward_hidden(self, idx, record=None):
+        self._check_length(idx)
+        x = self.transformer.drop(self.transformer.wte(idx))  # no absolute positions: RoPE has them
+        for block in self.transformer.h:
+            x = block(x, record)
+        return self.transformer.ln_f(x)
+
+    def rope_frequencies(self):
+        return rope_frequencies(self.config)
+
+    def head_groups(self):
+        c = self.config
+        return ["signal"] * c.signal_heads + ["noise"] * (c.n_head - c.signal_heads)
+
+    def subspaces(self, layer):
+        return self.transformer.h[layer].attn.subspaces()
+
+
+def filter_logits(logits, top_k=None, top_p=None):
+    """Keep the top_k largest logits and the smallest set whose probability reaches top_p."""
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= top_p  # the token that crosses top_p stays
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+# -----------------------------------------------------------------------------
+# Architectures by name, and loading the checkpoints train.py writes.
+
+
+def get_arch(name):
+    """(ConfigClass, ModelClass) for an architecture name."""
+    if name == "prism":
+        return PrismConfig, Prism
+    import baselines  # noqa: PLC0415 — baselines builds on this module
+
+    if name not in baselines.ARCHS:
+        raise ValueError(f"unknown arch {name!r}; choose from prism, {', '.join(baselines.ARCHS)}")
+    return baselines.ARCHS[name]
+
+
+def build_model(arch, **model_args):
+    """A fresh model of `arch`; unknown or bad model_args raise ValueError naming the field."""
+    config_cls, model_cls = get_arch(arch)
+    known = {f.name for f in fields(config_cls)}
+    unknown = sorted(set(model_args) - known)
+    if unknown:
+        raise ValueError(f"{config_cls.__name__} has no field {unknown[0]!r}")
+    return model_cls(config_cls(**model_args))
+
+
+def checkpoint_payload(model):
+    """What identifies a model in a checkpoint: its arch, its config and its weights."""
+    return {"arch": model.arch, "model_config": asdict(model.config), "model": model.state_dict()}
+
+
+def load_model(path, device="cpu"):
+    """Load the model of a checkpoint written by train.py, in eval mode, on `device`."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no checkpoint at {path}") from None
+    except Exception as e:  # truncated or not a torch file at all
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or not {"arch", "model_config", "model"} <= ckpt.keys():
+        raise ValueError(f"{path} is not a prism-nano checkpoint (no arch/model_config/model)")
+    model = build_model(ckpt["arch"], **ckpt["model_config"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()
