@@ -91,13 +91,17 @@ def _check(config, name, ok, why):
 # signal and noise subspaces incoherent across positions. The value is not rotated.
 
 
+def rotary_frequencies(head_dim, theta):
+    """The standard RoPE frequencies θ^(−2i/p), i = 0 … p/2 − 1, float64."""
+    i = torch.arange(head_dim // 2, dtype=torch.float64)
+    return theta ** (-2 * i / head_dim)
+
+
 def rope_frequencies(config):
     """(n_head, head_dim // 2) float64 angular frequencies; signal heads come first."""
-    i = torch.arange(config.head_dim // 2, dtype=torch.float64)
-    base = config.rope_theta ** (-2 * i / config.head_dim)
     ratio = torch.ones(config.n_head, 1, dtype=torch.float64)
     ratio[config.signal_heads:] = config.rope_ratio
-    return ratio * base
+    return ratio * rotary_frequencies(config.head_dim, config.rope_theta)
 
 
 def rotary_tables(freqs, length):
@@ -183,13 +187,19 @@ class PrismAttention(nn.Module):
         return self.resid_dropout(y)
 
 
-def explicit_attention(q, k, v, record):
+def causal_mask(T, device, window=None):
+    """(T, T) bool, True where query i may attend to key j: j ≤ i, and i − j < window if given."""
+    i = torch.arange(T, device=device)
+    distance = i[:, None] - i[None, :]
+    return (distance >= 0) & (distance < (window or T))
+
+
+def explicit_attention(q, k, v, record, window=None):
     """softmax(qkᵀ/√p) v with a causal mask, spelled out so the probabilities can be kept.
     The analysis path of every model; equal to the fused kernel up to float rounding."""
-    T = q.shape[-2]
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    attn = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+    mask = causal_mask(q.shape[-2], q.device, window)
+    attn = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
     record.append({"attn": attn, "q": q, "k": k})
     return attn @ v
 
@@ -301,8 +311,9 @@ class LanguageModel(nn.Module):
                                    ignore_index=-1)
         return logits, loss
 
-    def rope_frequencies(self):
-        """(n_head, head_dim // 2) angular frequencies, or None for a model without rotary heads."""
+    def rope_frequencies(self, layer=0):
+        """(n_head, head_dim // 2) angular frequencies of a layer's heads, or None for a model
+        without rotary heads."""
         return None
 
     def head_groups(self):
@@ -389,8 +400,8 @@ class Prism(LanguageModel):
             x = block(x, record)
         return self.transformer.ln_f(x)
 
-    def rope_frequencies(self):
-        return rope_frequencies(self.config)
+    def rope_frequencies(self, layer=0):
+        return rope_frequencies(self.config)  # the same in every layer
 
     def head_groups(self):
         c = self.config

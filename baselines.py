@@ -1,0 +1,306 @@
+"""
+The baselines PRISM is compared against (../shared/docs/PRISM.md §7), the size presets at which
+every arch has the same parameter count (±5%), and the ablations of PRISM as config values.
+
+Both baselines share everything but their blocks with PRISM (model.LanguageModel): the loss,
+generation, the optimizer, MFU, checkpoints and the analysis path.
+  - gpt2:   learned absolute positions, LayerNorm, GELU MLP, separate q, k, v (nanoGPT's shape).
+  - gemma3: RMSNorm before and after each sub-block, GeGLU MLP, QK-norm, RoPE with θ = 10⁴ on
+            local (sliding-window) layers and 10⁶ on global ones, five local layers per global
+            one, embeddings scaled by √d, tied output.
+"""
+
+import contextlib
+import io
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from model import (Block, LanguageModel, _check, apply_rotary, build_model, causal_mask,
+                   explicit_attention, padded_vocab_size, rotary_frequencies, rotary_tables)
+
+# -----------------------------------------------------------------------------
+# GPT-2
+
+
+@dataclass
+class GPT2Config:
+    vocab_size: int = 50257
+    block_size: int = 512
+    n_layer: int = 8
+    n_embd: int = 512
+    n_head: int = 8
+    dropout: float = 0.0
+    bias: bool = False
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_embd", "n_head"):
+            _check(self, name, getattr(self, name) > 0, "must be positive")
+        _check(self, "n_embd", self.n_embd % self.n_head == 0, "must be a multiple of n_head")
+        _check(self, "dropout", 0 <= self.dropout < 1, "must be in [0, 1)")
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.dropout = config.n_head, config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, record=None):
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2)
+                   for t in self.c_attn(x).split(C, dim=2))
+        if record is None:
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        else:
+            y = explicit_attention(q, k, v, record)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+class GPT2(LanguageModel):
+    arch = "gpt2"
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(padded_vocab_size(config.vocab_size), config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, CausalSelfAttention) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, padded_vocab_size(config.vocab_size), bias=False)
+        self._finish_init()
+
+    def forward_hidden(self, idx, record=None):
+        self._check_length(idx)
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x, record)
+        return self.transformer.ln_f(x)
+
+
+# -----------------------------------------------------------------------------
+# Gemma 3 style
+
+
+@dataclass
+class Gemma3Config:
+    vocab_size: int = 50257
+    block_size: int = 512
+    n_layer: int = 8
+    n_embd: int = 512
+    n_head: int = 8
+    head_dim: int = 64
+    mlp_hidden: int = 1376        # GeGLU width; 3·d·h ≈ the 8d² of a 4d GELU MLP
+    sliding_window: int = 128     # keys a local layer sees
+    global_every: int = 6         # layer l is global when (l + 1) % global_every == 0: 5 local : 1
+    rope_local_theta: float = 1e4
+    rope_global_theta: float = 1e6
+    dropout: float = 0.0
+    bias: bool = False
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_embd", "n_head", "head_dim",
+                     "mlp_hidden", "sliding_window", "global_every"):
+            _check(self, name, getattr(self, name) > 0, "must be positive")
+        _check(self, "head_dim", self.head_dim % 2 == 0, "must be even (RoPE rotates pairs)")
+        _check(self, "dropout", 0 <= self.dropout < 1, "must be in [0, 1)")
+
+    def is_global(self, layer):
+        return (layer + 1) % self.global_every == 0
+
+    def rope_frequencies(self, layer):
+        theta = self.rope_global_theta if self.is_global(layer) else self.rope_local_theta
+        return rotary_frequencies(self.head_dim, theta).expand(self.n_head, -1)
+
+
+class GemmaAttention(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        self.n_head, self.head_dim, self.dropout = config.n_head, config.head_dim, config.dropout
+        self.window = None if config.is_global(layer) else config.sliding_window
+        inner = config.n_head * config.head_dim
+        self.qkv = nn.Linear(config.n_embd, 3 * inner, bias=config.bias)
+        self.q_norm = nn.RMSNorm(config.head_dim, eps=1e-6)  # QK-norm: bounded logits
+        self.k_norm = nn.RMSNorm(config.head_dim, eps=1e-6)
+        self.o_proj = nn.Linear(inner, config.n_embd, bias=config.bias)
+        cos, sin = rotary_tables(config.rope_frequencies(layer), config.block_size)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        mask = causal_mask(config.block_size, "cpu", self.window)
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, x, record=None):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3 * self.n_head, self.head_dim).transpose(1, 2).split(
+            self.n_head, dim=1)
+        cos, sin = self.rope_cos[:, :T], self.rope_sin[:, :T]
+        q = apply_rotary(self.q_norm(q), cos, sin)
+        k = apply_rotary(self.k_norm(k), cos, sin)
+        if record is not None:
+            y = explicit_attention(q, k, v, record, self.window)
+        elif self.window is None:
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=self.mask[:T, :T],
+                dropout_p=self.dropout if self.training else 0.0)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class GeGLU(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.gate_up = nn.Linear(config.n_embd, 2 * config.mlp_hidden, bias=config.bias)
+        self.down_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+
+
+class GemmaBlock(nn.Module):
+    """Sandwich norm: x ← x + N(f(N(x))) for attention and the MLP alike."""
+
+    def __init__(self, config, layer):
+        super().__init__()
+        self.pre_attn_norm = nn.RMSNorm(config.n_embd, eps=1e-6)
+        self.attn = GemmaAttention(config, layer)
+        self.post_attn_norm = nn.RMSNorm(config.n_embd, eps=1e-6)
+        self.pre_mlp_norm = nn.RMSNorm(config.n_embd, eps=1e-6)
+        self.mlp = GeGLU(config)
+        self.post_mlp_norm = nn.RMSNorm(config.n_embd, eps=1e-6)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, record=None):
+        z = self.pre_attn_norm(x)
+        if record is not None:
+            before = len(record)
+            x = x + self.dropout(self.post_attn_norm(self.attn(z, record)))
+            record[before]["z"] = z
+        else:
+            x = x + self.dropout(self.post_attn_norm(self.attn(z)))
+        return x + self.dropout(self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x))))
+
+
+class Gemma3(LanguageModel):
+    arch = "gemma3"
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(padded_vocab_size(config.vocab_size), config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([GemmaBlock(config, layer) for layer in range(config.n_layer)]),
+            ln_f=nn.RMSNorm(config.n_embd, eps=1e-6),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, padded_vocab_size(config.vocab_size), bias=False)
+        self._finish_init()
+
+    def forward_hidden(self, idx, record=None):
+        self._check_length(idx)
+        x = self.transformer.wte(idx) * math.sqrt(self.config.n_embd)
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x, record)
+        return self.transformer.ln_f(x)
+
+    def rope_frequencies(self, layer=0):
+        return self.config.rope_frequencies(layer)
+
+    def flops_per_token(self):
+        # Local layers form scores over at most sliding_window keys, not block_size.
+        c = self.config
+        attended = sum(c.block_size if c.is_global(l) else min(c.sliding_window, c.block_size)
+                       for l in range(c.n_layer))
+        return 6 * self.get_num_params() + 12 * c.n_head * c.head_dim * attended
+
+
+ARCHS = {"gpt2": (GPT2Config, GPT2), "gemma3": (Gemma3Config, Gemma3)}
+
+
+# -----------------------------------------------------------------------------
+# What the comparison runs: size presets and PRISM's ablations, all as config values.
+
+ARCHS_COMPARED = ("prism", "gpt2", "gemma3")
+
+# Sizes at which every arch has PRISM's parameter count within ±5% (check_preset says so).
+PRESETS = {
+    # 4 layers hold no 5-local-to-1-global group: Gemma's last layer is its global one here.
+    "cpu-small": {
+        "block_size": 128,
+        "prism": dict(n_layer=4, n_embd=128, n_head=8, head_dim=32),
+        "gpt2": dict(n_layer=4, n_embd=128, n_head=4),
+        "gemma3": dict(n_layer=4, n_embd=128, n_head=4, head_dim=32, mlp_hidden=344,
+                       sliding_window=64, global_every=4),
+    },
+    # PRISM.md §5: d = 512, 8 layers, 16 heads of p = 64, context 512; the baselines at the same d.
+    "paper-50m": {
+        "block_size": 512,
+        "prism": dict(n_layer=8, n_embd=512, n_head=16, head_dim=64),
+        "gpt2": dict(n_layer=8, n_embd=512, n_head=8),
+        "gemma3": dict(n_layer=8, n_embd=512, n_head=8, head_dim=64, mlp_hidden=1376,
+                       sliding_window=128),
+    },
+}
+
+# name -> (arch, overrides of the preset's sizes). PRISM's ablations change one constraint each.
+VARIANTS = {
+    "prism": ("prism", {}),
+    "gpt2": ("gpt2", {}),
+    "gemma3": ("gemma3", {}),
+    "prism-pi-off": ("prism", {"rope_ratio": 1.0}),                # every head at signal frequencies
+    "prism-ratio3": ("prism", {"rope_ratio": 3.0}),                # a rational ratio, the control
+    "prism-complete": ("prism", {"overcompleteness": 1}),          # ρ = 1: H·p = d
+    "prism-tied": ("prism", {"tie_dictionary": True}),             # back-project with U itself
+    "prism-qk": ("prism", {"qkv_sharing": "qk"}),                  # q = k, a value of its own
+    "prism-separate": ("prism", {"qkv_sharing": "none"}),          # q, k, v apart, π-RoPE kept
+    "rope-attention": ("prism", {"qkv_sharing": "none", "rope_ratio": 1.0}),  # plain RoPE attention
+}
+
+
+def variant_args(preset, variant, vocab_size):
+    """(arch, model_args) of a variant at a size preset."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    arch, overrides = VARIANTS[variant]
+    args = dict(PRESETS[preset][arch], vocab_size=vocab_size, block_size=PRESETS[preset]["block_size"])
+    overrides = dict(overrides)
+    if "overcompleteness" in overrides:  # ρ is a ratio of sizes, not a config field
+        args["head_dim"] = overrides.pop("overcompleteness") * args["n_embd"] // args["n_head"]
+    return arch, {**args, **overrides}
+
+
+def count_params(arch, model_args):
+    """Parameter count of a model without allocating its weights."""
+    with torch.device("meta"), contextlib.redirect_stdout(io.StringIO()):
+        return build_model(arch, **model_args).get_num_params()
+
+
+def check_preset(preset, vocab_size, tolerance=0.05):
+    """{arch: params} at a preset; ValueError if an arch is more than `tolerance` off PRISM."""
+    params = {arch: count_params(*variant_args(preset, arch, vocab_size)) for arch in ARCHS_COMPARED}
+    for arch, n in params.items():
+        if abs(n / params["prism"] - 1) > tolerance:
+            raise ValueError(f"preset {preset!r}: {arch} has {n:,} parameters, "
+                             f"{100 * (n / params['prism'] - 1):+.1f}% off PRISM's "
+                             f"{params['prism']:,} (allowed ±{100 * tolerance:.0f}%)")
+    return params
+

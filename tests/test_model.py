@@ -1,0 +1,229 @@
+import math
+
+import pytest
+import torch
+
+from model import (Prism, PrismConfig, build_model, checkpoint_payload, filter_logits,
+                   load_model)
+
+
+def tiny(**overrides):
+    args = dict(vocab_size=300, block_size=32, n_layer=2, n_embd=32, n_head=4, head_dim=16)
+    args.update(overrides)
+    torch.manual_seed(0)
+    return Prism(PrismConfig(**args))
+
+
+def random_tokens(model, B=2, T=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    T = T or model.config.block_size
+    return torch.randint(0, model.config.vocab_size, (B, T), generator=g)
+
+
+def test_default_config_is_the_paper_model():
+    c = PrismConfig()
+    assert (c.n_embd, c.n_layer, c.n_head, c.head_dim, c.block_size) == (512, 8, 16, 64, 512)
+    assert c.signal_heads == 8 and c.rope_ratio == math.pi
+    with torch.device("meta"):  # the ~50M parameter count without allocating it
+        model = Prism(c)
+    assert model.overcompleteness == 2.0
+    assert 45e6 < model.get_num_params() < 55e6
+
+
+def test_parameter_report_splits_the_count():
+    model = tiny()
+    report = model.parameter_report()
+    assert report["total"] == model.get_num_params()
+    assert report["embedding"] == model.transformer.wte.weight.numel()  # tied lm_head counted once
+    assert report["attention"] == sum(p.numel() for b in model.transformer.h for p in b.attn.parameters())
+    assert report["mlp"] == sum(p.numel() for b in model.transformer.h for p in b.mlp.parameters())
+
+
+def test_shapes_and_initial_loss():
+    model = tiny()
+    idx = random_tokens(model)
+    targets = random_tokens(model, seed=1)
+    logits, loss = model(idx, targets)
+    assert logits.shape == (2, 32, 300)  # the padding rows of the embedding never show
+    assert model.transformer.wte.weight.shape[0] == 320
+    assert abs(loss.item() - math.log(300)) < 0.1
+    assert model(idx)[1] is None
+
+
+def test_longer_than_block_size_is_refused():
+    model = tiny()
+    with pytest.raises(ValueError, match="block_size"):
+        model(random_tokens(model, T=33))
+
+
+@pytest.mark.parametrize("sharing", ["qkv", "qk", "none"])
+def test_causality(sharing):
+    model = tiny(qkv_sharing=sharing)
+    idx = random_tokens(model, B=1)
+    t = 17
+    changed = idx.clone()
+    changed[0, t] = (idx[0, t] + 1) % model.config.vocab_size
+    before, after = model(idx)[0], model(changed)[0]
+    assert torch.equal(before[:, :t], after[:, :t])
+    assert not torch.allclose(before[:, t], after[:, t])
+
+
+def test_rope_frequencies_of_the_two_groups():
+    model = tiny(n_head=6, signal_heads=2)
+    freqs = model.rope_frequencies()
+    assert freqs.shape == (6, 8)
+    signal, noise = freqs[:2], freqs[2:]
+    assert torch.equal(signal[0], signal[1])
+    assert torch.allclose(noise / signal[0], torch.full_like(noise, math.pi), rtol=0, atol=1e-15)
+    expected = 10000.0 ** (-2 * torch.arange(8, dtype=torch.float64) / 16)
+    assert torch.allclose(signal[0], expected, rtol=1e-15)
+    assert model.head_groups() == ["signal"] * 2 + ["noise"] * 4
+    assert torch.equal(tiny(rope_ratio=1.0).rope_frequencies(), tiny().rope_frequencies()[:1].expand(4, 8))
+
+
+def test_attention_scores_depend_only_on_relative_position():
+    # Layer 0 sees token identities only: shifting the sequence right must shift its scores.
+    model = tiny()
+    idx = random_tokens(model, B=1, T=20)
+    shift = 7
+    shifted = torch.cat([random_tokens(model, B=1, T=shift, seed=3), idx], dim=1)
+    q, k = (model.analyze(idx)[2][0][n] for n in ("q", "k"))
+    q2, k2 = (model.analyze(shifted)[2][0][n] for n in ("q", "k"))
+    scores = q @ k.transpose(-2, -1)
+    scores_shifted = (q2 @ k2.transpose(-2, -1))[..., shift:, shift:]
+    assert torch.allclose(scores, scores_shifted, atol=1e-5)
+    # ...while the rotated queries themselves did change: position is really encoded.
+    assert not torch.allclose(q, q2[..., shift:, :], atol=1e-3)
+
+
+def test_query_key_value_share_one_projection():
+    c = dict(n_embd=32, n_head=4, head_dim=16)
+    inner = 4 * 16
+    shapes = {name: p.shape for name, p in tiny().transformer.h[0].attn.named_parameters()}
+    assert shapes == {"dictionary.weight": (inner, 32), "back_projection.weight": (32, inner)}
+    tied = {name: p.shape for name, p in tiny(tie_dictionary=True).transformer.h[0].attn.named_parameters()}
+    assert tied == {"dictionary.weight": (inner, 32), "step_size": ()}
+    separate = tiny(qkv_sharing="none", **c).transformer.h[0].attn.dictionary.weight
+    assert separate.shape == (3 * inner, 32)
+    assert tiny(qkv_sharing="qk", **c).transformer.h[0].attn.dictionary.weight.shape == (2 * inner, 32)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_tied_and_decoupled_both_train(tie):
+    model = tiny(tie_dictionary=tie)
+    idx, targets = random_tokens(model), random_tokens(model, seed=1)
+    opt = model.configure_optimizers(0.1, 3e-3, (0.9, 0.95), "cpu")
+    first = model(idx, targets)[1].item()
+    for _ in range(20):
+        loss = model(idx, targets)[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first - 0.5
+    grads = [p.grad for p in model.transformer.h[0].attn.parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, {"tie_dictionary": True}, {"qkv_sharing": "qk"}, {"qkv_sharing": "none"},
+    {"rope_ratio": 1.0}, {"bias": True},
+])
+def test_fast_path_equals_analysis_path(overrides):
+    model = tiny(**overrides)
+    idx, targets = random_tokens(model), random_tokens(model, seed=1)
+    logits, loss = model(idx, targets)
+    logits2, loss2, layers = model.analyze(idx, targets)
+    assert torch.allclose(logits, logits2, atol=1e-5)
+    assert abs(loss.item() - loss2.item()) < 1e-5
+    assert len(layers) == 2
+    attn = layers[0]["attn"]
+    assert attn.shape == (2, 4, 32, 32)
+    assert torch.allclose(attn.sum(-1), torch.ones(2, 4, 32))
+    assert attn.triu(diagonal=1).abs().max() == 0  # causal
+    assert layers[0]["q"].shape == layers[0]["k"].shape == (2, 4, 32, 16)
+    assert layers[0]["z"].shape == (2, 32, 32)
+
+
+def test_tiny_model_overfits_one_batch():
+    model = tiny(n_layer=2, n_embd=64, n_head=4, head_dim=32)
+    idx = random_tokens(model, B=4)
+    x, y = idx[:, :-1], idx[:, 1:]
+    opt = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), "cpu")
+    for step in range(300):
+        loss = model(x, y)[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.5:
+            break
+    assert loss.item() < 0.5, f"loss {loss.item():.3f} after 300 steps"
+
+
+def test_generate():
+    model = tiny().eval()
+    prompt = random_tokens(model, B=2, T=5)
+    torch.manual_seed(1)
+    a = model.generate(prompt, 40, temperature=0.8, top_k=20, top_p=0.9)  # runs past block_size 32
+    torch.manual_seed(1)
+    b = model.generate(prompt, 40, temperature=0.8, top_k=20, top_p=0.9)
+    assert a.shape == (2, 45)
+    assert torch.equal(a, b)
+    assert torch.equal(a[:, :5], prompt)
+    assert a.max() < model.config.vocab_size
+    greedy = model.generate(prompt, 3, temperature=0)
+    assert torch.equal(greedy[:, 5], model(prompt)[0][:, -1].argmax(-1))
+
+
+def test_filter_logits():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[True, False, False, True]]
+    # probabilities ≈ .09 .67 .24 .03: top_p .7 keeps the two tokens whose mass first reaches .7
+    assert torch.isinf(filter_logits(logits, top_p=0.7)).tolist() == [[True, False, False, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.5)).tolist() == [[True, False, True, True]]
+
+
+@pytest.mark.parametrize("field,value", [
+    ("vocab_size", 0), ("block_size", -1), ("n_layer", 0), ("n_embd", 0), ("n_head", 0),
+    ("head_dim", 15), ("head_dim", 0), ("signal_heads", 5), ("rope_ratio", 0.0),
+    ("rope_theta", 1.0), ("dropout", 1.0), ("qkv_sharing", "qq"),
+])
+def test_bad_config_names_its_field(field, value):
+    args = dict(n_head=4, head_dim=16, n_embd=32)
+    args[field] = value
+    with pytest.raises(ValueError, match=f"PrismConfig.{field} "):
+        PrismConfig(**args)
+
+
+def test_build_model_rejects_unknown_fields():
+    with pytest.raises(ValueError, match="no field 'n_heads'"):
+        build_model("prism", n_heads=4)
+    with pytest.raises(ValueError, match="unknown arch 'llama'"):
+        build_model("llama")
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = tiny(rope_ratio=3.0, tie_dictionary=True)
+    path = tmp_path / "ckpt.pt"
+    torch.save(checkpoint_payload(model), path)
+    loaded = load_model(path)
+    assert loaded.config == model.config and not loaded.training
+    idx = random_tokens(model)
+    assert torch.equal(loaded(idx)[0], model.eval()(idx)[0])
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_model(tmp_path / "missing.pt")
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        load_model(tmp_path / "bad.pt")
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a prism-nano checkpoint"):
+        load_model(tmp_path / "other.pt")
+
+
+def test_flops_per_token_counts_this_attention():
+    model = tiny()
+    c = model.config
+    attention = 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
+    assert model.flops_per_token() == 6 * model.get_num_params() + attention
+    # MFU is that many FLOPs per token, over block_size tokens per sequence, against the peak.
+    assert model.estimate_mfu(4, 1.0, peak_flops=1e12) == pytest.approx(
+        model.flops_per_token() * c.block_size * 4 / 1e12)
