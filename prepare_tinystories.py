@@ -1,0 +1,596 @@
+"""
+Prepare the TinyStories dataset for training: download the text (or take local files),
+tokenize every story with the GPT-2 BPE (tiktoken), and write the token files train.py reads.
+
+Run it once. With no arguments it downloads TinyStoriesV2-GPT4-{train,valid}.txt (~2.2 GB)
+from the Hugging Face dataset roneneldan/TinyStories into data/tinystories/raw/, then writes
+
+    data/tinystories/train.bin   all training tokens, raw uint16 (little-endian), no header
+    data/tinystories/val.bin     same for validation
+    data/tinystories/meta.json   tokenizer, vocab_size, eot_token, token / story / byte counts,
+                                 and the source files with their sha256
+
+Read the token files with np.memmap(path, dtype=np.uint16, mode="r").
+
+Stories in the text files are separated by <|endoftext|> lines. Each story is split off at the
+separator, stripped of surrounding whitespace, dropped if empty, encoded with tiktoken "gpt2"
+(encode_ordinary: the text is never parsed for special tokens), and followed by the end-of-text
+token 50256. So a .bin file decodes to: story_1 <|endoftext|> story_2 <|endoftext|> ...
+
+train_bytes / val_bytes in meta.json count the UTF-8 bytes of the stripped story text only:
+len(story.strip().encode("utf-8")) summed over stories, without the separators or the whitespace
+around them. Divide a split's summed loss in bits by that number to get bits per byte.
+
+Downloads: a tqdm bar in bytes; the data goes to <name>.part, renamed to <name> once complete
+(a complete file is never fetched again). A dropped connection, timeout or 5xx/429 is retried
+(--retries times, waiting --retry_wait seconds, doubling each time), resuming the .part file with
+an HTTP Range request; an interrupted run resumes the same way. A 404 (or other 4xx) fails at once.
+--base_url points at a mirror: files are fetched from {base_url}/{file name}, so any folder holding
+files of those names served by `python -m http.server --bind 127.0.0.1` works.
+
+Local text instead of a download: --train_file and/or --val_file (each replaces its download).
+With only --train_file, every k-th story (k = round(1 / --val_fraction)) goes to val: story i
+(0-based, file order) is a validation story iff i % k == 0, so val always has at least one story.
+
+Everything streams: the text is read in 1 MiB pieces (hashed on the way), encoded in batches of
+~256K characters over --workers processes with a bounded number of batches in flight, and the
+tokens are appended to the output as they come. Memory stays in the tens of MB whatever the input
+size (one story must fit in memory: a "story" over 1M characters is an error). Outputs are written
+under temporary names in the output folder and renamed at the end, meta.json last, so a failed or
+interrupted run (Ctrl-C: exit code 130) leaves no partial train.bin / val.bin / meta.json.
+Errors print one line starting with "error: " to stderr and exit with status 1.
+
+At the end it prints the tokenization throughput (MB of input text per second).
+
+Examples:
+$ python prepare_tinystories.py                                   # download V2 (GPT-4), tokenize
+$ python prepare_tinystories.py --version=v1                      # the original TinyStories files
+$ python prepare_tinystories.py --train_file=my.txt --val_fraction=0.05 --out_dir=data/mine
+$ python prepare_tinystories.py --base_url=http://127.0.0.1:8000  # a local mirror
+"""
+import argparse
+import codecs
+import collections
+import functools
+import hashlib
+import http.client
+import json
+import multiprocessing
+import os
+import signal
+import ssl
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import tiktoken
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+# tokenizer: the one place that says which one (a later --vocab_size remaps these ids)
+TOKENIZER = "gpt2"
+SEPARATOR = "<|endoftext|>"          # story separator in the raw text files
+
+DEFAULT_BASE_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main"
+FILES = {  # --version -> (train file, validation file) in the Hugging Face dataset
+    "v2": ("TinyStoriesV2-GPT4-train.txt", "TinyStoriesV2-GPT4-valid.txt"),
+    "v1": ("TinyStories-train.txt", "TinyStories-valid.txt"),
+}
+
+READ_BYTES = 1 << 20                 # bytes read from a text file at a time
+BATCH_CHARS = 1 << 18                # characters of stories per encode task
+MAX_STORY_CHARS = 1_000_000          # a longer "story" means a missing separator: refuse it
+DOWNLOAD_CHUNK = 1 << 20             # bytes per read from the HTTP response
+TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}  # also any other 5xx
+
+
+class PrepareError(Exception):
+    """A problem with the input, the network or the output: main() prints it as one line."""
+
+
+@functools.lru_cache(maxsize=None)
+def get_encoder(name=TOKENIZER):
+    """The tiktoken encoding (cached per process)."""
+    try:
+        return tiktoken.get_encoding(name)
+    except Exception as e:  # its BPE files are fetched on first use: network errors of all kinds
+        raise PrepareError(f"could not load the tiktoken {name!r} encoding "
+                           f"({type(e).__name__}: {e}); "
+                           "tiktoken downloads its BPE files on first use: without internet, set "
+                           "TIKTOKEN_CACHE_DIR to a folder holding them") from None
+
+
+def tokenizer_info(enc=None):
+    """The tokenizer fields of meta.json: tokenizer, vocab_size, eot_token, dtype."""
+    enc = enc or get_encoder()
+    return {"tokenizer": enc.name, "vocab_size": enc.n_vocab, "eot_token": enc.eot_token,
+            "dtype": token_dtype(enc.n_vocab).name}
+
+
+def token_dtype(vocab_size):
+    """Smallest dtype that holds ids < vocab_size (uint16 for GPT-2's 50257), little-endian."""
+    if vocab_size <= 1 << 16:
+        return np.dtype("<u2")
+    raise ValueError(f"vocab_size {vocab_size} does not fit in uint16")
+
+
+# -----------------------------------------------------------------------------
+# reading stories
+
+
+def check_text_file(path, what):
+    """Fail early with a clear message on a missing, unreadable or empty input file."""
+    if not os.path.exists(path):
+        raise PrepareError(f"{what} {path}: no such file")
+    if not os.path.isfile(path):
+        raise PrepareError(f"{what} {path}: not a regular file")
+    if os.path.getsize(path) == 0:
+        raise PrepareError(f"{what} {path}: file is empty")
+    if not os.access(path, os.R_OK):
+        raise PrepareError(f"{what} {path}: permission denied")
+
+
+def iter_stories(path, hasher=None, on_bytes=None, read_bytes=READ_BYTES):
+    """Yield the stripped, non-empty stories of a text file, reading it incrementally.
+
+    hasher (e.g. hashlib.sha256()) is fed every byte of the file; on_bytes(n) is called after each
+    read (progress). Raises PrepareError on text that is not UTF-8 (with byte offset and line),
+    on an over-long story, and on a file that holds no story at all.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, newlines, pending, count = 0, 0, "", 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(read_bytes)
+            final = not chunk
+            if hasher is not None:
+                hasher.update(chunk)
+            buffered = decoder.getstate()[0]  # undecoded tail of the previous chunk (no newlines)
+            try:
+                text = decoder.decode(chunk, final=final)
+            except UnicodeDecodeError as e:
+                where = offset - len(buffered) + e.start
+                line = 1 + newlines + (buffered + chunk)[:e.start].count(b"\n")
+                raise PrepareError(f"{path}: not valid UTF-8 at byte offset {where} (line {line}): "
+                                   f"{e.reason}") from None
+            pending += text
+            parts = pending.split(SEPARATOR)
+            pending = parts.pop()  # may be an unfinished story (or half a separator): keep it
+            for part in parts:
+                story = part.strip()
+                if story:
+                    count += 1
+                    yield story
+            if len(pending) > MAX_STORY_CHARS:
+                raise PrepareError(f"{path}: no {SEPARATOR} separator in over {MAX_STORY_CHARS:,} "
+                                   f"characters (before byte offset {offset + len(chunk)}); "
+                                   f"expected stories separated by {SEPARATOR} lines")
+            if on_bytes is not None and chunk:
+                on_bytes(len(chunk))
+            if final:
+                break
+            offset += len(chunk)
+            newlines += chunk.count(b"\n")
+    story = pending.strip()
+    if story:
+        count += 1
+        yield story
+    if count == 0:
+        raise PrepareError(f"{path}: no stories found (expected text with stories separated by "
+                           f"{SEPARATOR} lines)")
+
+
+def iter_batches(tagged_stories, batch_chars=BATCH_CHARS):
+    """Group (split, story) pairs into (split, [stories]) batches of about batch_chars characters,
+    keeping the order of stories within each split."""
+    pending = {}
+    for split, story in tagged_stories:
+        batch, n = pending.get(split, ([], 0))
+        batch.append(story)
+        n += len(story)
+        if n >= batch_chars:
+            yield split, batch
+            batch, n = [], 0
+        pending[split] = (batch, n)
+    for split, (batch, _) in pending.items():
+        if batch:
+            yield split, batch
+
+
+# -----------------------------------------------------------------------------
+# encoding
+
+
+def encode_batch(stories):
+    """Encode a list of stories: (uint16 token array with eot after each story, n_stories, n_bytes).
+
+    n_bytes is the UTF-8 size of the stories as given (already stripped)."""
+    enc = get_encoder()
+    eot = enc.eot_token
+    ids = []
+    n_bytes = 0
+    for story in stories:
+        ids.extend(enc.encode_ordinary(story))
+        ids.append(eot)
+        n_bytes += len(story.encode("utf-8"))
+    return np.array(ids, dtype=token_dtype(enc.n_vocab)), len(stories), n_bytes
+
+
+def _worker_init():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    get_encoder()
+
+
+def encode_batches(batches, workers=1, pool=None):
+    """Yield (split, encode_batch(batch)) for (split, batch) pairs, in order.
+
+    workers == 1 encodes in this process; otherwise a multiprocessing pool (given, or made here)
+    works on at most 2 * workers batches at a time, so memory stays bounded (Pool.imap would
+    read the whole input ahead)."""
+    if workers <= 1 and pool is None:
+        for split, batch in batches:
+            yield split, encode_batch(batch)
+        return
+    own = pool is None
+    if own:
+        pool = multiprocessing.Pool(workers, initializer=_worker_init)
+    try:
+        inflight = collections.deque()
+        for split, batch in batches:
+            inflight.append((split, pool.apply_async(encode_batch, (batch,))))
+            if len(inflight) >= 2 * workers:
+                s, r = inflight.popleft()
+                yield s, r.get()
+        while inflight:
+            s, r = inflight.popleft()
+            yield s, r.get()
+    finally:
+        if own:
+            pool.terminate()
+            pool.join()
+
+
+# -----------------------------------------------------------------------------
+# writing
+
+
+def _tmp_name(path):
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+
+
+def tokenize_files(train_file, val_file=None, out_dir="data/tinystories", val_fraction=0.01,
+                   workers=1, batch_chars=BATCH_CHARS, progress=True, sources_extra=None):
+    """Tokenize the text files into out_dir/{train,val}.bin and write out_dir/meta.json.
+
+    With val_file None, whole stories are split off train_file (story i goes to val iff
+    i % k == 0, k = round(1 / val_fraction)). Returns the meta dict written to meta.json, plus
+    input_bytes (text bytes read, for throughput; not in the file). Raises PrepareError on bad
+    input; on any failure (KeyboardInterrupt included) no temporary file is left and the outputs
+    of an earlier run are untouched."""
+    check_text_file(train_file, "train file")
+    if val_file is not None:
+        check_text_file(val_file, "val file")
+    elif not 0 < val_fraction <= 0.5:
+        raise PrepareError(f"--val_fraction must be in (0, 0.5], got {val_fraction}")
+    info = tokenizer_info()
+    os.makedirs(out_dir, exist_ok=True)
+    final = {name: os.path.join(out_dir, name) for name in ("train.bin", "val.bin", "meta.json")}
+    tmp = {name: _tmp_name(path) for name, path in final.items()}
+    hashers = {"train": hashlib.sha256(), "val": hashlib.sha256()}
+    stats = {s: {"tokens": 0, "stories": 0, "bytes": 0} for s in ("train", "val")}
+    in_files = [train_file] if val_file is None else [val_file, train_file]
+    in_bytes = sum(os.path.getsize(p) for p in in_files)
+    k = None
+
+    def tagged():  # (split, story) in file order; val first when it is its own (small) file
+        nonlocal k
+        if val_file is not None:
+            yield from (("val", s) for s in iter_stories(val_file, hashers["val"], bar.update))
+            yield from (("train", s)
+                        for s in iter_stories(train_file, hashers["train"], bar.update))
+        else:
+            k = max(2, round(1 / val_fraction))
+            for i, s in enumerate(iter_stories(train_file, hashers["train"], bar.update)):
+                yield ("val" if i % k == 0 else "train"), s
+
+    outs = {}
+    pool = None
+    try:
+        if workers > 1:  # before any progress bar starts its monitor thread
+            pool = multiprocessing.Pool(workers, initializer=_worker_init)
+        outs = {"train": open(tmp["train.bin"], "wb"), "val": open(tmp["val.bin"], "wb")}
+        with tqdm(total=in_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+                  desc="tokenizing", disable=not progress) as bar:
+            for split, (ids, n_stories, n_bytes) in encode_batches(
+                    iter_batches(tagged(), batch_chars), workers, pool):
+                outs[split].write(ids.data)
+                stats[split]["tokens"] += len(ids)
+                stats[split]["stories"] += n_stories
+                stats[split]["bytes"] += n_bytes
+        for f in outs.values():
+            f.close()
+        if val_file is None and stats["train"]["stories"] == 0:
+            raise PrepareError(f"{train_file}: only {stats['val']['stories']} story, need at "
+                               "least 2 to split off a validation set (or pass --val_file)")
+
+        def source(path, split):
+            src = {"path": os.path.abspath(path), "bytes": os.path.getsize(path),
+                   "sha256": hashers[split].hexdigest()}
+            src.update((sources_extra or {}).get(split, {}))
+            return src
+
+        meta = dict(info)
+        for split in ("train", "val"):
+            for key in ("tokens", "stories", "bytes"):
+                meta[f"{split}_{key}"] = stats[split][key]
+        meta["bytes_definition"] = ("train_bytes/val_bytes: UTF-8 bytes of each story after "
+                                    "str.strip(), summed; separators and surrounding whitespace "
+                                    "excluded")
+        meta["format"] = (f"train.bin/val.bin: raw little-endian {info['dtype']} token ids, "
+                          f"no header; each story encoded with tiktoken {info['tokenizer']!r} "
+                          f"encode_ordinary and followed by eot_token")
+        meta["sources"] = {"train": source(train_file, "train"),
+                           "val": source(val_file if val_file is not None else train_file,
+                                         "val" if val_file is not None else "train")}
+        meta["split"] = None if val_file is not None else {
+            "from": "train", "val_fraction": val_fraction, "k": k,
+            "rule": "story i (0-based, file order) goes to val iff i % k == 0"}
+        with open(tmp["meta.json"], "w") as f:
+            json.dump(meta, f, indent=2)
+            f.write("\n")
+        # commit: drop a stale meta.json first; meta.json, renamed last, vouches for the .bins
+        if os.path.exists(final["meta.json"]):
+            os.remove(final["meta.json"])
+        for name in ("train.bin", "val.bin", "meta.json"):
+            os.replace(tmp[name], final[name])
+        meta["input_bytes"] = in_bytes
+        return meta
+    finally:
+        for f in outs.values():
+            f.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        for path in tmp.values():
+            if os.path.exists(path):
+                os.remove(path)
+
+
+# -----------------------------------------------------------------------------
+# downloading
+
+
+class _Transient(Exception):
+    """A download attempt failed in a way worth retrying."""
+
+
+def _describe(e):
+    if isinstance(e, urllib.error.HTTPError):
+        return f"HTTP {e.code} {e.reason}"
+    if isinstance(e, urllib.error.URLError):
+        return f"{e.reason}"
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
+def _content_range(value):
+    """'bytes 100-199/1000' -> (100, 1000); 'bytes */1000' -> (None, 1000); total may be None."""
+    try:
+        unit, spec = value.strip().split(" ", 1)
+        rng, total = spec.split("/")
+        start = None if rng == "*" else int(rng.split("-")[0])
+        return start, (None if total == "*" else int(total))
+    except (AttributeError, ValueError):
+        return None, None
+
+
+def _download_attempt(url, part, timeout, progress):
+    """One GET of url into part (resuming it if it exists). Returns when part is complete."""
+    offset = os.path.getsize(part) if os.path.exists(part) else 0
+    req = urllib.request.Request(url, headers={"User-Agent": "prism-nano prepare_tinystories.py"})
+    if offset:
+        req.add_header("Range", f"bytes={offset}-")
+    try:
+        resp = urllib.request.urlopen(req, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and offset:  # nothing left to send: is the .part already complete?
+            _, total = _content_range(e.headers.get("Content-Range"))
+            e.close()
+            if total == offset:
+                return
+            os.remove(part)
+            raise _Transient(f"server refused the range {offset}- (file size {total}); "
+                             "starting over") from None
+        if e.code in TRANSIENT_HTTP or e.code >= 500:
+            raise _Transient(_describe(e)) from None
+        raise PrepareError(f"download failed: {_describe(e)}: {url}") from None
+    except ValueError as e:  # malformed URL
+        raise PrepareError(f"download failed: bad URL {url}: {e}") from None
+    with resp:
+        if resp.status == 206:
+            start, total = _content_range(resp.headers.get("Content-Range"))
+            if start != offset:
+                os.remove(part)
+                raise _Transient(f"server resumed at byte {start}, not {offset}; starting over")
+            mode = "ab"
+        elif resp.status == 200:  # a fresh download, or the server ignored the Range header
+            offset, mode = 0, "wb"
+            length = resp.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+        else:
+            raise _Transient(f"unexpected HTTP {resp.status} {resp.reason}")
+        got = 0
+        with open(part, mode) as f, tqdm(total=total, initial=offset, unit="B", unit_scale=True,
+                                         unit_divisor=1024, desc=os.path.basename(part)[:-5],
+                                         disable=not progress) as bar:
+            while True:
+                chunk = resp.read(DOWNLOAD_CHUNK)
+                if not chunk:
+                    break
+                f.write(chunk)
+                got += len(chunk)
+                bar.update(len(chunk))
+    size = offset + got
+    if total is not None and size < total:
+        raise _Transient(f"connection closed after {size} of {total} bytes")
+    if total is not None and size > total:
+        os.remove(part)
+        raise _Transient(f"got {size} bytes, more than the {total} announced; starting over")
+
+
+def download(url, dest, retries=5, retry_wait=1.0, timeout=60.0, progress=True):
+    """Download url to dest (via dest + ".part"), resuming and retrying transient failures.
+
+    A dest that exists is taken as complete (it only appears by renaming a finished .part).
+    Waits retry_wait * 2**i seconds before retry i+1; an attempt that extends the .part beyond
+    anything seen before resets the count. Raises PrepareError with the reason and the URL."""
+    if os.path.isfile(dest):
+        return dest
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    part = dest + ".part"
+    failures, best = 0, 0
+    while True:
+        try:
+            _download_attempt(url, part, timeout, progress)
+            break
+        except (_Transient, urllib.error.URLError, http.client.HTTPException, ConnectionError,
+                TimeoutError, ssl.SSLError) as e:
+            reason = str(e) if isinstance(e, _Transient) else _describe(e)
+            if isinstance(getattr(e, "reason", e), ssl.SSLCertVerificationError):
+                raise PrepareError(f"download failed: {reason}: {url}") from None  # won't heal
+            size = os.path.getsize(part) if os.path.exists(part) else 0
+            if size > best:  # progress: this was a dropped connection, not a dead server
+                failures, best = 0, size
+            failures += 1
+            if failures > retries:
+                raise PrepareError(f"download failed after {failures} attempts: {reason}: {url}") \
+                    from None
+            wait = retry_wait * 2 ** (failures - 1)
+            print(f"warning: {reason}: {url}; retry {failures}/{retries} in {wait:g}s",
+                  file=sys.stderr)
+            time.sleep(wait)
+    os.replace(part, dest)
+    return dest
+
+
+def fetch(version="v2", raw_dir="data/tinystories/raw", base_url=DEFAULT_BASE_URL,
+          which=("train", "val"), retries=5, retry_wait=1.0, timeout=60.0, progress=True):
+    """Download the dataset's files (those named in which) into raw_dir: {split: (path, url)}."""
+    names = dict(zip(("train", "val"), FILES[version]))
+    out = {}
+    for split in sorted(which, key=lambda s: s != "val"):  # val first: small, fails fast
+        url = f"{base_url.rstrip('/')}/{names[split]}"
+        dest = os.path.join(raw_dir, names[split])
+        if os.path.isfile(dest):
+            print(f"{dest} exists, not downloading it again")
+        else:
+            print(f"downloading {url} -> {dest}")
+            download(url, dest, retries, retry_wait, timeout, progress)
+        out[split] = (dest, url)
+    return out
+
+
+# -----------------------------------------------------------------------------
+
+
+def default_workers():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Download TinyStories (or take local text files), tokenize it with GPT-2 BPE "
+                    "and write train.bin / val.bin (uint16 token ids) and meta.json.",
+        epilog="Example: python prepare_tinystories.py --workers=4 (see the module docstring).")
+    p.add_argument("--out_dir", default="data/tinystories",
+                   help="where train.bin, val.bin and meta.json go (default: %(default)s)")
+    p.add_argument("--raw_dir", default=None,
+                   help="where downloaded text files go (default: OUT_DIR/raw)")
+    p.add_argument("--version", choices=sorted(FILES), default="v2",
+                   help="dataset files to download: v2 = TinyStoriesV2-GPT4-{train,valid}.txt, "
+                        "v1 = TinyStories-{train,valid}.txt (default: %(default)s)")
+    p.add_argument("--base_url", default=DEFAULT_BASE_URL,
+                   help="files are fetched from BASE_URL/<file name>; point it at a mirror "
+                        "(default: %(default)s)")
+    p.add_argument("--train_file", default=None,
+                   help="local training text instead of downloading it (stories separated by "
+                        "<|endoftext|> lines)")
+    p.add_argument("--val_file", default=None,
+                   help="local validation text instead of downloading it; without it and with "
+                        "--train_file, validation stories are split off the train file")
+    p.add_argument("--val_fraction", type=float, default=0.01,
+                   help="with --train_file only: every k-th story, k = round(1/VAL_FRACTION), "
+                        "starting with the first, goes to val (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="processes that encode (default: all usable cores, here %(default)s)")
+    p.add_argument("--retries", type=int, default=5,
+                   help="retries of a download after a transient failure (default: %(default)s)")
+    p.add_argument("--retry_wait", type=float, default=1.0,
+                   help="seconds before the first retry, doubled for each next one "
+                        "(default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds without data before a download attempt is given up "
+                        "(default: %(default)s)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    if args.workers < 1:
+        p.error("--workers must be at least 1")
+    if args.retries < 0 or args.retry_wait < 0 or args.timeout <= 0:
+        p.error("--retries and --retry_wait must be >= 0, --timeout > 0")
+    if not 0 < args.val_fraction <= 0.5:
+        p.error("--val_fraction must be in (0, 0.5]")
+    return args
+
+
+def run(args):
+    """The work behind main(): download what is missing, tokenize, report. Returns meta."""
+    progress = not args.no_progress
+    for path, what in ((args.train_file, "train file"), (args.val_file, "val file")):
+        if path is not None:
+            check_text_file(path, what)
+    get_encoder()  # fail before a 2 GB download if the tokenizer cannot load
+    train_file, val_file, extra = args.train_file, args.val_file, {}
+    missing = [] if train_file is not None else ["train", "val"] if val_file is None else ["train"]
+    if missing:
+        raw_dir = args.raw_dir or os.path.join(args.out_dir, "raw")
+        got = fetch(args.version, raw_dir, args.base_url, missing, args.retries, args.retry_wait,
+                    args.timeout, progress)
+        for split, (path, url) in got.items():
+            extra[split] = {"url": url, "dataset": f"roneneldan/TinyStories {args.version}"}
+        train_file = got["train"][0]
+        val_file = got["val"][0] if "val" in got else val_file
+    t0, c0 = time.time(), os.times()
+    meta = tokenize_files(train_file, val_file, args.out_dir, args.val_fraction, args.workers,
+                          progress=progress, sources_extra=extra)
+    t1, c1 = time.time(), os.times()  # worker processes are joined by now: their CPU counts
+    cpu = sum(c1[i] - c0[i] for i in range(4))  # user + system, self + children
+    mb, dt = meta["input_bytes"] / 1e6, max(t1 - t0, 1e-9)
+    print(f"train: {meta['train_stories']:,} stories, {meta['train_tokens']:,} tokens; "
+          f"val: {meta['val_stories']:,} stories, {meta['val_tokens']:,} tokens -> {args.out_dir}")
+    print(f"tokenized {mb:.1f} MB of text in {dt:.1f} s: {mb / dt:.2f} MB/s "
+          f"(workers={args.workers}; {cpu:.1f} CPU-s, {mb / max(cpu, 1e-9):.2f} MB per CPU-s)")
+    return meta
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except PrepareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1)
+    except OSError as e:  # disk full, permissions, ...: still one line
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1)
+    except KeyboardInterrupt:
+        print("interrupted: temporary files removed, no output written (a partial download is "
+              "kept as .part and resumes next time)", file=sys.stderr)
+        raise SystemExit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,463 @@
+"""Tests of prepare_tinystories.py: round trip, bounded memory, the downloader against a local
+HTTP server (resume, retries, 404), and every kind of bad input leaving no output behind."""
+import hashlib
+import http.server
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tiktoken
+
+import prepare_tinystories as pt
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "prepare_tinystories.py"
+SEP = "<|endoftext|>"
+OUTPUTS = ("train.bin", "val.bin", "meta.json")
+V2_TRAIN, V2_VAL = pt.FILES["v2"]
+
+
+def reference(text):
+    """Independent re-implementation of the spec: stories, token ids, UTF-8 bytes."""
+    stories = [s.strip() for s in text.split(SEP) if s.strip()]
+    enc = tiktoken.get_encoding("gpt2")
+    ids = []
+    for s in stories:
+        ids += enc.encode_ordinary(s) + [enc.eot_token]
+    return stories, np.array(ids, dtype=np.uint16), sum(len(s.encode("utf-8")) for s in stories)
+
+
+def sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def run_main(argv):
+    """main(argv) in-process; returns the exit code (0 when it returns normally)."""
+    try:
+        pt.main([str(a) for a in argv])
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err, "nothing printed to stderr"
+    return err[-1]
+
+
+def assert_no_output(out_dir):
+    """No train.bin / val.bin / meta.json and no temporary files left in out_dir."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return
+    left = sorted(p.name for p in out_dir.iterdir() if p.is_file())
+    assert left == [], f"left behind in {out_dir}: {left}"
+
+
+# -----------------------------------------------------------------------------
+# round trip
+
+
+def test_round_trip_local_files(stories, tmp_path):
+    train, val = stories
+    out = tmp_path / "out"
+    assert run_main(["--train_file", train, "--val_file", val, "--out_dir", out, "--workers", 2,
+                     "--no_progress"]) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    enc = tiktoken.get_encoding("gpt2")
+    assert (meta["tokenizer"], meta["vocab_size"], meta["eot_token"]) == ("gpt2", 50257, 50256)
+    for split, path in (("train", train), ("val", val)):
+        text = Path(path).read_text(encoding="utf-8")
+        ref_stories, ref_ids, ref_bytes = reference(text)
+        ids = np.memmap(out / f"{split}.bin", dtype=np.uint16, mode="r")
+        assert np.array_equal(ids, ref_ids)
+        assert meta[f"{split}_tokens"] == len(ref_ids)
+        assert meta[f"{split}_stories"] == len(ref_stories)
+        assert meta[f"{split}_bytes"] == ref_bytes
+        assert meta["sources"][split]["sha256"] == sha256(path)
+        assert meta["sources"][split]["bytes"] == os.path.getsize(path)
+        if split == "val":
+            assert enc.decode(ids.tolist()) == SEP.join(ref_stories) + SEP
+    assert meta["split"] is None
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)  # no temporaries left
+
+
+def test_split_off_val_every_kth_story(stories, tmp_path):
+    train, _ = stories
+    out = tmp_path / "out"
+    assert run_main(["--train_file", train, "--val_fraction", 0.1, "--out_dir", out,
+                     "--workers", 1, "--no_progress"]) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    ref_stories, _, _ = reference(Path(train).read_text(encoding="utf-8"))
+    k = 10
+    want = {"val": [s for i, s in enumerate(ref_stories) if i % k == 0],
+            "train": [s for i, s in enumerate(ref_stories) if i % k != 0]}
+    assert meta["split"]["k"] == k
+    for split, ss in want.items():
+        _, ref_ids, ref_bytes = reference(SEP.join(ss))
+        assert np.array_equal(np.memmap(out / f"{split}.bin", dtype=np.uint16, mode="r"), ref_ids)
+        assert (meta[f"{split}_stories"], meta[f"{split}_bytes"]) == (len(ss), ref_bytes)
+        assert meta["sources"][split]["sha256"] == sha256(train)
+
+
+def test_reader_handles_chunk_boundaries(tmp_path):
+    """Separators, CRLF and multi-byte characters cut across reads come out the same."""
+    text = ("  Héllo wörld 🙂\r\n<|endoftext|>\r\n\n<|endoftext|>\nSecond — story\n"
+            "<|endoftext|>Third")
+    p = tmp_path / "t.txt"
+    p.write_bytes(text.encode("utf-8"))
+    want = ["Héllo wörld 🙂", "Second — story", "Third"]
+    for read_bytes in (1, 2, 3, 5, 7, 1 << 20):
+        h = hashlib.sha256()
+        assert list(pt.iter_stories(p, hasher=h, read_bytes=read_bytes)) == want
+        assert h.hexdigest() == sha256(p)
+
+
+# -----------------------------------------------------------------------------
+# memory
+
+
+@pytest.fixture(scope="session")
+def big_text(stories, tmp_path_factory):
+    """~50 MB of real stories (the sample repeated: tokenizes at the same speed as fresh text)."""
+    data = Path(stories[0]).read_bytes()
+    path = tmp_path_factory.mktemp("big") / "big.txt"
+    with open(path, "wb") as f:
+        for _ in range(-(-50_000_000 // len(data))):
+            f.write(data)
+    return path
+
+
+def peak_rss_mb(cmd):
+    """Peak RSS (MB) of the largest process in cmd's process tree, via a wrapper that reads
+    getrusage(RUSAGE_CHILDREN) after waiting for it (so earlier children of pytest don't count)."""
+    wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+               "sys.exit(r.returncode)")
+    r = subprocess.run([sys.executable, "-c", wrapper] + [str(c) for c in cmd], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return int(r.stdout.strip().splitlines()[-1]) / 1024  # ru_maxrss is in KiB on Linux
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_memory_bounded_on_50mb(big_text, tmp_path, workers):
+    assert os.path.getsize(big_text) >= 50_000_000
+    baseline = peak_rss_mb([sys.executable, "-c", "import numpy, tiktoken, tqdm"])
+    # the GPT-2 BPE tables alone take tens of MB: a fixed cost, whatever the input size
+    with_bpe = peak_rss_mb([sys.executable, "-c", "import numpy, tiktoken, tqdm; "
+                            "tiktoken.get_encoding('gpt2')"])
+    t = time.time()
+    peak = peak_rss_mb([sys.executable, SCRIPT, "--train_file", big_text, "--out_dir",
+                        tmp_path / "out", "--workers", workers, "--no_progress"])
+    elapsed = time.time() - t
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["train_tokens"] + meta["val_tokens"] > 10_000_000
+    print(f"workers={workers}: baseline {baseline:.0f} MB (with BPE loaded {with_bpe:.0f} MB), "
+          f"peak {peak:.0f} MB, {elapsed:.1f} s")
+    assert peak - baseline < 100, (peak, baseline)
+    assert peak - with_bpe < 50, (peak, with_bpe)  # what the data costs: measured ~7 MB
+
+
+# -----------------------------------------------------------------------------
+# downloader against a local HTTP server
+
+
+class MirrorHandler(http.server.BaseHTTPRequestHandler):
+    """Serves server.files by name, with Range support, in one of several modes:
+    ok, 404, 503 (always), drop (first response per file stops after drop_after bytes),
+    ignore_range (always a full 200)."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        srv = self.server
+        name, rng = self.path.lstrip("/"), self.headers.get("Range")
+        with srv.lock:
+            srv.log.append((name, rng))
+            first = name not in srv.seen
+            srv.seen.add(name)
+        if srv.mode == "404" or name not in srv.files:
+            return self.send_error(404)
+        if srv.mode == "503":
+            return self.send_error(503)
+        data = srv.files[name]
+        start = 0
+        if rng and srv.mode != "ignore_range":
+            start = int(rng.split("=")[1].split("-")[0])
+            if start >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        body = data[start:]
+        if srv.mode == "drop" and first:
+            body = body[:srv.drop_after]  # then the connection closes: a short read
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def mirror(stories):
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), MirrorHandler)
+    srv.files = {V2_TRAIN: Path(stories[0]).read_bytes(), V2_VAL: Path(stories[1]).read_bytes()}
+    srv.mode, srv.drop_after, srv.log, srv.seen = "ok", 50_000, [], set()
+    srv.lock = threading.Lock()
+    srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    thread.join(timeout=5)
+
+
+def download_argv(mirror, out, *extra):
+    return ["--base_url", mirror.url, "--out_dir", out, "--retry_wait", 0.001, "--workers", 1,
+            "--no_progress", *extra]
+
+
+def check_downloaded(mirror, out):
+    raw = out / "raw"
+    assert (raw / V2_TRAIN).read_bytes() == mirror.files[V2_TRAIN]
+    assert (raw / V2_VAL).read_bytes() == mirror.files[V2_VAL]
+    assert sorted(p.name for p in raw.iterdir()) == sorted([V2_TRAIN, V2_VAL])  # no .part left
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["sources"]["train"]["url"] == f"{mirror.url}/{V2_TRAIN}"
+    assert meta["sources"]["train"]["sha256"] == hashlib.sha256(mirror.files[V2_TRAIN]).hexdigest()
+    assert meta["train_stories"] == len(reference(mirror.files[V2_TRAIN].decode())[0])
+
+
+def test_download_full_then_no_redownload(mirror, tmp_path):
+    out = tmp_path / "out"
+    assert run_main(download_argv(mirror, out)) == 0
+    check_downloaded(mirror, out)
+    assert sorted(mirror.log) == [(V2_TRAIN, None), (V2_VAL, None)]
+    n = len(mirror.log)
+    assert run_main(download_argv(mirror, out)) == 0  # complete files: not fetched again
+    assert len(mirror.log) == n
+
+
+def test_download_resumes_part_file(mirror, tmp_path):
+    out = tmp_path / "out"
+    (out / "raw").mkdir(parents=True)
+    (out / "raw" / f"{V2_TRAIN}.part").write_bytes(mirror.files[V2_TRAIN][:100_000])
+    assert run_main(download_argv(mirror, out)) == 0
+    assert (V2_TRAIN, "bytes=100000-") in mirror.log
+    assert [r for n, r in mirror.log if n == V2_TRAIN] == ["bytes=100000-"]  # only the rest
+    check_downloaded(mirror, out)
+
+
+def test_download_restarts_when_server_ignores_range(mirror, tmp_path):
+    mirror.mode = "ignore_range"
+    out = tmp_path / "out"
+    (out / "raw").mkdir(parents=True)
+    (out / "raw" / f"{V2_TRAIN}.part").write_bytes(b"garbage" * 1000)  # would corrupt if appended
+    assert run_main(download_argv(mirror, out)) == 0
+    assert (V2_TRAIN, "bytes=7000-") in mirror.log
+    check_downloaded(mirror, out)
+
+
+def test_download_complete_part_file_is_just_renamed(mirror, tmp_path):
+    dest = tmp_path / V2_VAL
+    Path(f"{dest}.part").write_bytes(mirror.files[V2_VAL])  # e.g. killed before the rename
+    pt.download(f"{mirror.url}/{V2_VAL}", str(dest), retries=1, retry_wait=0.001, progress=False)
+    assert dest.read_bytes() == mirror.files[V2_VAL]
+    assert mirror.log == [(V2_VAL, f"bytes={len(mirror.files[V2_VAL])}-")]  # answered 416
+
+
+def test_download_survives_dropped_connection(mirror, tmp_path, capsys):
+    mirror.mode = "drop"
+    out = tmp_path / "out"
+    assert run_main(download_argv(mirror, out)) == 0
+    assert mirror.log.count((V2_TRAIN, None)) == 1
+    assert (V2_TRAIN, "bytes=50000-") in mirror.log  # retried, resuming after the drop
+    check_downloaded(mirror, out)
+    assert "connection closed after 50000 of" in capsys.readouterr().err
+
+
+def test_local_val_file_downloads_only_train(mirror, stories, tmp_path):
+    out = tmp_path / "out"
+    assert run_main(download_argv(mirror, out, "--val_file", stories[1])) == 0
+    assert mirror.log == [(V2_TRAIN, None)]
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["sources"]["val"]["sha256"] == sha256(stories[1])
+    assert "url" not in meta["sources"]["val"]
+
+
+def test_download_404_fails_at_once(mirror, tmp_path, capsys):
+    mirror.mode = "404"
+    out = tmp_path / "out"
+    assert run_main(download_argv(mirror, out, "--retries", 3)) == 1
+    line = error_line(capsys)
+    assert line.startswith("error: ") and "HTTP 404" in line and f"{mirror.url}/{V2_VAL}" in line
+    assert len(mirror.log) == 1  # not retried
+    assert_no_output(out)
+    assert_no_output(out / "raw")
+
+
+def test_download_fails_after_retries(mirror, tmp_path, capsys):
+    mirror.mode = "503"
+    out = tmp_path / "out"
+    t = time.time()
+    assert run_main(download_argv(mirror, out, "--retries", 2)) == 1
+    assert time.time() - t < 10
+    line = error_line(capsys)
+    assert line.startswith("error: download failed after 3 attempts")
+    assert "HTTP 503" in line and f"{mirror.url}/{V2_VAL}" in line
+    assert len(mirror.log) == 3
+    assert_no_output(out)
+    assert_no_output(out / "raw")
+
+
+def test_download_connection_refused_fails_after_retries(tmp_path, capsys):
+    import socket
+    with socket.socket() as s:  # a port on 127.0.0.1 that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    argv = ["--base_url", f"http://127.0.0.1:{port}", "--out_dir", out, "--retries", 1,
+            "--retry_wait", 0.001, "--no_progress"]
+    assert run_main(argv) == 1
+    line = error_line(capsys)
+    assert line.startswith("error: download failed after 2 attempts") and f":{port}/" in line
+    assert_no_output(out)
+
+
+# -----------------------------------------------------------------------------
+# bad input
+
+
+def test_missing_file(tmp_path, capsys):
+    missing = tmp_path / "nope.txt"
+    assert run_main(["--train_file", missing, "--out_dir", tmp_path / "out"]) == 1
+    line = error_line(capsys)
+    assert line.startswith("error: ") and str(missing) in line and "no such file" in line
+    assert_no_output(tmp_path / "out")
+
+
+def test_empty_file(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    assert run_main(["--train_file", empty, "--out_dir", tmp_path / "out"]) == 1
+    line = error_line(capsys)
+    assert line.startswith("error: ") and str(empty) in line and "empty" in line
+    assert_no_output(tmp_path / "out")
+
+
+def test_file_without_stories(stories, tmp_path, capsys):
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n<|endoftext|>\n   \n<|endoftext|>\n\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert run_main(["--train_file", stories[0], "--val_file", blank, "--out_dir", out,
+                     "--no_progress"]) == 1
+    line = error_line(capsys)
+    assert line.startswith("error: ") and str(blank) in line and "no stories" in line
+    assert_no_output(out)
+
+
+def test_single_story_cannot_be_split(tmp_path, capsys):
+    one = tmp_path / "one.txt"
+    one.write_text("Once upon a time there was one story.\n<|endoftext|>\n", encoding="utf-8")
+    assert run_main(["--train_file", one, "--out_dir", tmp_path / "out", "--no_progress"]) == 1
+    assert "need at least 2" in error_line(capsys)
+    assert_no_output(tmp_path / "out")
+
+
+def test_not_utf8_says_where(stories, tmp_path, capsys):
+    good = Path(stories[0]).read_bytes()  # > 1 MiB: the bad byte is in the second read
+    bad = good + b"One more story with a bad \xff byte.\n<|endoftext|>\n"
+    path = tmp_path / "latin.txt"
+    path.write_bytes(bad)
+    offset, line_no = bad.index(b"\xff"), bad[:bad.index(b"\xff")].count(b"\n") + 1
+    out = tmp_path / "out"
+    assert run_main(["--train_file", path, "--val_file", stories[1], "--out_dir", out,
+                     "--workers", 1, "--no_progress"]) == 1
+    line = error_line(capsys)
+    assert line.startswith("error: ") and str(path) in line
+    assert f"byte offset {offset}" in line and f"line {line_no}" in line
+    assert_no_output(out)
+
+
+@pytest.mark.parametrize("read_bytes", [1, 3, 1 << 20])
+def test_not_utf8_offset_across_reads(tmp_path, read_bytes):
+    data = "ä\nstory one ü\n<|endoftext|>\n€ two\n".encode("utf-8") + b"\xe2\x82" + b" x\n"
+    path = tmp_path / "bad.txt"
+    path.write_bytes(data)
+    bad_at = data.index(b"\xe2\x82 ")
+    with pytest.raises(pt.PrepareError, match=f"byte offset {bad_at} \\(line 5\\)"):
+        list(pt.iter_stories(path, read_bytes=read_bytes))
+    path.write_bytes(b"fine story\n\xc3")  # truncated at the end of the file
+    with pytest.raises(pt.PrepareError, match="byte offset 11 \\(line 2\\)"):
+        list(pt.iter_stories(path, read_bytes=read_bytes))
+
+
+def test_missing_separator_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(pt, "MAX_STORY_CHARS", 1000)
+    path = tmp_path / "novel.txt"
+    path.write_text("word " * 10_000, encoding="utf-8")
+    assert run_main(["--train_file", path, "--out_dir", tmp_path / "out", "--no_progress"]) == 1
+    assert "no <|endoftext|> separator" in error_line(capsys)
+    assert_no_output(tmp_path / "out")
+
+
+def test_ctrl_c_midway_cleans_up(stories, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train.bin").write_bytes(b"from an earlier run")  # must survive untouched
+    real, calls = pt.encode_batch, []
+
+    def encode_then_interrupt(batch):
+        calls.append(len(batch))
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real(batch)
+
+    monkeypatch.setattr(pt, "encode_batch", encode_then_interrupt)
+    assert run_main(["--train_file", stories[0], "--val_file", stories[1], "--out_dir", out,
+                     "--workers", 1, "--no_progress"]) == 130
+    assert len(calls) == 2
+    assert error_line(capsys).startswith("interrupted")
+    assert sorted(p.name for p in out.iterdir()) == ["train.bin"]
+    assert (out / "train.bin").read_bytes() == b"from an earlier run"
+
+
+def test_sigint_with_worker_pool(big_text, tmp_path):
+    """A real Ctrl-C (SIGINT) to the script while 2 worker processes encode."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--train_file", big_text, "--out_dir", out,
+                             "--workers", "2", "--no_progress"], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline and proc.poll() is None:  # wait until tokens are written
+            tmps = list(out.glob(".train.bin.tmp-*")) if out.exists() else []
+            if tmps and tmps[0].stat().st_size > 0:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "finished before it could be interrupted"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("interrupted")
+    assert "Traceback" not in err
+    assert_no_output(out)
