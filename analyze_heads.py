@@ -1,0 +1,693 @@
+"""
+Measure what every attention head of a checkpoint does on held-out text (PRISM.md §6): how far
+it looks, which rotary frequencies it uses, whether the heads fall into a low-frequency/long-range
+(signal) and a high-frequency/local (noise) regime, and how each layer's tokens code under MCR².
+
+Examples:
+    python analyze_heads.py --ckpt=out/ckpt.pt --data_dir=data/tinystories --out_dir=out/analysis
+    python analyze_heads.py --ckpt=out/ckpt.pt --data_dir=data/tinystories --num_batches=20 \\
+        --batch_size=4 --block_size=256 --eps=0.5 --max_tokens=4096 --device=cuda
+
+Writes to out_dir:
+    heads.json                every number below (schema in README.md and `write_json`);
+    head_spectra.png          per layer, heads × rotary frequency, the energy share E(i)/Σ E,
+                              the designed groups marked at the left, each head's centroid marked;
+    distance_vs_centroid.png  one point per head: spectral centroid vs mean attention distance,
+                              coloured by designed group, the 2-means threshold drawn;
+    coding_rate.png           R, R^c and ΔR by layer.
+
+Definitions (all on `num_batches` × `batch_size` windows of `block_size` tokens taken at evenly
+spaced offsets of data_dir/<split>.bin; A is the causal attention matrix of a head, rows i =
+queries, columns j <= i = keys):
+  mean_distance      Σ_j A_ij (i − j), averaged over all query positions i >= 1 of all windows
+                     (position 0 can only attend to itself and is left out), in tokens.
+  entropy            −Σ_j A_ij ln A_ij, averaged over the same queries, in nats.
+  spectrum E(i)      mean over all tokens t of ‖q_t^(i)‖·‖k_t^(i)‖, where x^(i) is rotary pair i of
+                     a head, the dims (i, i + p/2) (half-split RoPE); rotation keeps pair norms.
+  spectral_centroid  exp(Σ_i E(i) ln ω_i / Σ_i E(i)): the energy-weighted mean of the log angular
+                     frequency, reported as an angular frequency (radians per token); its
+                     wavelength 2π/centroid is reported too, in tokens.
+  centroid_in_band   spectral_centroid / ω_0 of the head's own band (its fastest frequency): where
+                     in its band a head sits, with the designed ×π offset of the noise band removed.
+  bimodality         over all heads of all layers with a centroid, x = ln(spectral_centroid).
+                     Exact 1-D 2-means: sort x and take the split into a low and a high cluster that
+                     minimises the within-cluster sum of squares W = Σ_low (x − m_low)² +
+                     Σ_high (x − m_high)². bimodality = (m_high − m_low) / s with
+                     s = sqrt(W / n), the pooled within-cluster standard deviation (n heads).
+                     0 when all x are equal; null (with a reason) when s = 0 < gap or n < 2.
+  regime             "signal" for a head in the low-frequency cluster, "noise" in the high one.
+  bimodality_in_band the same on ln(centroid_in_band) (its own clusters, not used for regime).
+  R, Rc, dR          per layer, on the layer's normalised input tokens Z (pooled over the batches:
+                     ceil(max_tokens / num_batches) random token positions of each batch, at most
+                     max_tokens = 4096 tokens in all by default), at precision eps (default 0.5):
+                     R = ½ log det(I + d/(n ε²) ZᵀZ), Rc = Σ_k ½ log det(I + p/(n ε²) (Z U_k)ᵀ(Z U_k))
+                     with the dictionary U_k as the model holds it, dR = R − Rc (nats).
+                     Rc_orth, dR_orth: the same with each U_k replaced by an orthonormal basis of
+                     its span (scale-free: the rate of the subspaces themselves).
+
+For a model without rotary heads (no spectrum, centroid, regime, bimodality), without designed
+groups, or without a dictionary (no Rc, dR), those fields are null and heads.json's
+`not_applicable` says why.
+"""
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sample import UsageError, load_checkpoint_model, pick_device
+
+GROUP_COLORS = {"signal": "#1f77b4", "noise": "#d62728", None: "#7f7f7f"}
+
+# -----------------------------------------------------------------------------
+# Metrics on the analysis records. Each works on plain tensors, so it can be checked on hand-built
+# ones; they return sums (with counts) so that batches accumulate in bounded memory.
+
+
+def attention_sums(attn):
+    """attn (B, H, T, T) causal attention probabilities -> (distance_sum, entropy_sum, n_queries):
+    per head the sums over batch and query positions i >= 1 of Σ_j A_ij (i − j) and of
+    −Σ_j A_ij ln A_ij (float64, shape (H,))."""
+    B, H, T, _ = attn.shape
+    a = attn.double()
+    pos = torch.arange(T, dtype=torch.float64, device=a.device)
+    # Σ_j A_ij (i − j) = i Σ_j A_ij − Σ_j A_ij j   (A_ij = 0 for j > i)
+    dist = pos * a.sum(-1) - a @ pos                          # (B, H, T)
+    ent = -torch.special.xlogy(a, a).sum(-1)                  # (B, H, T)
+    return (dist[..., 1:].sum(dim=(0, 2)).cpu(), ent[..., 1:].sum(dim=(0, 2)).cpu(), B * (T - 1))
+
+
+def pair_norms(x):
+    """(…, p) -> (…, p/2): the norm of each rotary pair (dims i and i + p/2)."""
+    half = x.shape[-1] // 2
+    return torch.sqrt(x[..., :half].double() ** 2 + x[..., half:].double() ** 2)
+
+
+def spectrum_sums(q, k):
+    """q (B, H, T, p), k (B, Hk, T, p) -> (E_sum (H, p/2), n_tokens): per head and rotary pair the
+    sum over tokens of ‖q^(i)‖·‖k^(i)‖. Grouped keys (Hk < H) are shared by H/Hk query heads."""
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    e = (pair_norms(q) * pair_norms(k)).sum(dim=(0, 2))
+    return e.cpu(), q.shape[0] * q.shape[2]
+
+
+def spectral_centroid(energy, freqs):
+    """energy, freqs (..., P) -> (...,): exp(Σ E_i ln ω_i / Σ E_i), NaN where Σ E = 0."""
+    energy = torch.as_tensor(energy, dtype=torch.float64)
+    logf = torch.as_tensor(freqs, dtype=torch.float64).log()
+    total = energy.sum(-1)
+    return torch.exp((energy * logf).sum(-1) / total)  # 0/0 -> NaN
+
+
+def two_means_1d(x):
+    """Exact 1-D 2-means. x (n,) -> (labels (n,) 0 = low cluster, 1 = high, detail dict). The best
+    split of sorted values is contiguous, so every cut is tried; ties go to the first cut."""
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, kind="stable")
+    xs = x[order]
+    n = len(xs)
+    best = None
+    for cut in range(1, n):
+        lo, hi = xs[:cut], xs[cut:]
+        w = ((lo - lo.mean()) ** 2).sum() + ((hi - hi.mean()) ** 2).sum()
+        if best is None or w < best[0] - 1e-12 * max(1.0, abs(best[0])):
+            best = (w, cut)
+    w, cut = best
+    labels = np.zeros(n, dtype=int)
+    labels[order[cut:]] = 1
+    return labels, dict(within_ss=float(w), low_mean=float(xs[:cut].mean()),
+                        high_mean=float(xs[cut:].mean()), n_low=int(cut), n_high=int(n - cut),
+                        low_max=float(xs[cut - 1]), high_min=float(xs[cut]))
+
+
+def bimodality(x):
+    """(score, labels, detail) for values x: see the module docstring. score is None (with
+    detail["reason"]) where it is undefined."""
+    x = np.asarray(x, dtype=np.float64)
+    if len(x) < 2:
+        return None, None, {"reason": f"needs at least 2 heads with a centroid, has {len(x)}"}
+    labels, d = two_means_1d(x)
+    gap = d["high_mean"] - d["low_mean"]
+    s = math.sqrt(d["within_ss"] / len(x))
+    d.update(gap=gap, pooled_std=s, threshold=(d["low_max"] + d["high_min"]) / 2)
+    if gap <= 0 or np.ptp(x) == 0:
+        return 0.0, labels, d
+    if s == 0:
+        d["reason"] = "no spread within the two clusters (perfectly separated): gap / 0"
+        return None, labels, d
+    return gap / s, labels, d
+
+
+def mcr2_diagnostics(Z, subspaces, eps):
+    """Z (n, d) tokens as rows, subspaces (K, p, d) holding each U_kᵀ or None -> dict of R, Rc, dR,
+    Rc_orth, dR_orth (floats, nats; the last four None without a dictionary)."""
+    from model import coding_rate, compressed_coding_rate  # noqa: PLC0415
+
+    Z = Z.double()
+    R = float(coding_rate(Z, eps))
+    out = dict(R=R, Rc=None, dR=None, Rc_orth=None, dR_orth=None, n_tokens=int(Z.shape[0]))
+    if subspaces is not None:
+        U = subspaces.detach().double().to(Z.device)
+        Rc = float(compressed_coding_rate(Z, U, eps))
+        # An orthonormal basis of each span: Q of U_k = QR, returned as (K, p, d) like U.
+        Q = torch.linalg.qr(U.transpose(1, 2)).Q.transpose(1, 2)
+        Rc_orth = float(compressed_coding_rate(Z, Q, eps))
+        out.update(Rc=Rc, dR=R - Rc, Rc_orth=Rc_orth, dR_orth=R - Rc_orth)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Running a model over batches.
+
+
+def _rope_frequencies(model, layer):
+    """(H, p/2) float64 frequencies of a layer's heads, or None (model.rope_frequencies(layer);
+    a model whose rope_frequencies() takes no layer has the same ones in every layer)."""
+    try:
+        f = model.rope_frequencies(layer)
+    except TypeError:
+        f = model.rope_frequencies()
+    return None if f is None else torch.as_tensor(f, dtype=torch.float64).cpu()
+
+
+def _per_layer(value, layer):
+    """A list with one entry per layer, or one value (e.g. head_groups) for every layer."""
+    if value is None:
+        return None
+    if isinstance(value, list) and len(value) and isinstance(value[0], (torch.Tensor, list, tuple)):
+        return value[min(layer, len(value) - 1)]
+    return value
+
+
+def _finite(x):
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+@torch.no_grad()
+def analyze_model(model, batches, eps=0.5, max_tokens=4096, num_batches=None, seed=1337,
+                  progress=True):
+    """Run `model.analyze` over `batches` (an iterable of (x, y) LongTensors) and return the
+    heads.json content. Per layer only per-head sums and a capped pool of Z rows are kept."""
+    from tqdm import tqdm  # noqa: PLC0415
+
+    model.eval()
+    arch = getattr(model, "arch", None) or type(model).__name__
+    not_applicable = {}
+    n_layer = getattr(getattr(model, "config", None), "n_layer", None)
+    freqs_all = [_rope_frequencies(model, l) for l in range(n_layer or 1)]
+    if any(f is None for f in freqs_all):
+        freqs_all = None
+    groups_all = model.head_groups()
+    if freqs_all is None:
+        why = f"no rotary heads (arch {arch}): no rotary frequencies to measure"
+        for key in ("spectrum", "spectral_centroid", "centroid_in_band", "regime", "bimodality",
+                    "bimodality_in_band"):
+            not_applicable[key] = why
+    if groups_all is None:
+        not_applicable["group"] = f"no designed signal/noise head groups (arch {arch})"
+    gen = torch.Generator().manual_seed(seed)
+    per_batch = None if num_batches is None else math.ceil(max_tokens / max(1, num_batches))
+
+    acc = None  # per layer: dict of running sums
+    loss_sum, loss_n, tokens = 0.0, 0, 0
+    for x, y in tqdm(batches, total=num_batches, desc="analyzing", unit="batch",
+                     disable=not progress, file=sys.stderr):
+        _, loss, layers = model.analyze(x, y)
+        if loss is not None:
+            loss_sum, loss_n = loss_sum + float(loss) * x.numel(), loss_n + x.numel()
+        tokens += x.numel()
+        if acc is None:
+            acc = [dict(dist=0, ent=0, nq=0, E=0, nt=0, Z=[], nz=0) for _ in layers]
+        for rec, a in zip(layers, acc):
+            if "attn" in rec:
+                d, e, n = attention_sums(rec["attn"])
+                a["dist"], a["ent"], a["nq"] = a["dist"] + d, a["ent"] + e, a["nq"] + n
+            if freqs_all is not None and "q" in rec and "k" in rec:
+                E, n = spectrum_sums(rec["q"], rec["k"])
+                a["E"], a["nt"] = a["E"] + E, a["nt"] + n
+            if "z" in rec and a["nz"] < max_tokens:
+                z = rec["z"].reshape(-1, rec["z"].shape[-1])
+                take = min(per_batch or max_tokens, max_tokens - a["nz"], z.shape[0])
+                pick = torch.randperm(z.shape[0], generator=gen)[:take].to(z.device)
+                a["Z"].append(z[pick].double().cpu())
+                a["nz"] += take
+        del layers
+    if acc is None:
+        raise UsageError("no batches to analyze")
+
+    heads, layers_out = [], []
+    for l, a in enumerate(acc):
+        H = a["dist"].shape[0] if isinstance(a["dist"], torch.Tensor) else None
+        freqs = _per_layer(freqs_all, l)
+        groups = _per_layer(groups_all, l)
+        if isinstance(a["E"], torch.Tensor):
+            H = H or a["E"].shape[0]
+        if freqs is not None and isinstance(a["E"], torch.Tensor) and (
+                tuple(freqs.shape) != tuple(a["E"].shape)):
+            not_applicable.setdefault(
+                "spectrum", f"rope_frequencies {tuple(freqs.shape)} do not match the heads' "
+                            f"rotary pairs {tuple(a['E'].shape)}")
+            freqs = None
+        E = a["E"] / a["nt"] if isinstance(a["E"], torch.Tensor) and freqs is not None else None
+        centroid = spectral_centroid(E, freqs) if E is not None else None
+        for h in range(H or 0):
+            c = _finite(float(centroid[h])) if centroid is not None else None
+            heads.append(dict(
+                layer=l, head=h,
+                group=groups[h] if groups is not None else None,
+                mean_distance=float(a["dist"][h] / a["nq"]) if a["nq"] else None,
+                entropy=float(a["ent"][h] / a["nq"]) if a["nq"] else None,
+                spectral_centroid=c,
+                centroid_wavelength=(2 * math.pi / c) if c else None,
+                centroid_in_band=(c / float(freqs[h].max())) if c else None,
+                regime=None,
+                spectrum=[float(v) for v in E[h]] if E is not None else None,
+                frequencies=[float(v) for v in freqs[h]] if E is not None else None,
+            ))
+        if a["nz"]:
+            subspaces = model.subspaces(l)
+            if subspaces is None:
+                not_applicable.setdefault("Rc", f"no dictionary of subspaces (arch {arch})")
+                not_applicable.setdefault("dR", not_applicable["Rc"])
+            diag = mcr2_diagnostics(torch.cat(a["Z"]), subspaces, eps)
+        else:
+            not_applicable.setdefault("R", "the model records no layer input tokens z")
+            diag = dict(R=None, Rc=None, dR=None, Rc_orth=None, dR_orth=None, n_tokens=0)
+        layers_out.append(dict(layer=l, **diag))
+
+    result = dict(
+        arch=arch,
+        model_config=_jsonable(getattr(getattr(model, "config", None), "__dict__", {})),
+        val_loss=loss_sum / loss_n if loss_n else None,
+        tokens_analyzed=tokens,
+        eps=eps,
+        max_tokens=max_tokens,
+        bimodality=None,
+        bimodality_detail=None,
+        bimodality_in_band=None,
+        bimodality_in_band_detail=None,
+        regime_agreement=None,
+        layers=layers_out,
+        heads=heads,
+    )
+    _add_regimes(result, not_applicable)
+    result["summary"] = _summary(heads)
+    result["not_applicable"] = not_applicable
+    result["definitions"] = DEFINITIONS
+    return result
+
+
+def _add_regimes(result, not_applicable):
+    heads = result["heads"]
+    with_c = [h for h in heads if h["spectral_centroid"] is not None]
+    if "bimodality" in not_applicable:
+        return
+    if len(with_c) < len(heads):
+        not_applicable.setdefault(
+            "regime_some_heads", f"{len(heads) - len(with_c)} heads have no q/k energy: no centroid")
+    score, labels, detail = bimodality([math.log(h["spectral_centroid"]) for h in with_c])
+    result["bimodality"], result["bimodality_detail"] = score, detail
+    if score is None and "reason" in detail:
+        not_applicable["bimodality"] = detail["reason"]
+    if labels is not None:
+        for h, lab in zip(with_c, labels):
+            h["regime"] = "noise" if lab else "signal"
+        detail["threshold_frequency"] = math.exp(detail["threshold"])
+        grouped = [h for h in with_c if h["group"] is not None]
+        if grouped:
+            result["regime_agreement"] = sum(h["regime"] == h["group"] for h in grouped) / len(grouped)
+    score, _, detail = bimodality([math.log(h["centroid_in_band"]) for h in with_c])
+    result["bimodality_in_band"], result["bimodality_in_band_detail"] = score, detail
+
+
+def _summary(heads):
+    """Per designed group and per regime: head count, mean of mean_distance and entropy, and the
+    geometric mean of the spectral centroid."""
+    out = {}
+    for key in ("group", "regime"):
+        for name in ("signal", "noise"):
+            hs = [h for h in heads if h[key] == name]
+            if not hs:
+                continue
+            cs = [h["spectral_centroid"] for h in hs if h["spectral_centroid"]]
+            out[f"{key}={name}"] = dict(
+                heads=len(hs),
+                mean_distance=float(np.mean([h["mean_distance"] for h in hs])),
+                entropy=float(np.mean([h["entropy"] for h in hs])),
+                spectral_centroid=float(np.exp(np.mean(np.log(cs)))) if cs else None)
+    return out
+
+
+def _jsonable(d):
+    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+
+DEFINITIONS = {
+    "mean_distance": "sum_j A_ij (i - j), averaged over query positions i >= 1, in tokens",
+    "entropy": "-sum_j A_ij ln A_ij, averaged over query positions i >= 1, in nats",
+    "spectrum": "E(i) = mean over tokens of |q^(i)| |k^(i)|, rotary pair i = dims (i, i + p/2)",
+    "spectral_centroid": "exp(sum_i E(i) ln w_i / sum_i E(i)), angular frequency in rad/token",
+    "centroid_wavelength": "2 pi / spectral_centroid, in tokens",
+    "centroid_in_band": "spectral_centroid / w_0 of the head's own band (its fastest frequency)",
+    "bimodality": "exact 1-D 2-means on x = ln(spectral_centroid) over all heads; "
+                  "(m_high - m_low) / sqrt(W / n), W = within-cluster sum of squares",
+    "regime": "signal = head in the low-frequency 2-means cluster, noise = in the high one",
+    "regime_agreement": "fraction of heads whose regime equals their designed group",
+    "bimodality_in_band": "the same score on ln(centroid_in_band)",
+    "R": "1/2 logdet(I + d/(n eps^2) Z^T Z) of the layer's normalised input tokens, nats",
+    "Rc": "sum_k 1/2 logdet(I + p/(n eps^2) (Z U_k)^T (Z U_k)) with the dictionary as held",
+    "dR": "R - Rc",
+    "Rc_orth": "Rc with each U_k replaced by an orthonormal basis of its span",
+    "dR_orth": "R - Rc_orth",
+}
+
+
+# -----------------------------------------------------------------------------
+# Data.
+
+
+def evenly_spaced_batches(data, batch_size, block_size, num_batches, device="cpu"):
+    """num_batches (x, y) pairs of batch_size windows of block_size tokens (y = x shifted by one)
+    from the 1-D token array `data`, at evenly spaced offsets (deterministic)."""
+    n = num_batches * batch_size
+    last = len(data) - block_size - 1
+    starts = np.linspace(0, last, n).round().astype(np.int64) if n > 1 else np.zeros(1, np.int64)
+    for b in range(num_batches):
+        rows = [np.asarray(data[s:s + block_size + 1], dtype=np.int64)
+                for s in starts[b * batch_size:(b + 1) * batch_size]]
+        xy = torch.from_numpy(np.stack(rows))
+        yield xy[:, :-1].to(device), xy[:, 1:].to(device)
+
+
+def open_tokens(data_dir, split, block_size, vocab_size):
+    path = Path(data_dir) / f"{split}.bin"
+    if not path.is_file():
+        raise UsageError(f"no {split}.bin in {data_dir}")
+    try:
+        data = np.memmap(path, dtype=np.uint16, mode="r")
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read {path} ({e})") from None
+    if len(data) < block_size + 1:
+        raise UsageError(f"{path} has {len(data)} tokens, fewer than block_size + 1 = "
+                         f"{block_size + 1}: pass a smaller --block_size")
+    top = int(data.max())
+    if top >= vocab_size:
+        raise UsageError(f"{path} holds token {top}, outside the model's vocabulary of {vocab_size}"
+                         " (data prepared with another vocabulary?)")
+    return data
+
+
+# -----------------------------------------------------------------------------
+# Output.
+
+
+def write_json(result, path):
+    """heads.json. Top level: arch, model_config, data, val_loss, tokens_analyzed, eps, max_tokens,
+    bimodality (+ _detail), bimodality_in_band (+ _detail), regime_agreement, summary,
+    not_applicable {field: reason}, definitions {field: text}, layers [{layer, R, Rc, dR, Rc_orth,
+    dR_orth, n_tokens}], heads [{layer, head, group, mean_distance, entropy, spectral_centroid,
+    centroid_wavelength, centroid_in_band, regime, spectrum [E(i)], frequencies [ω_i]}]."""
+    Path(path).write_text(json.dumps(_clean(result), indent=1, allow_nan=False) + "\n",
+                          encoding="utf-8")
+
+
+def _clean(x):
+    """JSON has no NaN or infinity: a non-finite number (e.g. the loss of a diverged model) -> null."""
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def _plt():
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    return plt
+
+
+def _note(ax, text):
+    ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True, transform=ax.transAxes,
+            fontsize=11)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _title(result):
+    cfg = result.get("model_config", {})
+    parts = [result["arch"]]
+    if "rope_ratio" in cfg:
+        parts.append(f"rope_ratio={cfg['rope_ratio']:.4g}")
+    if result.get("val_loss") is not None:
+        parts.append(f"val loss {result['val_loss']:.3f}")
+    return ", ".join(parts)
+
+
+def plot_head_spectra(result, path):
+    plt = _plt()
+    from matplotlib.colors import Normalize  # noqa: PLC0415
+    from matplotlib.patches import Rectangle  # noqa: PLC0415
+
+    n_layers = len(result["layers"])
+    heads = result["heads"]
+    has_spectrum = any(h["spectrum"] is not None for h in heads)
+    ncols = min(4, max(1, n_layers))
+    nrows = math.ceil(n_layers / ncols) if has_spectrum else 1
+    if not has_spectrum:
+        ncols = 1
+    n_heads = max((h["head"] for h in heads), default=0) + 1
+    fig, axes = plt.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True,
+                             layout="constrained",
+                             figsize=(3.6 * ncols + 1.4, 0.16 * n_heads * nrows + 1.3 * nrows + 0.8))
+    if not has_spectrum:
+        _note(axes[0, 0], result["not_applicable"].get("spectrum", "no head spectrum"))
+        fig.suptitle(f"head spectra — {_title(result)}")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return
+    vmax = max(max(np.array(h["spectrum"]) / max(sum(h["spectrum"]), 1e-300))
+               for h in heads if h["spectrum"] is not None)
+    norm = Normalize(0, vmax)
+    mesh = None
+    for l in range(nrows * ncols):
+        ax = axes[l // ncols, l % ncols]
+        if l >= n_layers:
+            ax.axis("off")
+            continue
+        for h in (h for h in heads if h["layer"] == l and h["spectrum"] is not None):
+            f = np.array(h["frequencies"])
+            e = np.array(h["spectrum"])
+            order = np.argsort(f)
+            f, share = f[order], e[order] / max(e.sum(), 1e-300)
+            # cell edges halfway (geometrically) between neighbouring frequencies
+            mid = np.sqrt(f[1:] * f[:-1]) if len(f) > 1 else np.array([])
+            lo = f[0] ** 2 / mid[0] if len(mid) else f[0] / 2
+            hi = f[-1] ** 2 / mid[-1] if len(mid) else f[0] * 2
+            edges = np.concatenate([[lo], mid, [hi]])
+            mesh = ax.pcolormesh(edges, [h["head"] - 0.5, h["head"] + 0.5], share[None, :],
+                                 cmap="viridis", norm=norm, shading="flat")
+            if h["spectral_centroid"]:
+                ax.plot(h["spectral_centroid"], h["head"], marker="|", color="white",
+                        markersize=7, markeredgewidth=2)
+            ax.add_patch(Rectangle((-0.06, h["head"] - 0.5), 0.04, 1, clip_on=False,
+                                   transform=ax.get_yaxis_transform(),
+                                   color=GROUP_COLORS.get(h["group"], "#7f7f7f")))
+        ax.set_xscale("log")
+        ax.set_ylim(n_heads - 0.5, -0.5)
+        ax.set_title(f"layer {l}", fontsize=10)
+        if l % ncols == 0:
+            ax.set_ylabel("head")
+        if l // ncols == nrows - 1:
+            ax.set_xlabel("rotary frequency ω (rad/token)")
+    fig.suptitle(f"head spectra: energy share E(i)/ΣE per rotary pair — {_title(result)}\n"
+                 "left bar: designed group (blue signal, red noise); white tick: spectral centroid",
+                 fontsize=10)
+    fig.colorbar(mesh, ax=axes.ravel().tolist(), label="energy share", shrink=0.9,
+                 fraction=0.03, pad=0.02)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_distance_vs_centroid(result, path):
+    plt = _plt()
+    heads = result["heads"]
+    fig, ax = plt.subplots(figsize=(7, 5))
+    has_c = any(h["spectral_centroid"] for h in heads)
+    for group in ("signal", "noise", None):
+        hs = [h for h in heads if h["group"] == group and h["mean_distance"] is not None
+              and (h["spectral_centroid"] or not has_c)]
+        if not hs:
+            continue
+        if has_c:
+            xs = [h["spectral_centroid"] for h in hs]
+        else:
+            xs = [h["layer"] + (h["head"] + 0.5) / (2 * max(1, len(hs))) for h in hs]
+        ys = [max(h["mean_distance"], 1e-2) for h in hs]
+        label = f"{group} heads" if group else "heads (no designed groups)"
+        ax.scatter(xs, ys, s=28, alpha=0.8, color=GROUP_COLORS[group], label=label,
+                   edgecolor="black", linewidth=0.4)
+        if len(hs) <= 64:
+            for x, y, h in zip(xs, ys, hs):
+                ax.annotate(str(h["layer"]), (x, y), fontsize=6, xytext=(3, 2),
+                            textcoords="offset points")
+    dists = [h["mean_distance"] for h in heads if h["mean_distance"] is not None]
+    if dists and max(dists) > 20 * max(min(dists), 1e-2):
+        ax.set_yscale("log")  # distances spanning orders of magnitude
+    ax.set_ylabel("mean attention distance (tokens)")
+    if has_c:
+        ax.set_xscale("log")
+        ax.set_xlabel("spectral centroid ω̄ (rad/token)")
+        detail = result.get("bimodality_detail") or {}
+        if "threshold_frequency" in detail:
+            ax.axvline(detail["threshold_frequency"], color="grey", linestyle="--", linewidth=1,
+                       label="2-means threshold")
+        b = result.get("bimodality")
+        sub = (f"bimodality {b:.2f}" if b is not None else "bimodality n/a")
+        if result.get("regime_agreement") is not None:
+            sub += f", regime = group for {100 * result['regime_agreement']:.0f}% of heads"
+    else:
+        ax.set_xlabel("layer (no rotary heads: spectral centroid does not apply)")
+        sub = result["not_applicable"].get("spectral_centroid", "")
+    ax.set_title(f"distance vs centroid — {_title(result)}\n{sub} (numbers: layer)", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(True, which="major", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_coding_rate(result, path):
+    plt = _plt()
+    layers = result["layers"]
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    xs = [d["layer"] for d in layers]
+    styles = [("R", "R(Z)", "black", "-"), ("Rc", "R^c(Z; U)", "#1f77b4", "-"),
+              ("dR", "ΔR = R − R^c", "#2ca02c", "-"),
+              ("Rc_orth", "R^c, orthonormalised U", "#1f77b4", "--"),
+              ("dR_orth", "ΔR, orthonormalised U", "#2ca02c", "--")]
+    drawn = 0
+    for key, label, color, ls in styles:
+        pts = [(x, d[key]) for x, d in zip(xs, layers) if d[key] is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", color=color, linestyle=ls, label=label)
+            drawn += 1
+    if drawn == 0:
+        _note(ax, result["not_applicable"].get("R", "no coding rates"))
+    else:
+        ax.set_xlabel("layer")
+        ax.set_ylabel("nats")
+        ax.set_xticks(xs)
+        ax.axhline(0, color="grey", linewidth=0.5)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+        ax.grid(True, alpha=0.3)
+    n = layers[0]["n_tokens"] if layers else 0
+    sub = f"ε = {result['eps']}, n = {n} tokens per layer"
+    if "Rc" in result["not_applicable"]:
+        sub += f"; R^c, ΔR: {result['not_applicable']['Rc']}"
+    ax.set_title(f"MCR² coding rates by layer — {_title(result)}\n{sub}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(result, out_dir):
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(result, out / "heads.json")
+    plot_head_spectra(result, out / "head_spectra.png")
+    plot_distance_vs_centroid(result, out / "distance_vs_centroid.png")
+    plot_coding_rate(result, out / "coding_rate.png")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Command line.
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="Per-head and per-layer analysis of a prism-nano checkpoint on held-out text: "
+                    "attention distance and entropy, rotary spectra, signal/noise regimes and "
+                    "their bimodality, MCR² coding rates. Writes heads.json and three figures.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by train.py")
+    p.add_argument("--data_dir", default="data/tinystories",
+                   help="folder with <split>.bin (uint16 tokens, as prepared for training)")
+    p.add_argument("--split", default="val", help="which <split>.bin of data_dir to read")
+    p.add_argument("--out_dir", default="out/analysis", help="where heads.json and figures go")
+    p.add_argument("--num_batches", type=int, default=10, help="batches to analyse")
+    p.add_argument("--batch_size", type=int, default=4, help="windows per batch")
+    p.add_argument("--block_size", type=int, default=0,
+                   help="tokens per window; 0 = the model's block_size")
+    p.add_argument("--eps", type=float, default=0.5, help="precision ε of the coding rates")
+    p.add_argument("--max_tokens", type=int, default=4096,
+                   help="tokens pooled per layer for the coding rates (spread over the batches)")
+    p.add_argument("--seed", type=int, default=1337, help="seed for choosing the pooled tokens")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto")
+    p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def check_args(args):
+    for name in ("num_batches", "batch_size", "max_tokens"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be >= 1 (got {getattr(args, name)})")
+    if args.block_size < 0:
+        raise UsageError(f"--block_size must be >= 0 (got {args.block_size})")
+    if not args.eps > 0:
+        raise UsageError(f"--eps must be > 0 (got {args.eps})")
+
+
+def run(args):
+    check_args(args)
+    if not Path(args.ckpt).is_file():
+        raise UsageError(f"no checkpoint at {args.ckpt}")
+    if not (Path(args.data_dir) / f"{args.split}.bin").is_file():
+        raise UsageError(f"no {args.split}.bin in {args.data_dir}")
+    device = pick_device(args.device)
+    model = load_checkpoint_model(args.ckpt, device)
+    block = args.block_size or model.config.block_size
+    if block > model.config.block_size:
+        raise UsageError(f"--block_size={block} is longer than the model's block_size "
+                         f"{model.config.block_size}")
+    if block < 2:
+        raise UsageError("--block_size must be >= 2")
+    data = open_tokens(args.data_dir, args.split, block, model.config.vocab_size)
+    batches = evenly_spaced_batches(data, args.batch_size, block, args.num_batches, device)
+    result = analyze_model(model, batches, eps=args.eps, max_tokens=args.max_tokens,
+                           num_batches=args.num_batches, seed=args.seed,
+                           progress=not args.no_progress)
+    result["data"] = dict(ckpt=str(args.ckpt), data_dir=str(args.data_dir), split=args.split,
+                          num_batches=args.num_batches, batch_size=args.batch_size,
+                          block_size=block, seed=args.seed)
+    out = write_outputs(result, args.out_dir)
+    b = result["bimodality"]
+    print(f"{len(result['heads'])} heads in {len(result['layers'])} layers; bimodality "
+          + (f"{b:.3f}" if b is not None else "n/a")
+          + (f", regime = group for {100 * result['regime_agreement']:.0f}% of heads"
+             if result["regime_agreement"] is not None else "")
+          + f"; wrote {out / 'heads.json'} and 3 figures")
+    return 0
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""
+Sample stories from a trained checkpoint, streaming the text as the tokens come.
+
+Examples:
+    python sample.py --ckpt=out/ckpt.pt --prompt="Once upon a time" --num_samples=3 \\
+        --max_new_tokens=200 --temperature=0.8 --top_k=200 --seed=1337
+    python sample.py --ckpt=out/ckpt.pt --prompt=FILE:prompt.txt --top_p=0.9
+    python sample.py --ckpt=out/ckpt.pt --prompt_file=prompt.txt --temperature=0   # greedy
+    python sample.py --ckpt=out/ckpt.pt --keep_going   # do not stop at <|endoftext|>
+
+Each sample is printed as its prompt followed by the generated text, and ends at the first
+end-of-text token (which is not printed) unless --keep_going is given; samples are separated by a
+line of dashes. Errors (missing or corrupt checkpoint, empty prompt, ...) are one line
+`error: ...` on stderr with exit status 1.
+
+Tokens are turned into text and back in one place, `load_tokenizer` (analyze_heads.py uses it
+too): GPT-2 BPE through tiktoken, or whatever a data folder's meta.json describes.
+"""
+
+import argparse
+import codecs
+import contextlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+EOT_TEXT = "<|endoftext|>"
+
+
+class UsageError(Exception):
+    """A problem with the user's input, reported as one `error: ...` line."""
+
+
+# -----------------------------------------------------------------------------
+# Tokens <-> text, in one place.
+
+
+@dataclass
+class Tokenizer:
+    encode: Callable[[str], list]     # text -> model token ids
+    decode_bytes: Callable[[list], bytes]  # model token ids -> UTF-8 bytes (may split a character)
+    eot: int                          # the end-of-text token id, in model ids
+    name: str
+
+    def decode(self, ids):
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+
+def _offline_tiktoken_cache():
+    """Use the project's pre-filled GPT-2 BPE cache (../shared/tiktoken) when nothing else is set,
+    so the scripts work on machines that cannot download tiktoken's files."""
+    shared = Path(__file__).resolve().parent.parent / "shared" / "tiktoken"
+    if "TIKTOKEN_CACHE_DIR" not in os.environ and shared.is_dir():
+        os.environ["TIKTOKEN_CACHE_DIR"] = str(shared)
+
+
+def load_tokenizer(meta_path=None):
+    """The tokenizer a model was trained with. `meta_path` is a data folder's meta.json (None:
+    plain GPT-2 BPE). Every conversion between text and model token ids goes through here, so a
+    vocabulary remapping (e.g. compact ids <-> GPT-2 ids listed in meta.json) is added here only."""
+    meta = {}
+    if meta_path is not None:
+        try:
+            meta = json.loads(Path(meta_path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UsageError(f"no meta.json at {meta_path}") from None
+        except (OSError, ValueError) as e:
+            raise UsageError(f"{meta_path} is not readable JSON ({e})") from None
+    name = meta.get("tokenizer", "gpt2")
+    if name != "gpt2":
+        raise UsageError(f"{meta_path}: unsupported tokenizer {name!r} (only 'gpt2')")
+    _offline_tiktoken_cache()
+    import tiktoken  # noqa: PLC0415 — imported late so --help works without its files
+
+    enc = tiktoken.get_encoding("gpt2")
+    eot = int(meta.get("eot_token", enc.eot_token))
+    return Tokenizer(
+        encode=lambda s: enc.encode(s, allowed_special={EOT_TEXT}),
+        decode_bytes=lambda ids: enc.decode_bytes([int(i) for i in ids]),
+        eot=eot,
+        name=name,
+    )
+
+
+# -----------------------------------------------------------------------------
+# Sampling.
+
+
+def read_prompt(prompt, prompt_file=None):
+    """The prompt text: --prompt_file, or --prompt (FILE:path reads a file). Empty is an error."""
+    if prompt_file is not None and prompt.startswith("FILE:"):
+        raise UsageError("give either --prompt=FILE:... or --prompt_file, not both")
+    path = prompt_file if prompt_file is not None else (
+        prompt[len("FILE:"):] if prompt.startswith("FILE:") else None)
+    if path is not None:
+        try:
+            prompt = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UsageError(f"no prompt file at {path}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read prompt file {path} ({e})") from None
+        if prompt.endswith("\n") and not prompt.endswith("\n\n"):
+            prompt = prompt[:-1]  # the newline an editor adds at the end of a file
+    if prompt.strip() == "":
+        raise UsageError("the prompt is empty" + (f" (file {path})" if path else ""))
+    return prompt
+
+
+def stream_sample(model, prompt_ids, tokenizer, max_new_tokens, temperature=1.0, top_k=None,
+                  top_p=None, keep_going=False, write=None, device="cpu"):
+    """Generate one sample after `prompt_ids`, writing its text through `write` as the tokens
+    come. Stops at the end-of-text token (not written) unless keep_going. Returns the new ids."""
+    write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    # BPE tokens can end in the middle of a UTF-8 character: decode bytes incrementally.
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    new = []
+    for token in model.generate_stream(idx, max_new_tokens, temperature=temperature,
+                                       top_k=top_k, top_p=top_p):
+        t = int(token[0, 0])
+        if t == tokenizer.eot and not keep_going:
+            break
+        new.append(t)
+        text = utf8.decode(tokenizer.decode_bytes([t]))
+        if text:
+            write(text)
+    tail = utf8.decode(b"", final=True)
+    if tail:
+        write(tail)
+    return new
+
+
+def pick_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device={name} but this machine has no CUDA device")
+    return name
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="Sample text from a prism-nano checkpoint, streamed as it is generated.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by train.py")
+    p.add_argument("--prompt", default="Once upon a time",
+                   help="text to continue; FILE:path reads it from a file (one trailing newline "
+                        "of a file is dropped)")
+    p.add_argument("--prompt_file", default=None,
+                   help="read the prompt from this file instead (same as --prompt=FILE:path)")
+    p.add_argument("--num_samples", type=int, default=3, help="how many samples to draw")
+    p.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate per sample")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="softmax temperature; 0 picks the most likely token (greedy)")
+    p.add_argument("--top_k", type=int, default=200,
+                   help="sample among the k most likely tokens only; 0 = no limit")
+    p.add_argument("--top_p", type=float, default=1.0,
+                   help="nucleus sampling: the smallest set of tokens whose probability reaches p; "
+                        "1.0 = off")
+    p.add_argument("--seed", type=int, default=1337, help="random seed (same seed, same samples)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute precision on CUDA (autocast); auto = bfloat16 where supported. "
+                        "CPU always runs float32")
+    p.add_argument("--keep_going", action="store_true",
+                   help="do not stop a sample at the end-of-text token")
+    p.add_argument("--meta", default=None,
+                   help="a data folder's meta.json describing the tokenizer (default: GPT-2 BPE)")
+    return p
+
+
+def check_args(args):
+    if args.num_samples < 1:
+        raise UsageError(f"--num_samples must be >= 1 (got {args.num_samples})")
+    if args.max_new_tokens < 0:
+        raise UsageError(f"--max_new_tokens must be >= 0 (got {args.max_new_tokens})")
+    if args.temperature < 0:
+        raise UsageError(f"--temperature must be >= 0 (got {args.temperature})")
+    if args.top_k < 0:
+        raise UsageError(f"--top_k must be >= 0 (got {args.top_k})")
+    if not 0 < args.top_p <= 1:
+        raise UsageError(f"--top_p must be in (0, 1] (got {args.top_p})")
+
+
+def load_checkpoint_model(path, device):
+    """model.load_model with its failures turned into one-line errors."""
+    from model import load_model  # noqa: PLC0415
+
+    if not Path(path).is_file():
+        raise UsageError(f"no checkpoint at {path}")
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # building a model prints its size
+            return load_model(path, device)
+    except (FileNotFoundError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"cannot load checkpoint {path}: {msg}") from None
+
+
+def run(args, out=None):
+    out = out or sys.stdout
+    check_args(args)
+    prompt = read_prompt(args.prompt, args.prompt_file)
+    if not Path(args.ckpt).is_file():
+        raise UsageError(f"no checkpoint at {args.ckpt}")
+    device = pick_device(args.device)
+    tokenizer = load_tokenizer(args.meta)
+    prompt_ids = tokenizer.encode(prompt)
+    model = load_checkpoint_model(args.ckpt, device)
+    vocab = model.config.vocab_size
+    bad = [t for t in prompt_ids if t >= vocab]
+    if bad:
+        raise UsageError(f"the prompt has token {bad[0]} outside the model's vocabulary of {vocab} "
+                         "(a different tokenizer? pass its --meta)")
+    torch.manual_seed(args.seed)
+    if device.startswith("cuda"):
+        torch.cuda.manual_seed(args.seed)
+        dtype = args.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        ctx = torch.autocast("cuda", dtype=getattr(torch, dtype), enabled=dtype != "float32")
+    else:
+        ctx = torch.autocast("cpu", enabled=False)
+
+    def write(s):
+        out.write(s)
+        out.flush()
+
+    with ctx:
+        for i in range(args.num_samples):
+            write(prompt)
+            stream_sample(model, prompt_ids, tokenizer, args.max_new_tokens,
+                          temperature=args.temperature, top_k=args.top_k or None,
+                          top_p=args.top_p if args.top_p < 1 else None,
+                          keep_going=args.keep_going, write=write, device=device)
+            write("\n---------------\n")
+    return 0
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nerror: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""sample.py: end to end on a tiny checkpoint, stopping at end-of-text, streaming decode of
+multi-byte characters, and one clear error for each bad input."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sample
+from model import build_model, checkpoint_payload
+
+REPO = sample.Path(sample.__file__).resolve().parent
+TINY = dict(vocab_size=50257, block_size=32, n_layer=1, n_embd=32, n_head=2, head_dim=16)
+EOT = 50256
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return sample.load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "ckpt.pt"
+    torch.save(checkpoint_payload(build_model("prism", **TINY)), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def eot_ckpt(tmp_path_factory):
+    """A model that always predicts end-of-text: the final norm outputs a constant vector (zero
+    gain, a bias) that only the end-of-text embedding (tied to the output) points along."""
+    torch.manual_seed(0)
+    model = build_model("prism", **TINY, bias=True)
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.zero_()
+        model.transformer.ln_f.bias[0] = 1.0
+        model.transformer.wte.weight[EOT, 0] = 100.0
+    path = tmp_path_factory.mktemp("ckpt") / "eot.pt"
+    torch.save(checkpoint_payload(model), path)
+    return path
+
+
+def run_main(capsys, *argv):
+    rc = sample.main([*argv, "--device=cpu"])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_end_to_end(ckpt, capsys):
+    args = [f"--ckpt={ckpt}", "--prompt=Once upon a time", "--num_samples=2",
+            "--max_new_tokens=8", "--temperature=0.8", "--top_k=200", "--top_p=0.95", "--seed=7"]
+    rc, out, err = run_main(capsys, *args)
+    assert rc == 0, err
+    samples = out.split("\n---------------\n")
+    assert len(samples) == 3 and samples[-1] == ""
+    assert all(s.startswith("Once upon a time") and len(s) > len("Once upon a time")
+               for s in samples[:2])
+    assert "parameters" not in out   # the model's size line goes to stderr, not into the samples
+    assert run_main(capsys, *args)[1] == out   # same seed, same samples
+    assert run_main(capsys, *args[:-1], "--seed=8")[1] != out
+
+
+def test_greedy_is_deterministic(ckpt, capsys):
+    a = run_main(capsys, f"--ckpt={ckpt}", "--temperature=0", "--num_samples=2",
+                 "--max_new_tokens=5", "--seed=1")[1]
+    samples = a.split("\n---------------\n")
+    assert samples[0] == samples[1]
+
+
+def test_stops_at_end_of_text_unless_keep_going(eot_ckpt, capsys):
+    rc, out, _ = run_main(capsys, f"--ckpt={eot_ckpt}", "--prompt=Hi", "--num_samples=1",
+                          "--max_new_tokens=5")
+    assert rc == 0 and out == "Hi\n---------------\n"
+    rc, out, _ = run_main(capsys, f"--ckpt={eot_ckpt}", "--prompt=Hi", "--num_samples=1",
+                          "--max_new_tokens=3", "--keep_going")
+    assert rc == 0 and out == "Hi" + "<|endoftext|>" * 3 + "\n---------------\n"
+
+
+class StubModel:
+    """Yields a fixed list of tokens, like LanguageModel.generate_stream."""
+
+    def __init__(self, tokens):
+        self.tokens = tokens
+
+    def generate_stream(self, idx, max_new_tokens, **kw):
+        for t in self.tokens[:max_new_tokens]:
+            yield torch.tensor([[t]])
+
+
+def test_stream_sample_stops_and_streams(tokenizer):
+    a, b, c = tokenizer.encode(" the cat sat")
+    written = []
+    new = sample.stream_sample(StubModel([a, b, EOT, c]), [1], tokenizer, 10,
+                               write=written.append)
+    assert new == [a, b] and written == [" the", " cat"]   # one write per token, as they come
+    written = []
+    new = sample.stream_sample(StubModel([a, b, EOT, c]), [1], tokenizer, 10, keep_going=True,
+                               write=written.append)
+    assert new == [a, b, EOT, c] and "".join(written) == " the cat<|endoftext|> sat"
+
+
+def test_multibyte_characters_split_across_tokens(tokenizer):
+    ids = tokenizer.encode(" 🦖é")
+    def whole(t):
+        try:
+            tokenizer.decode_bytes([t]).decode("utf-8")
+            return True
+        except UnicodeDecodeError:
+            return False
+
+    assert not all(whole(t) for t in ids)   # some token holds part of a character
+    written = []
+    sample.stream_sample(StubModel(ids), [1], tokenizer, 10, write=written.append)
+    assert "".join(written) == " 🦖é"
+
+
+def test_prompt_from_file(ckpt, tmp_path, capsys):
+    f = tmp_path / "prompt.txt"
+    f.write_text("Lily and Tom\n", encoding="utf-8")
+    for arg in (f"--prompt=FILE:{f}", f"--prompt_file={f}"):
+        rc, out, _ = run_main(capsys, f"--ckpt={ckpt}", arg, "--num_samples=1",
+                              "--max_new_tokens=2")
+        assert rc == 0 and out.startswith("Lily and Tom") and not out.startswith("Lily and Tom\n")
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "not_a_checkpoint", "empty_prompt",
+                                  "blank_prompt", "empty_file", "missing_file", "bad_top_p",
+                                  "bad_samples"])
+def test_bad_inputs(case, ckpt, tmp_path, capsys):
+    args = {"ckpt": str(ckpt), "prompt": "Once"}
+    extra = []
+    if case == "missing":
+        args["ckpt"] = str(tmp_path / "nope.pt")
+    elif case == "corrupt":
+        bad = tmp_path / "bad.pt"
+        bad.write_bytes(ckpt.read_bytes()[:500])   # truncated
+        args["ckpt"] = str(bad)
+    elif case == "not_a_checkpoint":
+        bad = tmp_path / "other.pt"
+        torch.save({"weights": torch.zeros(2)}, bad)
+        args["ckpt"] = str(bad)
+    elif case == "empty_prompt":
+        args["prompt"] = ""
+    elif case == "blank_prompt":
+        args["prompt"] = "  \n "
+    elif case == "empty_file":
+        (tmp_path / "p.txt").write_text("")
+        args["prompt"] = f"FILE:{tmp_path / 'p.txt'}"
+    elif case == "missing_file":
+        args["prompt"] = f"FILE:{tmp_path / 'none.txt'}"
+    elif case == "bad_top_p":
+        extra = ["--top_p=0"]
+    elif case == "bad_samples":
+        extra = ["--num_samples=0"]
+    rc, out, err = run_main(capsys, f"--ckpt={args['ckpt']}", f"--prompt={args['prompt']}",
+                            "--max_new_tokens=2", *extra)
+    assert rc == 1 and out == ""
+    lines = err.splitlines()
+    assert lines[-1].startswith("error: ") and sum("error" in x.lower() for x in lines) == 1, err
+
+
+def test_command_line(ckpt):
+    """The script as a user runs it: the samples on stdout, exit status 0."""
+    ok = subprocess.run([sys.executable, "sample.py", f"--ckpt={ckpt}", "--num_samples=1",
+                         "--max_new_tokens=3", "--device=cpu"], cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith("Once upon a time") and ok.stdout.endswith("---------------\n")
