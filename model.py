@@ -304,12 +304,21 @@ class LanguageModel(nn.Module):
                              f"block_size = {self.config.block_size}")
 
     def _head(self, x, targets):
-        logits = self.lm_head(x)[..., : self.config.vocab_size]  # drop the padding rows
+        logits = self.lm_head(x)  # (B, T, padded vocab)
+        vocab = self.config.vocab_size
         loss = None
         if targets is not None:
+            if logits.size(-1) > vocab:
+                # The padding rows take no part in the softmax: -inf there is exactly the loss
+                # over the first vocab_size columns, and their gradient is exactly 0 either way
+                # (softmax weight e^-inf = 0), so the fill needs no autograd record. Cross-entropy
+                # on the contiguous padded logits avoids copying the whole (B·T, vocab) tensor,
+                # which the sliced view cost forward (log_softmax) and backward (SliceBackward).
+                with torch.no_grad():
+                    logits[..., vocab:] = float("-inf")
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=-1)
-        return logits, loss
+        return logits[..., :vocab], loss  # drop the padding rows
 
     def rope_frequencies(self, layer=0):
         """(n_head, head_dim // 2) angular frequencies of a layer's heads, or None for a model
