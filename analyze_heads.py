@@ -13,7 +13,8 @@ Writes to out_dir:
     head_spectra.png          per layer, heads × rotary frequency, the energy share E(i)/Σ E,
                               the designed groups marked at the left, each head's centroid marked;
     distance_vs_centroid.png  one point per head: spectral centroid vs mean attention distance,
-                              coloured by designed group, the 2-means threshold drawn;
+                              coloured by designed group, the 2-means threshold drawn (right
+                              panel: the same against centroid_in_band);
     coding_rate.png           R, R^c and ΔR by layer.
 
 Definitions (all on `num_batches` × `batch_size` windows of `block_size` tokens taken at evenly
@@ -35,6 +36,11 @@ queries, columns j <= i = keys):
                      Σ_high (x − m_high)². bimodality = (m_high − m_low) / s with
                      s = sqrt(W / n), the pooled within-cluster standard deviation (n heads).
                      0 when all x are equal; null (with a reason) when s = 0 < gap or n < 2.
+                     Even one mode scores > 0 (2-means always splits): n normal values score
+                     ≈ 2.65 for large n, uniform ones ≈ 3.46. heads.json's bimodality_null gives
+                     the median and 95th percentile for normal values of the same n; compare
+                     with that, and with the same model at initialisation (at init the ×π offset
+                     of the noise band alone makes the centroids bimodal: see centroid_in_band).
   regime             "signal" for a head in the low-frequency cluster, "noise" in the high one.
   bimodality_in_band the same on ln(centroid_in_band) (its own clusters, not used for regime).
   R, Rc, dR          per layer, on the layer's normalised input tokens Z (pooled over the batches:
@@ -104,6 +110,17 @@ def spectral_centroid(energy, freqs):
     return torch.exp((energy * logf).sum(-1) / total)  # 0/0 -> NaN
 
 
+def _within_ss_by_cut(xs):
+    """xs (m, n) rows sorted ascending -> (m, n − 1): the within-cluster sum of squares W of each
+    row when cut into xs[:, :c] and xs[:, c:], for c = 1 … n − 1 (prefix sums)."""
+    xs = xs - xs.mean(axis=1, keepdims=True)
+    n = xs.shape[1]
+    c = np.arange(1, n)
+    s1, s2 = np.cumsum(xs, axis=1)[:, :-1], np.cumsum(xs**2, axis=1)[:, :-1]
+    t1, t2 = xs.sum(axis=1, keepdims=True), (xs**2).sum(axis=1, keepdims=True)
+    return (s2 - s1**2 / c) + ((t2 - s2) - (t1 - s1) ** 2 / (n - c))
+
+
 def two_means_1d(x):
     """Exact 1-D 2-means. x (n,) -> (labels (n,) 0 = low cluster, 1 = high, detail dict). The best
     split of sorted values is contiguous, so every cut is tried; ties go to the first cut."""
@@ -111,18 +128,31 @@ def two_means_1d(x):
     order = np.argsort(x, kind="stable")
     xs = x[order]
     n = len(xs)
-    best = None
-    for cut in range(1, n):
-        lo, hi = xs[:cut], xs[cut:]
-        w = ((lo - lo.mean()) ** 2).sum() + ((hi - hi.mean()) ** 2).sum()
-        if best is None or w < best[0] - 1e-12 * max(1.0, abs(best[0])):
-            best = (w, cut)
-    w, cut = best
+    cut = int(np.argmin(_within_ss_by_cut(xs[None])[0])) + 1
+    lo, hi = xs[:cut], xs[cut:]
+    w = ((lo - lo.mean()) ** 2).sum() + ((hi - hi.mean()) ** 2).sum()
     labels = np.zeros(n, dtype=int)
     labels[order[cut:]] = 1
-    return labels, dict(within_ss=float(w), low_mean=float(xs[:cut].mean()),
-                        high_mean=float(xs[cut:].mean()), n_low=int(cut), n_high=int(n - cut),
-                        low_max=float(xs[cut - 1]), high_min=float(xs[cut]))
+    return labels, dict(within_ss=float(w), low_mean=float(lo.mean()), high_mean=float(hi.mean()),
+                        n_low=int(cut), n_high=int(n - cut), low_max=float(lo[-1]),
+                        high_min=float(hi[0]))
+
+
+def bimodality_null(n, draws=2000, seed=0):
+    """What `bimodality` gives for n values with no two modes at all (iid standard normal; the
+    score does not depend on location or scale): median and 95th percentile over `draws` samples.
+    For large n it tends to 2·sqrt(2/π) / sqrt(1 − 2/π) ≈ 2.65; a uniform spread gives ≈ 3.46."""
+    if n < 3:
+        return None
+    xs = np.sort(np.random.default_rng(seed).standard_normal((draws, n)), axis=1)
+    w = _within_ss_by_cut(xs)
+    cut = w.argmin(axis=1) + 1
+    csum = np.cumsum(xs, axis=1)
+    low = csum[np.arange(draws), cut - 1] / cut
+    high = (csum[:, -1] - csum[np.arange(draws), cut - 1]) / (n - cut)
+    score = (high - low) / np.sqrt(w.min(axis=1) / n)
+    return dict(what=f"bimodality of {n} iid normal values (one mode)", draws=draws, seed=seed,
+                median=float(np.median(score)), p95=float(np.percentile(score, 95)))
 
 
 def bimodality(x):
@@ -289,6 +319,7 @@ def analyze_model(model, batches, eps=0.5, max_tokens=4096, num_batches=None, se
         max_tokens=max_tokens,
         bimodality=None,
         bimodality_detail=None,
+        bimodality_null=None,
         bimodality_in_band=None,
         bimodality_in_band_detail=None,
         regime_agreement=None,
@@ -312,6 +343,7 @@ def _add_regimes(result, not_applicable):
             "regime_some_heads", f"{len(heads) - len(with_c)} heads have no q/k energy: no centroid")
     score, labels, detail = bimodality([math.log(h["spectral_centroid"]) for h in with_c])
     result["bimodality"], result["bimodality_detail"] = score, detail
+    result["bimodality_null"] = bimodality_null(len(with_c))
     if score is None and "reason" in detail:
         not_applicable["bimodality"] = detail["reason"]
     if labels is not None:
@@ -358,6 +390,7 @@ DEFINITIONS = {
                   "(m_high - m_low) / sqrt(W / n), W = within-cluster sum of squares",
     "regime": "signal = head in the low-frequency 2-means cluster, noise = in the high one",
     "regime_agreement": "fraction of heads whose regime equals their designed group",
+    "bimodality_null": "median / 95th percentile of the score for as many iid normal values",
     "bimodality_in_band": "the same score on ln(centroid_in_band)",
     "R": "1/2 logdet(I + d/(n eps^2) Z^T Z) of the layer's normalised input tokens, nats",
     "Rc": "sum_k 1/2 logdet(I + p/(n eps^2) (Z U_k)^T (Z U_k)) with the dictionary as held",
@@ -408,7 +441,8 @@ def open_tokens(data_dir, split, block_size, vocab_size):
 
 def write_json(result, path):
     """heads.json. Top level: arch, model_config, data, val_loss, tokens_analyzed, eps, max_tokens,
-    bimodality (+ _detail), bimodality_in_band (+ _detail), regime_agreement, summary,
+    bimodality (+ _detail), bimodality_null, bimodality_in_band (+ _detail), regime_agreement,
+    summary,
     not_applicable {field: reason}, definitions {field: text}, layers [{layer, R, Rc, dR, Rc_orth,
     dR_orth, n_tokens}], heads [{layer, head, group, mean_distance, entropy, spectral_centroid,
     centroid_wavelength, centroid_in_band, regime, spectrum [E(i)], frequencies [ω_i]}]."""
@@ -509,58 +543,88 @@ def plot_head_spectra(result, path):
             ax.set_ylabel("head")
         if l // ncols == nrows - 1:
             ax.set_xlabel("rotary frequency ω (rad/token)")
+    bar = ("designed group (blue signal, red noise)" if any(h["group"] for h in heads)
+           else "grey, no designed groups")
     fig.suptitle(f"head spectra: energy share E(i)/ΣE per rotary pair — {_title(result)}\n"
-                 "left bar: designed group (blue signal, red noise); white tick: spectral centroid",
-                 fontsize=10)
+                 f"left bar: {bar}; white tick: spectral centroid", fontsize=10)
     fig.colorbar(mesh, ax=axes.ravel().tolist(), label="energy share", shrink=0.9,
                  fraction=0.03, pad=0.02)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def plot_distance_vs_centroid(result, path):
-    plt = _plt()
-    heads = result["heads"]
-    fig, ax = plt.subplots(figsize=(7, 5))
-    has_c = any(h["spectral_centroid"] for h in heads)
+def _scatter_heads(ax, heads, xkey):
+    """Mean distance against heads' `xkey` (None: spread by layer), coloured by designed group."""
     for group in ("signal", "noise", None):
         hs = [h for h in heads if h["group"] == group and h["mean_distance"] is not None
-              and (h["spectral_centroid"] or not has_c)]
+              and (xkey is None or h[xkey])]
         if not hs:
             continue
-        if has_c:
-            xs = [h["spectral_centroid"] for h in hs]
+        if xkey is None:
+            n_heads = max(h["head"] for h in hs) + 1
+            xs = [h["layer"] + 0.8 * (h["head"] + 0.5) / n_heads - 0.4 for h in hs]
         else:
-            xs = [h["layer"] + (h["head"] + 0.5) / (2 * max(1, len(hs))) for h in hs]
+            xs = [h[xkey] for h in hs]
         ys = [max(h["mean_distance"], 1e-2) for h in hs]
         label = f"{group} heads" if group else "heads (no designed groups)"
         ax.scatter(xs, ys, s=28, alpha=0.8, color=GROUP_COLORS[group], label=label,
                    edgecolor="black", linewidth=0.4)
-        if len(hs) <= 64:
+        if len(heads) <= 160:
             for x, y, h in zip(xs, ys, hs):
                 ax.annotate(str(h["layer"]), (x, y), fontsize=6, xytext=(3, 2),
                             textcoords="offset points")
     dists = [h["mean_distance"] for h in heads if h["mean_distance"] is not None]
     if dists and max(dists) > 20 * max(min(dists), 1e-2):
         ax.set_yscale("log")  # distances spanning orders of magnitude
-    ax.set_ylabel("mean attention distance (tokens)")
-    if has_c:
-        ax.set_xscale("log")
-        ax.set_xlabel("spectral centroid ω̄ (rad/token)")
-        detail = result.get("bimodality_detail") or {}
-        if "threshold_frequency" in detail:
-            ax.axvline(detail["threshold_frequency"], color="grey", linestyle="--", linewidth=1,
-                       label="2-means threshold")
-        b = result.get("bimodality")
-        sub = (f"bimodality {b:.2f}" if b is not None else "bimodality n/a")
-        if result.get("regime_agreement") is not None:
-            sub += f", regime = group for {100 * result['regime_agreement']:.0f}% of heads"
     else:
-        ax.set_xlabel("layer (no rotary heads: spectral centroid does not apply)")
-        sub = result["not_applicable"].get("spectral_centroid", "")
-    ax.set_title(f"distance vs centroid — {_title(result)}\n{sub} (numbers: layer)", fontsize=10)
-    ax.legend(fontsize=8)
+        ax.ticklabel_format(axis="y", useOffset=False)
+    if xkey is None:
+        ax.set_xticks(sorted({h["layer"] for h in heads}))
     ax.grid(True, which="major", alpha=0.3)
+
+
+def plot_distance_vs_centroid(result, path):
+    """Left: against the spectral centroid (what `bimodality` and `regime` use). Right: against
+    centroid_in_band, the same with the designed ×rope_ratio offset of the noise band removed."""
+    plt = _plt()
+    heads = result["heads"]
+    has_c = any(h["spectral_centroid"] for h in heads)
+    if not has_c:
+        fig, ax = plt.subplots(figsize=(7, 5))
+        _scatter_heads(ax, heads, None)
+        ax.set_xlabel("layer (no rotary heads: spectral centroid does not apply)")
+        ax.set_ylabel("mean attention distance (tokens)")
+        ax.set_title(f"attention distance by layer — {_title(result)}\n"
+                     + result["not_applicable"].get("spectral_centroid", ""), fontsize=10)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
+    panels = [("spectral_centroid", "bimodality", "spectral centroid ω̄ (rad/token)"),
+              ("centroid_in_band", "bimodality_in_band",
+               "centroid in band ω̄ / ω₀ (band offset removed)")]
+    for ax, (xkey, bkey, xlabel) in zip(axes, panels):
+        _scatter_heads(ax, heads, xkey)
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        detail = result.get(f"{bkey}_detail") or {}
+        if "threshold" in detail:
+            ax.axvline(math.exp(detail["threshold"]), color="grey", linestyle="--", linewidth=1,
+                       label="2-means threshold")
+        b = result.get(bkey)
+        sub = f"{bkey.replace('_', ' ')} " + (f"{b:.2f}" if b is not None else "n/a")
+        null = result.get("bimodality_null")
+        if null and b is not None:
+            sub += f" (one mode: {null['median']:.2f}, 95% < {null['p95']:.2f})"
+        if xkey == "spectral_centroid" and result.get("regime_agreement") is not None:
+            sub += f"; regime = group for {100 * result['regime_agreement']:.0f}% of heads"
+        ax.set_title(sub, fontsize=10)
+    axes[0].set_ylabel("mean attention distance (tokens)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"attention distance vs spectral centroid, one point per head (number: layer)"
+                 f" — {_title(result)}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -571,10 +635,10 @@ def plot_coding_rate(result, path):
     layers = result["layers"]
     fig, ax = plt.subplots(figsize=(8.5, 4.5))
     xs = [d["layer"] for d in layers]
-    styles = [("R", "R(Z)", "black", "-"), ("Rc", "R^c(Z; U)", "#1f77b4", "-"),
-              ("dR", "ΔR = R − R^c", "#2ca02c", "-"),
-              ("Rc_orth", "R^c, orthonormalised U", "#1f77b4", "--"),
-              ("dR_orth", "ΔR, orthonormalised U", "#2ca02c", "--")]
+    styles = [("R", "$R(Z)$", "black", "-"), ("Rc", "$R^c(Z; U)$", "#1f77b4", "-"),
+              ("dR", "$\\Delta R = R - R^c$", "#2ca02c", "-"),
+              ("Rc_orth", "$R^c$, orthonormalised $U$", "#1f77b4", "--"),
+              ("dR_orth", "$\\Delta R$, orthonormalised $U$", "#2ca02c", "--")]
     drawn = 0
     for key, label, color, ls in styles:
         pts = [(x, d[key]) for x, d in zip(xs, layers) if d[key] is not None]
@@ -671,9 +735,11 @@ def run(args):
                           num_batches=args.num_batches, batch_size=args.batch_size,
                           block_size=block, seed=args.seed)
     out = write_outputs(result, args.out_dir)
-    b = result["bimodality"]
+    b, null = result["bimodality"], result["bimodality_null"]
     print(f"{len(result['heads'])} heads in {len(result['layers'])} layers; bimodality "
           + (f"{b:.3f}" if b is not None else "n/a")
+          + (f" (one mode would give {null['median']:.2f}, 95% below {null['p95']:.2f})"
+             if null and b is not None else "")
           + (f", regime = group for {100 * result['regime_agreement']:.0f}% of heads"
              if result["regime_agreement"] is not None else "")
           + f"; wrote {out / 'heads.json'} and 3 figures")

@@ -170,7 +170,7 @@ def build_parser():
     p.add_argument("--keep_going", action="store_true",
                    help="do not stop a sample at the end-of-text token")
     p.add_argument("--meta", default=None,
-                   help="a data folder's meta.json describing the tokenizer (default: GPT-2 BPE)")
+                   help="a data folder's meta.json describing the tokenizer (none: GPT-2 BPE)")
     return p
 
 

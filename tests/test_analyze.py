@@ -91,6 +91,18 @@ def test_bimodality_definition():
     # the exact 2-means picks the cut with the least within-cluster sum of squares
     _, labels, _ = ah.bimodality([0, 1, 2, 10, 30])
     assert list(labels) == [0, 0, 0, 0, 1]
+    x = np.random.default_rng(3).standard_normal(40)
+    xs = np.sort(x)
+    brute = min(range(1, 40), key=lambda c: xs[:c].var() * c + xs[c:].var() * (40 - c))
+    assert ah.two_means_1d(x)[1]["n_low"] == brute
+
+
+def test_bimodality_null_matches_theory():
+    """One normal mode: cluster means ±sqrt(2/π), within std sqrt(1 − 2/π) -> ≈ 2.65."""
+    null = ah.bimodality_null(1000, draws=400)
+    theory = 2 * math.sqrt(2 / math.pi) / math.sqrt(1 - 2 / math.pi)
+    assert null["median"] == pytest.approx(theory, abs=0.05)
+    assert null["p95"] > null["median"]
 
 
 # -- coding rates ---------------------------------------------------------------------------
