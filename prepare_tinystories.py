@@ -47,6 +47,14 @@ $ python prepare_tinystories.py                                   # download V2 
 $ python prepare_tinystories.py --version=v1                      # the original TinyStories files
 $ python prepare_tinystories.py --train_file=my.txt --val_fraction=0.05 --out_dir=data/mine
 $ python prepare_tinystories.py --base_url=http://127.0.0.1:8000  # a local mirror
+$ python prepare_tinystories.py --train_file=../shared/data/tinystories-sample-train.txt \
+      --val_file=../shared/data/tinystories-sample-val.txt --vocab_size=4096 --out_dir=data/sample4k
+
+--vocab_size=K (small experiments): after tokenizing, the K most frequent tokens of train.bin keep
+ids 0..K-1 (most frequent first) and every other token becomes the unknown token K; meta.json then
+says vocab_size = K + 1, eot_token in the new ids, and compact_vocab (the GPT-2 id of each new id,
+the unknown-token counts and coverage). Token counts do not change, so bits per byte compare across
+vocabularies (the merged unknown tokens make it slightly optimistic; coverage says by how much).
 """
 import argparse
 import codecs
@@ -260,11 +268,74 @@ def _tmp_name(path):
     return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
 
 
+# -----------------------------------------------------------------------------
+# compact vocabulary: the K most frequent training tokens, plus one unknown token
+
+
+def count_tokens(path, n_vocab, chunk=1 << 24):
+    """Occurrences of each token id in a .bin file, read in chunks (bounded memory)."""
+    data = np.memmap(path, dtype=token_dtype(n_vocab), mode="r")
+    counts = np.zeros(n_vocab, dtype=np.int64)
+    for i in range(0, len(data), chunk):
+        counts += np.bincount(data[i:i + chunk], minlength=n_vocab)
+    return counts
+
+
+def compact_vocabulary(counts, size, eot):
+    """The GPT-2 ids of the `size` most frequent tokens, most frequent first (ties: lower id);
+    the end-of-text token is always kept, since it delimits stories."""
+    keep = np.argsort(-counts, kind="stable")[:size]
+    if eot not in keep:
+        keep[-1] = eot
+    return keep
+
+
+def remap_file(path, lookup, unknown_id, chunk=1 << 24):
+    """Rewrite a .bin file in place through lookup[GPT-2 id] -> compact id, in chunks; returns
+    how many tokens became the unknown token."""
+    data = np.memmap(path, dtype=lookup.dtype, mode="r+")
+    unknown = 0
+    for i in range(0, len(data), chunk):
+        mapped = lookup[data[i:i + chunk]]
+        data[i:i + chunk] = mapped
+        unknown += int(np.count_nonzero(mapped == unknown_id))
+    data.flush()
+    del data
+    return unknown
+
+
+def apply_compact_vocabulary(meta, bins, size):
+    """Remap the written .bin files (GPT-2 ids) to the `size` most frequent training tokens plus
+    an unknown token (id `size`), and update meta in place: vocab_size = size + 1, eot_token in
+    compact ids, and `compact_vocab` with the mapping and the unknown-token counts. The token
+    count per split does not change (one compact token per GPT-2 token), so bits per byte stay
+    comparable; only the unknown tokens, merged into one, are easier to predict than they were."""
+    n_vocab, eot = meta["vocab_size"], meta["eot_token"]
+    if not 2 <= size < n_vocab:
+        raise PrepareError(f"--vocab_size must be in [2, {n_vocab - 1}], got {size}")
+    keep = compact_vocabulary(count_tokens(bins["train"], n_vocab), size, eot)
+    lookup = np.full(n_vocab, size, dtype=token_dtype(n_vocab))
+    lookup[keep] = np.arange(size)
+    unknown = {split: remap_file(path, lookup, size) for split, path in bins.items()}
+    meta.update(vocab_size=size + 1, eot_token=int(lookup[eot]), dtype=token_dtype(size + 1).name)
+    meta["compact_vocab"] = {
+        "size": size, "unknown_token": size, "gpt2_ids": keep.tolist(),
+        "note": "compact id c < size is GPT-2 id gpt2_ids[c]; every other GPT-2 token became "
+                "unknown_token; chosen by frequency in train.bin",
+        **{f"{split}_unknown": n for split, n in unknown.items()},
+        **{f"{split}_coverage": round(1 - n / max(meta[f"{split}_tokens"], 1), 6)
+           for split, n in unknown.items()},
+    }
+
+
 def tokenize_files(train_file, val_file=None, out_dir="data/tinystories", val_fraction=0.01,
-                   workers=1, batch_chars=BATCH_CHARS, progress=True, sources_extra=None):
+                   workers=1, batch_chars=BATCH_CHARS, progress=True, sources_extra=None,
+                   vocab_size=None):
     """Tokenize the text files into out_dir/{train,val}.bin and write out_dir/meta.json.
 
-    With val_file None, whole stories are split off train_file (story i goes to val iff
+    vocab_size K (optional) keeps the K most frequent training tokens and maps the rest to one
+    unknown token (apply_compact_vocabulary). With val_file None, whole stories are split off
+    train_file (story i goes to val iff
     i % k == 0, k = round(1 / val_fraction)). Returns the meta dict written to meta.json, plus
     input_bytes (text bytes read, for throughput; not in the file). Raises PrepareError on bad
     input; on any failure (KeyboardInterrupt included) no temporary file is left and the outputs
@@ -337,6 +408,9 @@ def tokenize_files(train_file, val_file=None, out_dir="data/tinystories", val_fr
         meta["split"] = None if val_file is not None else {
             "from": "train", "val_fraction": val_fraction, "k": k,
             "rule": "story i (0-based, file order) goes to val iff i % k == 0"}
+        if vocab_size:
+            apply_compact_vocabulary(meta, {"train": tmp["train.bin"], "val": tmp["val.bin"]},
+                                     vocab_size)
         with open(tmp["meta.json"], "w") as f:
             json.dump(meta, f, indent=2)
             f.write("\n")
@@ -525,6 +599,10 @@ def parse_args(argv=None):
     p.add_argument("--val_fraction", type=float, default=0.01,
                    help="with --train_file only: every k-th story, k = round(1/VAL_FRACTION), "
                         "starting with the first, goes to val (default: %(default)s)")
+    p.add_argument("--vocab_size", type=int, default=None,
+                   help="a compact vocabulary for small experiments: keep the K most frequent "
+                        "training tokens, map every other one to a single unknown token (ids "
+                        "0..K; meta.json holds the mapping). Default: the full GPT-2 vocabulary")
     p.add_argument("--workers", type=int, default=default_workers(),
                    help="processes that encode (default: all usable cores, here %(default)s)")
     p.add_argument("--retries", type=int, default=5,
@@ -565,12 +643,16 @@ def run(args):
         val_file = got["val"][0] if "val" in got else val_file
     t0, c0 = time.time(), os.times()
     meta = tokenize_files(train_file, val_file, args.out_dir, args.val_fraction, args.workers,
-                          progress=progress, sources_extra=extra)
+                          progress=progress, sources_extra=extra, vocab_size=args.vocab_size)
     t1, c1 = time.time(), os.times()  # worker processes are joined by now: their CPU counts
     cpu = sum(c1[i] - c0[i] for i in range(4))  # user + system, self + children
     mb, dt = meta["input_bytes"] / 1e6, max(t1 - t0, 1e-9)
     print(f"train: {meta['train_stories']:,} stories, {meta['train_tokens']:,} tokens; "
           f"val: {meta['val_stories']:,} stories, {meta['val_tokens']:,} tokens -> {args.out_dir}")
+    if "compact_vocab" in meta:
+        cv = meta["compact_vocab"]
+        print(f"compact vocabulary of {cv['size']:,} tokens + unknown: covers "
+              f"{100 * cv['train_coverage']:.2f}% of train, {100 * cv['val_coverage']:.2f}% of val")
     print(f"tokenized {mb:.1f} MB of text in {dt:.1f} s: {mb / dt:.2f} MB/s "
           f"(workers={args.workers}; {cpu:.1f} CPU-s, {mb / max(cpu, 1e-9):.2f} MB per CPU-s)")
     return meta

@@ -90,6 +90,38 @@ def test_round_trip_local_files(stories, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)  # no temporaries left
 
 
+def test_compact_vocabulary_maps_and_counts_unknown_tokens(stories, tmp_path):
+    train, val = stories
+    out, K = tmp_path / "out", 500
+    assert run_main(["--train_file", train, "--val_file", val, "--out_dir", out, "--workers", 1,
+                     "--vocab_size", K, "--no_progress"]) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    cv = meta["compact_vocab"]
+    keep = np.array(cv["gpt2_ids"])
+    assert meta["vocab_size"] == K + 1 and cv["unknown_token"] == K and len(set(keep)) == K
+    assert keep[meta["eot_token"]] == 50256
+    _, train_ref, _ = reference(Path(train).read_text(encoding="utf-8"))
+    counts = np.bincount(train_ref, minlength=50257)
+    assert counts[keep].min() >= np.delete(counts, keep).max()  # the K most frequent tokens
+    for split, path in (("train", train), ("val", val)):
+        _, ref_ids, _ = reference(Path(path).read_text(encoding="utf-8"))
+        ids = np.memmap(out / f"{split}.bin", dtype=np.uint16, mode="r")
+        assert len(ids) == meta[f"{split}_tokens"] == len(ref_ids)  # one token per GPT-2 token
+        known = np.isin(ref_ids, keep)
+        assert np.array_equal(keep[ids[known]], ref_ids[known])  # map, then unmap: the same ids
+        assert np.all(ids[~known] == K)
+        assert cv[f"{split}_unknown"] == int((~known).sum()) > 0
+        assert cv[f"{split}_coverage"] == pytest.approx(known.mean(), abs=1e-6)
+
+
+def test_compact_vocabulary_size_is_checked(stories, tmp_path, capsys):
+    train, val = stories
+    assert run_main(["--train_file", train, "--val_file", val, "--out_dir", tmp_path / "o",
+                     "--vocab_size", 60000, "--no_progress"]) == 1
+    assert "--vocab_size must be in [2, 50256]" in error_line(capsys)
+    assert_no_output(tmp_path / "o")
+
+
 def test_split_off_val_every_kth_story(stories, tmp_path):
     train, _ = stories
     out = tmp_path / "out"
