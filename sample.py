@@ -7,6 +7,7 @@ Examples:
     python sample.py --ckpt=out/ckpt.pt --prompt=FILE:prompt.txt --top_p=0.9
     python sample.py --ckpt=out/ckpt.pt --prompt_file=prompt.txt --temperature=0   # greedy
     python sample.py --ckpt=out/ckpt.pt --keep_going   # do not stop at <|endoftext|>
+    python sample.py --ckpt=out/small/ckpt.pt --meta=data/sample4k/meta.json  # compact vocabulary
 
 Each sample is printed as its prompt followed by the generated text, and ends at the first
 end-of-text token (which is not printed) unless --keep_going is given; samples are separated by a
@@ -30,6 +31,8 @@ from typing import Callable
 import torch
 
 EOT_TEXT = "<|endoftext|>"
+GPT2_VOCAB = 50257
+UNKNOWN_TEXT = "\N{REPLACEMENT CHARACTER}"  # how the unknown token of a compact vocabulary prints
 
 
 class UsageError(Exception):
@@ -61,8 +64,10 @@ def _offline_tiktoken_cache():
 
 def load_tokenizer(meta_path=None):
     """The tokenizer a model was trained with. `meta_path` is a data folder's meta.json (None:
-    plain GPT-2 BPE). Every conversion between text and model token ids goes through here, so a
-    vocabulary remapping (e.g. compact ids <-> GPT-2 ids listed in meta.json) is added here only."""
+    plain GPT-2 BPE). Every conversion between text and model token ids goes through here.
+    A compact vocabulary (meta.json's compact_vocab, from prepare_tinystories.py --vocab_size):
+    compact id c < size is GPT-2 id gpt2_ids[c]; other GPT-2 tokens encode to unknown_token,
+    which decodes to UNKNOWN_TEXT."""
     meta = {}
     if meta_path is not None:
         try:
@@ -78,13 +83,38 @@ def load_tokenizer(meta_path=None):
     import tiktoken  # noqa: PLC0415 — imported late so --help works without its files
 
     enc = tiktoken.get_encoding("gpt2")
+
+    def encode(s):
+        return enc.encode(s, allowed_special={EOT_TEXT})
+
+    def decode_bytes(ids):
+        return enc.decode_bytes([int(i) for i in ids])
+
+    name = "gpt2"
+    compact = meta.get("compact_vocab")
+    if compact:
+        try:
+            to_gpt2 = [int(i) for i in compact["gpt2_ids"]]
+            unknown = int(compact["unknown_token"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise UsageError(f"{meta_path}: malformed compact_vocab ({e})") from None
+        to_compact = {g: c for c, g in enumerate(to_gpt2)}
+        gpt2_encode, gpt2_decode = encode, decode_bytes
+
+        def encode(s):
+            return [to_compact.get(g, unknown) for g in gpt2_encode(s)]
+
+        def decode_bytes(ids):
+            out = bytearray()
+            for i in ids:
+                i = int(i)
+                out += (gpt2_decode([to_gpt2[i]]) if 0 <= i < len(to_gpt2)
+                        else UNKNOWN_TEXT.encode("utf-8"))
+            return bytes(out)
+
+        name = f"gpt2, compact vocabulary of {len(to_gpt2)} + unknown"
     eot = int(meta.get("eot_token", enc.eot_token))
-    return Tokenizer(
-        encode=lambda s: enc.encode(s, allowed_special={EOT_TEXT}),
-        decode_bytes=lambda ids: enc.decode_bytes([int(i) for i in ids]),
-        eot=eot,
-        name=name,
-    )
+    return Tokenizer(encode=encode, decode_bytes=decode_bytes, eot=eot, name=name)
 
 
 # -----------------------------------------------------------------------------
@@ -170,7 +200,8 @@ def build_parser():
     p.add_argument("--keep_going", action="store_true",
                    help="do not stop a sample at the end-of-text token")
     p.add_argument("--meta", default=None,
-                   help="a data folder's meta.json describing the tokenizer (none: GPT-2 BPE)")
+                   help="the meta.json of the model's data folder: needed for a compact vocabulary "
+                        "(prepare_tinystories.py --vocab_size); none: plain GPT-2 BPE")
     return p
 
 
@@ -212,6 +243,9 @@ def run(args, out=None):
     prompt_ids = tokenizer.encode(prompt)
     model = load_checkpoint_model(args.ckpt, device)
     vocab = model.config.vocab_size
+    if args.meta is None and vocab != GPT2_VOCAB:
+        raise UsageError(f"the model has a vocabulary of {vocab} tokens, not GPT-2's {GPT2_VOCAB}: "
+                         "pass the meta.json of its data with --meta")
     bad = [t for t in prompt_ids if t >= vocab]
     if bad:
         raise UsageError(f"the prompt has token {bad[0]} outside the model's vocabulary of {vocab} "

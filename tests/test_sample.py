@@ -162,6 +162,37 @@ def test_bad_inputs(case, ckpt, tmp_path, capsys):
     assert lines[-1].startswith("error: ") and sum("error" in x.lower() for x in lines) == 1, err
 
 
+@pytest.fixture(scope="module")
+def compact(tmp_path_factory, tokenizer):
+    """A compact vocabulary as prepare_tinystories.py --vocab_size writes it, and a model on it."""
+    words = tokenizer.encode("Once upon a time, there was a cat.")
+    gpt2_ids = list(dict.fromkeys(words)) + [EOT]
+    size = len(gpt2_ids)
+    d = tmp_path_factory.mktemp("compact")
+    meta = {"tokenizer": "gpt2", "vocab_size": size + 1, "eot_token": size - 1,
+            "compact_vocab": {"size": size, "unknown_token": size, "gpt2_ids": gpt2_ids}}
+    (d / "meta.json").write_text(sample.json.dumps(meta))
+    torch.manual_seed(0)
+    torch.save(checkpoint_payload(build_model("prism", **{**TINY, "vocab_size": size + 1})),
+               d / "ckpt.pt")
+    return d, size
+
+
+def test_compact_vocabulary(compact, capsys):
+    d, size = compact
+    tok = sample.load_tokenizer(d / "meta.json")
+    ids = tok.encode("Once upon a dog")
+    assert max(ids) == size and all(0 <= i <= size for i in ids)   # " dog" is unknown
+    assert tok.decode(ids) == "Once upon a" + sample.UNKNOWN_TEXT
+    assert tok.eot == size - 1 and tok.decode([tok.eot]) == "<|endoftext|>"
+    rc, out, err = run_main(capsys, f"--ckpt={d / 'ckpt.pt'}", f"--meta={d / 'meta.json'}",
+                            "--num_samples=1", "--max_new_tokens=4")
+    assert rc == 0 and out.startswith("Once upon a time"), err
+    rc, out, err = run_main(capsys, f"--ckpt={d / 'ckpt.pt'}", "--max_new_tokens=4")
+    last = err.splitlines()[-1]
+    assert rc == 1 and out == "" and last.startswith("error: ") and "--meta" in last
+
+
 def test_command_line(ckpt):
     """The script as a user runs it: the samples on stdout, exit status 0."""
     ok = subprocess.run([sys.executable, "sample.py", f"--ckpt={ckpt}", "--num_samples=1",
