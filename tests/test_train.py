@@ -1,0 +1,285 @@
+"""train.py: the loop learns and writes its files, resuming is exact, DDP (2 gloo processes on
+the CPU) equals one process, and mistakes are one clear `error:` line."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train as T
+from conftest import REPO
+from model import load_model
+
+TEST_COMMAND = "pip install torch==2.13.0 -r requirements.txt pytest && python -m pytest -q"
+
+# A model small enough that 30 steps take seconds; the output layer (GPT-2 vocabulary) dominates.
+TINY_MODEL = dict(n_layer=1, n_embd=32, n_head=2, head_dim=16, block_size=32)
+
+
+def write_token_data(out_dir, train_txt, val_txt):
+    """train.bin / val.bin / meta.json as prepare_tinystories.py writes them (numpy + tiktoken)."""
+    import tiktoken  # noqa: PLC0415
+
+    enc = tiktoken.get_encoding("gpt2")
+    meta = {"tokenizer": "gpt2", "vocab_size": enc.n_vocab, "eot_token": enc.eot_token}
+    for split, path in (("train", train_txt), ("val", val_txt)):
+        stories = [s.strip() for s in open(path, encoding="utf-8").read().split("<|endoftext|>")]
+        stories = [s for s in stories if s]
+        ids = [t for s in stories for t in enc.encode_ordinary(s) + [enc.eot_token]]
+        np.array(ids, dtype=np.uint16).tofile(os.path.join(out_dir, f"{split}.bin"))
+        meta.update({f"{split}_tokens": len(ids), f"{split}_stories": len(stories),
+                     f"{split}_bytes": sum(len(s.encode("utf-8")) for s in stories)})
+    with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as f:
+        json.dump(meta, f)
+
+
+@pytest.fixture(scope="session")
+def data_dir(stories, tmp_path_factory):
+    """Token files of the stories fixture: from prepare_tinystories.py where it is there."""
+    out = tmp_path_factory.mktemp("tokens")
+    train_txt, val_txt = stories
+    if (REPO / "prepare_tinystories.py").is_file():
+        subprocess.run([sys.executable, "prepare_tinystories.py", f"--train_file={train_txt}",
+                        f"--val_file={val_txt}", f"--out_dir={out}"],
+                       cwd=REPO, check=True, capture_output=True)
+    else:
+        write_token_data(out, train_txt, val_txt)
+    return out
+
+
+def tiny_settings(data_dir, out_dir, **overrides):
+    settings = dict(TINY_MODEL, data_dir=str(data_dir), out_dir=str(out_dir), batch_size=4,
+                    grad_accum=1, max_iters=30, learning_rate=1e-2, min_lr=1e-3, warmup_iters=5,
+                    eval_interval=10, eval_iters=4, log_interval=10, device="cpu", seed=7)
+    settings.update(overrides)
+    return settings
+
+
+def tiny_run(data_dir, out_dir, **overrides):
+    """train() on the tiny settings; returns (summary, log records)."""
+    settings = tiny_settings(data_dir, out_dir, **overrides)
+    model_args = {k: settings.pop(k) for k in TINY_MODEL}
+    summary = T.train(T.TrainConfig(**settings), model_args)
+    return summary, read_log(out_dir)
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def write_config(path, settings):
+    path.write_text("".join(f"{k} = {v!r}\n" for k, v in settings.items()), encoding="utf-8")
+    return str(path)
+
+
+def user_error(capsys, argv):
+    """Run main(argv), expecting a user error: returns its one stderr line."""
+    with pytest.raises(SystemExit) as exit_info:
+        T.main(argv)
+    assert exit_info.value.code not in (0, None)
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+# -- the loop ---------------------------------------------------------------------------------------
+
+
+def test_short_run_learns_and_writes_checkpoint_and_log(data_dir, tmp_path):
+    summary, log = tiny_run(data_dir, tmp_path)
+    assert [r["iter"] for r in log] == [0, 10, 20, 30]
+    for key in ("iter", "train_loss", "val_loss", "val_ppl", "val_bpb", "lr", "tokens_per_sec"):
+        assert key in log[-1]
+    assert log[0]["val_loss"] == pytest.approx(math.log(50257), abs=0.3)  # uniform at init
+    assert log[-1]["val_loss"] < log[0]["val_loss"] - 2.0
+    assert log[-1]["train_loss"] < log[0]["train_loss"] - 2.0
+    meta = json.loads((data_dir / "meta.json").read_text())
+    bpb = log[-1]["val_loss"] / math.log(2) * meta["val_tokens"] / meta["val_bytes"]
+    assert log[-1]["val_bpb"] == pytest.approx(bpb)
+    assert log[-1]["val_ppl"] == pytest.approx(math.exp(log[-1]["val_loss"]))
+    assert log[-1]["tokens_per_sec"] > 0 and log[0]["tokens_per_sec"] is None
+    assert summary["val_loss"] == log[-1]["val_loss"] and summary["iters"] == 30
+    assert summary["best_val_loss"] == min(r["val_loss"] for r in log)
+    assert summary["params"] > 0 and summary["tokens_per_sec"] > 0
+    assert not list(tmp_path.glob("*.tmp"))
+
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert ckpt["iter_num"] == 30 and ckpt["arch"] == "prism"
+    assert ckpt["model_config"]["n_layer"] == 1 and ckpt["model_config"]["vocab_size"] == 50257
+    assert ckpt["train_config"]["max_iters"] == 30 and ckpt["best_val_loss"] == summary["best_val_loss"]
+    assert {"optimizer", "scaler", "rng"} <= ckpt.keys()
+    model = load_model(tmp_path / "ckpt.pt")  # what sample.py and the analysis load
+    assert model.generate(torch.zeros(1, 1, dtype=torch.long), 5).shape == (1, 6)
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr():
+    cfg = T.TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
+    lrs = [T.get_lr(it, cfg) for it in range(111)]
+    assert lrs[0] == pytest.approx(1 / 11) and lrs[9] == pytest.approx(10 / 11)
+    assert lrs[10] == pytest.approx(1.0) and lrs[60] == pytest.approx(0.55)
+    assert lrs[110] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_batches_are_random_windows_of_the_token_file():
+    data = np.arange(1000, dtype=np.uint16)
+    offsets = T.random_offsets(np.random.default_rng(0), len(data), 16, (3, 4))
+    assert offsets.shape == (3, 4) and offsets.min() >= 0 and offsets.max() <= 1000 - 17
+    x, y = T.get_batch(data, offsets[0], 16, "cpu")
+    assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64
+    assert torch.equal(x[:, 0], torch.from_numpy(offsets[0])) and torch.equal(y, x + 1)
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(data_dir, tmp_path, monkeypatch):
+    common = dict(max_iters=20, eval_interval=5, grad_accum=2, batch_size=2)
+    _, straight = tiny_run(data_dir, tmp_path / "straight", **common)
+
+    real_get_lr = T.get_lr
+
+    def crash_at_13(it, cfg):
+        if it == 13:
+            raise RuntimeError("simulated crash")
+        return real_get_lr(it, cfg)
+
+    monkeypatch.setattr(T, "get_lr", crash_at_13)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        tiny_run(data_dir, tmp_path / "resumed", **common)
+    monkeypatch.setattr(T, "get_lr", real_get_lr)
+    assert [r["iter"] for r in read_log(tmp_path / "resumed")] == [0, 5, 10]
+    summary, resumed = tiny_run(data_dir, tmp_path / "resumed", init_from="resume", **common)
+
+    assert [r["iter"] for r in resumed] == [r["iter"] for r in straight] == [0, 5, 10, 15, 20]
+    for a, b in zip(straight, resumed):
+        for key in ("train_loss", "val_loss", "lr"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6), (a["iter"], key)
+    assert summary["val_loss"] == pytest.approx(straight[-1]["val_loss"], abs=1e-6)
+    weights = [torch.load(tmp_path / d / "ckpt.pt", weights_only=False)["model"]
+               for d in ("straight", "resumed")]
+    for name, w in weights[0].items():
+        torch.testing.assert_close(weights[1][name], w, rtol=0, atol=1e-6, msg=name)
+
+    # Resuming a finished run at its end trains nothing more and leaves the log as it is.
+    summary = tiny_run(data_dir, tmp_path / "resumed", init_from="resume", **common)[0]
+    assert summary["iters"] == 20 and len(read_log(tmp_path / "resumed")) == 5
+
+
+def test_ddp_two_gloo_processes_match_one_process(data_dir, tmp_path):
+    settings = tiny_settings(data_dir, tmp_path / "unused", max_iters=10, eval_interval=5,
+                             batch_size=2, grad_accum=2, eval_iters=4)
+    config = write_config(tmp_path / "tiny.py", settings)
+    one = T.main([config, f"--out_dir={tmp_path / 'one'}"])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(REPO / "train.py"), config, f"--out_dir={tmp_path / 'two'}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "2 processes" in run.stdout
+    assert run.stdout.count("eval iter 10") == 1  # only rank 0 reports
+    one_log, two_log = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert [r["iter"] for r in two_log] == [r["iter"] for r in one_log] == [0, 5, 10]
+    for a, b in zip(one_log, two_log):
+        for key in ("train_loss", "val_loss"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (a["iter"], key)
+    assert one["val_loss"] < one_log[0]["val_loss"]
+
+
+# -- settings ---------------------------------------------------------------------------------------
+
+
+def test_config_file_then_command_line_overrides_route_to_train_and_model(tmp_path):
+    config = write_config(tmp_path / "c.py", {"batch_size": 3, "n_layer": 2, "learning_rate": 1,
+                                               "compile": False})
+    cfg, model_args = T.parse_args([config, "--batch_size=5", "--rope_ratio=1", "--bias=true",
+                                    "--init_from=resume", "--compile=auto", "--signal_heads=3"])
+    assert cfg.batch_size == 5 and cfg.init_from == "resume" and cfg.compile is None
+    assert cfg.learning_rate == 1.0 and isinstance(cfg.learning_rate, float)
+    assert model_args == {"n_layer": 2, "rope_ratio": 1.0, "bias": True, "signal_heads": 3}
+    cfg, model_args = T.parse_args(["--arch=gpt2", "--n_head=4"])  # the baselines' fields too
+    assert cfg.arch == "gpt2" and model_args == {"n_head": 4}
+
+
+def test_shipped_configs_parse_and_the_default_fits_the_machine():
+    cfg, model_args = T.parse_args([str(REPO / "config" / "prism_50m.py")])
+    assert model_args == dict(n_layer=8, n_embd=512, n_head=16, head_dim=64, block_size=512)
+    from baselines import count_params  # noqa: PLC0415
+
+    assert 45e6 < count_params("prism", dict(model_args, vocab_size=50257)) < 55e6
+    cfg, model_args = T.parse_args([str(REPO / "config" / "cpu_tiny.py")])
+    assert cfg.out_dir == "out/cpu_tiny" and model_args["block_size"] == 128
+    expected = "prism_50m.py" if torch.cuda.is_available() else "cpu_tiny.py"
+    assert os.path.basename(T.default_config()) == expected
+    resolved = T.resolve_system(cfg)
+    if not torch.cuda.is_available():
+        assert (resolved.device, resolved.dtype, resolved.compile) == ("cpu", "float32", False)
+
+
+def test_readme_and_ci_run_the_same_test_command():
+    assert TEST_COMMAND in (REPO / "README.md").read_text(encoding="utf-8")
+    assert TEST_COMMAND in (REPO / ".ci" / "run").read_text(encoding="utf-8")
+
+
+# -- one clear error each ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--no_such_key=1"], ["unknown key", "no_such_key"]),
+    (["--max_iters=ten"], ["max_iters", "int"]),
+    (["--compile=maybe"], ["compile", "true or false"]),
+    (["--vocab_size=100"], ["vocab_size", "meta.json"]),
+    (["--arch=gpt2", "--head_dim=8"], ["head_dim", "GPT2Config"]),
+    (["--arch=llama"], ["llama"]),
+    (["--init_from=pretrained"], ["init_from"]),
+    (["--batch_size"], ["--key=value"]),
+    (["no_such_config.py"], ["no config file", "no_such_config.py"]),
+])
+def test_bad_settings_are_one_clear_error(capsys, argv, words):
+    err = user_error(capsys, argv)
+    for word in words:
+        assert word in err
+
+
+def test_bad_value_in_a_config_file_names_the_key_and_the_file(capsys, tmp_path):
+    config = write_config(tmp_path / "bad.py", {"max_iters": "100"})
+    err = user_error(capsys, [config])
+    assert "max_iters" in err and "bad.py" in err and "int" in err
+
+
+def test_missing_data_dir_and_missing_meta_are_clear_errors(capsys, data_dir, tmp_path):
+    base = [f"--{k}={v}" for k, v in tiny_settings(data_dir, tmp_path / "out").items()
+            if k != "data_dir"]
+    config = write_config(tmp_path / "c.py", {})
+    err = user_error(capsys, [config, *base, f"--data_dir={tmp_path / 'nowhere'}"])
+    assert "nowhere" in err and "does not exist" in err and "prepare_tinystories.py" in err
+    no_meta = tmp_path / "no_meta"
+    no_meta.mkdir()
+    for name in ("train.bin", "val.bin"):
+        (no_meta / name).write_bytes((data_dir / name).read_bytes())
+    err = user_error(capsys, [config, *base, f"--data_dir={no_meta}"])
+    assert "meta.json" in err and "missing" in err
+    assert not (tmp_path / "out").exists()  # nothing written before the checks pass
+
+
+def test_resuming_a_checkpoint_of_another_arch_or_size_is_a_clear_error(capsys, data_dir, tmp_path):
+    tiny_run(data_dir, tmp_path, max_iters=0, eval_iters=1)
+    settings = tiny_settings(data_dir, tmp_path, init_from="resume", eval_iters=1)
+    config = write_config(tmp_path / "c.py", settings)
+
+    err = user_error(capsys, [config, "--n_layer=2"])
+    assert "another size" in err and "n_layer = 2" in err and "checkpoint: 1" in err
+
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    ckpt["arch"] = "gpt2"
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    err = user_error(capsys, [config])
+    assert "'gpt2'" in err and "arch = 'prism'" in err
+
+    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
+    assert "not a readable checkpoint" in user_error(capsys, [config])
+    os.remove(tmp_path / "ckpt.pt")
+    assert "no checkpoint" in user_error(capsys, [config])

@@ -1,0 +1,619 @@
+"""
+Train a language model of this project (PRISM, or a baseline) on tokens from prepare_tinystories.py.
+One file, top to bottom: settings, data, schedule, evaluation, checkpoints, the loop, the CLI.
+
+    python train.py                                    # config/prism_50m.py on CUDA, else config/cpu_tiny.py
+    python train.py config/prism_50m.py --max_iters=100 --batch_size=8
+    python train.py config/cpu_tiny.py --init_from=resume           # continue out_dir/ckpt.pt
+    torchrun --standalone --nproc_per_node=8 train.py config/prism_50m.py   # DDP, one process per GPU
+
+Settings are the fields of TrainConfig below plus the fields of the arch's config dataclass
+(model.py's PrismConfig for "prism": n_layer, n_embd, n_head, head_dim, block_size, ...). A config
+file is a Python file that assigns some of them; `--key=value` arguments are applied after it.
+Model fields that no one sets keep the dataclass defaults; vocab_size always comes from meta.json.
+
+Outputs, written by rank 0 only: out_dir/log.jsonl (one JSON record per evaluation) and
+out_dir/ckpt.pt (model, optimizer, settings, iteration, RNG states; rewritten at every evaluation).
+"""
+
+import dataclasses
+import inspect
+import json
+import math
+import os
+import sys
+import time
+import types
+import typing
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+import numpy as np
+import torch
+
+from model import build_model, checkpoint_payload, get_arch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class TrainError(Exception):
+    """A mistake in the settings, the data or the checkpoint: main() prints it as one line."""
+
+
+# -----------------------------------------------------------------------------
+# Settings
+
+
+@dataclass
+class TrainConfig:
+    # data and outputs
+    data_dir: str = "data/tinystories"  # train.bin, val.bin, meta.json (prepare_tinystories.py)
+    out_dir: str = "out"                # ckpt.pt and log.jsonl
+    init_from: str = "scratch"          # "scratch" or "resume" (from out_dir/ckpt.pt)
+    # the model: its sizes (n_layer, n_embd, block_size, ...) are the fields of the arch's config
+    arch: str = "prism"                 # "prism"; the baselines of baselines.py by their names
+    # batch: tokens per iteration = batch_size * grad_accum * block_size
+    batch_size: int = 12                # sequences per micro-step and process
+    grad_accum: int = 1                 # micro-steps per iteration, split across the processes
+    # AdamW and the learning-rate schedule: linear warmup, then cosine down to min_lr at max_iters
+    max_iters: int = 5000
+    learning_rate: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_iters: int = 200
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0              # clip the gradient norm to this; 0 = off
+    # evaluation and progress
+    eval_interval: int = 250            # evaluate, log and checkpoint every this many iterations
+    eval_iters: int = 100               # batches per split in one evaluation
+    log_interval: int = 10              # a progress line every this many iterations
+    # system
+    device: str = "auto"                # "auto" = cuda if there is one, else cpu; or "cuda:1", "mps"
+    dtype: str = "auto"                 # "auto" = bfloat16 on CUDA (float16 without bf16), else float32
+    compile: Optional[bool] = None      # torch.compile; None (auto) = on with CUDA only
+    seed: int = 1337
+
+    def __post_init__(self):
+        def need(ok, name, why):
+            if not ok:
+                raise TrainError(f"{name} = {getattr(self, name)!r} {why}")
+
+        need(self.init_from in ("scratch", "resume"), "init_from", "must be 'scratch' or 'resume'")
+        need(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
+             "must be auto, float32, bfloat16 or float16")
+        for name in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
+            need(getattr(self, name) > 0, name, "must be positive")
+        for name in ("max_iters", "warmup_iters", "grad_clip", "weight_decay"):
+            need(getattr(self, name) >= 0, name, "must not be negative")
+        need(self.learning_rate > 0, "learning_rate", "must be positive")
+        need(0 <= self.min_lr <= self.learning_rate, "min_lr", "must be in [0, learning_rate]")
+
+
+def _field_types(cls):
+    return typing.get_type_hints(cls)
+
+
+def _parse_value(key, raw, typ):
+    """A command-line string as a value of the field's type."""
+    if typing.get_origin(typ) in (typing.Union, types.UnionType):  # Optional[X]: "none"/"auto" = None
+        if raw.lower() in ("none", "auto"):
+            return None
+        typ = next(a for a in typing.get_args(typ) if a is not type(None))
+    if typ is bool:
+        if raw.lower() in ("true", "1"):
+            return True
+        if raw.lower() in ("false", "0"):
+            return False
+        raise TrainError(f"--{key} expects true or false, got {raw!r}")
+    if typ in (int, float, str):
+        try:
+            return typ(raw)
+        except ValueError:
+            raise TrainError(f"--{key} expects {typ.__name__}, got {raw!r}") from None
+    raise TrainError(f"--{key}: cannot parse a value of type {typ} from the command line")
+
+
+def _check_value(key, value, typ, source):
+    """A value from a config file, checked against the field's type (an int is a fine float)."""
+    if typing.get_origin(typ) in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        typ = next(a for a in typing.get_args(typ) if a is not type(None))
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ in (bool, int, float, str) and (type(value) is not typ):
+        raise TrainError(f"{key} = {value!r} in {source} should be of type {typ.__name__}")
+    return value
+
+
+def read_config_file(path):
+    """The settings a config file assigns: its top-level names, except _private ones and modules."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+    except OSError:
+        raise TrainError(f"no config file {path}") from None
+    namespace = {}
+    exec(compile(source, path, "exec"), namespace)  # noqa: S102 — config files are Python by design
+    return {k: v for k, v in namespace.items()
+            if not k.startswith("_") and not isinstance(v, (types.ModuleType, types.FunctionType, type))}
+
+
+def parse_args(argv):
+    """Config files and --key=value arguments -> (TrainConfig, model_args).
+
+    Applied in order. Keys that are TrainConfig fields go to the TrainConfig; keys that are fields
+    of the arch's config dataclass go to model_args (only the ones set: the rest keep the
+    dataclass defaults); any other key is an error naming it."""
+    settings = []  # (key, value, source, from_command_line)
+    for arg in argv:
+        if arg.startswith("--"):
+            key, eq, value = arg[2:].partition("=")
+            if not eq or not key:
+                raise TrainError(f"expected --key=value, got {arg!r}")
+            settings.append((key, value, "the command line", True))
+        else:
+            settings += [(k, v, arg, False) for k, v in read_config_file(arg).items()]
+
+    train_types = _field_types(TrainConfig)
+    arch = TrainConfig.arch
+    for key, value, source, raw in settings:
+        if key == "arch":
+            arch = _parse_value(key, value, str) if raw else _check_value(key, value, str, source)
+    config_cls = _arch_config(arch)
+    model_types = _field_types(config_cls)
+
+    train_args, model_args = {}, {}
+    for key, value, source, raw in settings:
+        if key in train_types:
+            typ, dest = train_types[key], train_args
+        elif key == "vocab_size":
+            raise TrainError(f"vocab_size (from {source}) is not a setting: it comes from the "
+                             "data's meta.json")
+        elif key in model_types:
+            typ, dest = model_types[key], model_args
+        else:
+            raise TrainError(f"unknown key {key!r} (from {source}): it is neither a TrainConfig "
+                             f"field nor a {config_cls.__name__} field (arch {arch!r})")
+        dest[key] = _parse_value(key, value, typ) if raw else _check_value(key, value, typ, source)
+    return TrainConfig(**train_args), model_args
+
+
+def _arch_config(arch):
+    try:
+        return get_arch(arch)[0]
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+
+
+def resolve_system(cfg, local_rank=None):
+    """The TrainConfig with device, dtype and compile made concrete for this machine."""
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device_type = device.split(":")[0]
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainError(f"device = {cfg.device!r} but this machine has no CUDA")
+        if local_rank is not None:  # one GPU per process under torchrun
+            device = f"cuda:{local_rank}"
+    dtype = cfg.dtype
+    if dtype == "auto":
+        dtype = ("float32" if device_type != "cuda"
+                 else "bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+    compile_ = device_type == "cuda" if cfg.compile is None else cfg.compile
+    return dataclasses.replace(cfg, device=device, dtype=dtype, compile=compile_)
+
+
+# -----------------------------------------------------------------------------
+# Data: train.bin / val.bin are raw uint16 GPT-2 tokens; a batch is random windows of them.
+
+
+def load_data(data_dir):
+    """(train, val, meta): memmap views of the token files and the parsed meta.json."""
+    if not os.path.isdir(data_dir):
+        raise TrainError(f"data_dir {data_dir} does not exist; make it with "
+                         f"`python prepare_tinystories.py` (see README.md)")
+    meta_path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(meta_path):
+        raise TrainError(f"{meta_path} is missing; run prepare_tinystories.py to write it")
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as e:
+        raise TrainError(f"{meta_path} is not valid JSON ({e})") from None
+    missing = [k for k in ("vocab_size", "val_tokens", "val_bytes") if k not in meta]
+    if missing:
+        raise TrainError(f"{meta_path} lacks {', '.join(missing)}")
+    splits = []
+    for split in ("train", "val"):
+        path = os.path.join(data_dir, f"{split}.bin")
+        if not os.path.isfile(path):
+            raise TrainError(f"{path} is missing; run prepare_tinystories.py to write it")
+        splits.append(np.memmap(path, dtype=np.uint16, mode="r"))
+    return splits[0], splits[1], meta
+
+
+def random_offsets(rng, n_tokens, block_size, shape):
+    """Start positions of random windows of block_size + 1 tokens, drawn from the numpy rng."""
+    return rng.integers(0, n_tokens - block_size, size=shape)
+
+
+def get_batch(data, offsets, block_size, device):
+    """Inputs x and next-token targets y, int64 (len(offsets), block_size), for windows of the
+    token array `data` starting at `offsets`; on CUDA through pinned memory, without blocking."""
+    windows = np.stack([data[i: i + block_size + 1] for i in offsets]).astype(np.int64)
+    windows = torch.from_numpy(windows)
+    x, y = windows[:, :-1], windows[:, 1:]
+    if torch.device(device).type == "cuda":
+        return (x.pin_memory().to(device, non_blocking=True),
+                y.pin_memory().to(device, non_blocking=True))
+    return x.contiguous().to(device), y.contiguous().to(device)
+
+
+# -----------------------------------------------------------------------------
+# Schedule and evaluation
+
+
+def get_lr(it, cfg):
+    """Linear warmup over warmup_iters, then cosine decay from learning_rate to min_lr at max_iters."""
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= cfg.max_iters:
+        return cfg.min_lr
+    progress = (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+@torch.no_grad()
+def estimate_loss(model, data, block_size, batch_size, eval_iters, device, seed=0,
+                  ctx=nullcontext(), rank=0, world_size=1):
+    """Mean loss over eval_iters batches of `data`: the same windows at every call with the same
+    seed, so that evaluations along a run (and across runs) see the same text. Under DDP each
+    process takes every world_size-th batch and the sum is all-reduced: the result does not
+    depend on the number of processes."""
+    rng = np.random.default_rng(seed)
+    offsets = random_offsets(rng, len(data), block_size, (eval_iters, batch_size))
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for k in range(rank, eval_iters, world_size):
+        x, y = get_batch(data, offsets[k], block_size, device)
+        with ctx:
+            _, loss = model(x, y)
+        total += loss.item()
+    model.train(was_training)
+    if world_size > 1:
+        total_t = torch.tensor(total, dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(total_t)
+        total = total_t.item()
+    return total / eval_iters
+
+
+def bits_per_byte(loss, meta):
+    """Nats per token -> bits per byte of the original text, from meta.json's token and byte counts."""
+    return loss / math.log(2) * meta["val_tokens"] / meta["val_bytes"]
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(path, payload):
+    """torch.save to a temporary file, then os.replace: a reader never sees half a checkpoint."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, arch, model_config):
+    """The checkpoint at `path`, checked to hold a model of this arch and config."""
+    if not os.path.isfile(path):
+        raise TrainError(f"init_from = 'resume' but there is no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated or not a torch file
+        raise TrainError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or not {"arch", "model_config", "model", "iter_num"} <= ckpt.keys():
+        raise TrainError(f"{path} is not a checkpoint written by train.py")
+    if ckpt["arch"] != arch:
+        raise TrainError(f"{path} holds a {ckpt['arch']!r} model, but arch = {arch!r}")
+    differ = [f"{k} = {v!r} (checkpoint: {ckpt['model_config'].get(k, '<absent>')!r})"
+              for k, v in model_config.items() if ckpt["model_config"].get(k, object()) != v]
+    differ += [f"{k} absent (checkpoint: {v!r})" for k, v in ckpt["model_config"].items()
+               if k not in model_config]
+    if differ:
+        raise TrainError(f"{path} holds a model of another size: {'; '.join(differ)}")
+    return ckpt
+
+
+def _rng_states(rng, device):
+    state = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()}
+    if torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_states(state, rng, device):
+    rng.bit_generator.state = state["numpy"]
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _read_log(path):
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# -----------------------------------------------------------------------------
+# The training loop
+
+
+def train(cfg, model_args=None):
+    """Train as `cfg` and `model_args` say; returns a summary (rank 0's numbers under DDP):
+    arch, params, iters, tokens, final and best val loss, val ppl and bpb, train loss, tokens/s."""
+    model_args = dict(model_args or {})
+    # -- processes: one, or one per GPU (or CPU process) under torchrun ----------------------------
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, local_rank, world_size = 0, None, 1
+    if ddp:
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        world_size = int(os.environ["WORLD_SIZE"])
+    cfg = resolve_system(cfg, local_rank)
+    device_type = torch.device(cfg.device).type
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    if cfg.grad_accum % world_size:
+        raise TrainError(f"grad_accum = {cfg.grad_accum} must be a multiple of the number of "
+                         f"processes ({world_size})")
+    accum = cfg.grad_accum // world_size  # this process's micro-steps per iteration
+
+    # -- data, model, optimizer: check everything before starting processes or writing files -------
+    train_data, val_data, meta = load_data(cfg.data_dir)
+    config_cls = _arch_config(cfg.arch)
+    try:
+        model_config = asdict(config_cls(**{**model_args, "vocab_size": meta["vocab_size"]}))
+    except (TypeError, ValueError) as e:
+        raise TrainError(str(e)) from None
+    block_size = model_config["block_size"]
+    for name, data in (("train", train_data), ("val", val_data)):
+        if len(data) <= block_size + 1:
+            raise TrainError(f"{name}.bin has {len(data)} tokens, too few for block_size = {block_size}")
+    ckpt_path, log_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "log.jsonl")
+    ckpt = load_checkpoint(ckpt_path, cfg.arch, model_config) if cfg.init_from == "resume" else None
+
+    if ddp:
+        if device_type == "cuda":
+            torch.cuda.set_device(cfg.device)
+        torch.distributed.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    try:
+        return _train(cfg, model_config, ckpt, train_data, val_data, meta, ckpt_path, log_path,
+                      rank, world_size, accum, master, log)
+    finally:
+        if ddp:
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg, model_config, ckpt, train_data, val_data, meta, ckpt_path, log_path,
+           rank, world_size, accum, master, log):
+    device, device_type = cfg.device, torch.device(cfg.device).type
+    block_size = model_config["block_size"]
+    tokens_per_iter = cfg.batch_size * cfg.grad_accum * block_size
+    log(f"arch {cfg.arch} | device {device} ({world_size} process{'es' if world_size > 1 else ''}) "
+        f"| dtype {cfg.dtype} | compile {cfg.compile} | {tokens_per_iter:,} tokens/iter "
+        f"({cfg.batch_size} x {cfg.grad_accum} x {block_size})")
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+    ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+
+    # The same batch generator on every process: each draws the whole iteration's batch and takes
+    # its own micro-steps, so N processes see exactly the data one process would.
+    torch.manual_seed(cfg.seed + rank)  # the model's init (rank 0's is broadcast by DDP), dropout
+    rng = np.random.default_rng(cfg.seed)
+    raw_model = build_model(cfg.arch, **model_config).to(device)
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
+                                               (cfg.beta1, cfg.beta2), device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
+    iter_num, best_val_loss = 0, math.inf
+    if ckpt is not None:
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        states = ckpt["rng"]
+        _set_rng_states(states[rank % len(states)], rng, device)
+        changed = [f"{k}={v!r} (was {ckpt['train_config'].get(k)!r})" for k, v in asdict(cfg).items()
+                   if k != "init_from" and ckpt["train_config"].get(k) != v]
+        log(f"resuming from {ckpt_path} at iter {iter_num}"
+            + (f"; changed: {', '.join(changed)}" if changed else ""))
+        if master:  # drop log records from after the checkpoint (a crash between the two)
+            records = [r for r in _read_log(log_path) if r["iter"] <= iter_num]
+            with open(log_path + ".tmp", "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+            os.replace(log_path + ".tmp", log_path)
+        del ckpt
+    elif master and os.path.exists(log_path):
+        os.remove(log_path)  # a run from scratch starts a fresh log
+    start_iter = iter_num
+
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    eval_model = model
+    if world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: PLC0415
+        # The buffers (RoPE tables) are constants: no need to send them at every forward.
+        no_sync_buffers = ({"forward_sync_buffers": False}
+                           if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                           else {"broadcast_buffers": False})  # PyTorch before 2.13
+        model = DDP(model, device_ids=[device] if device_type == "cuda" else None, **no_sync_buffers)
+
+    def evaluate():
+        kw = dict(block_size=block_size, batch_size=cfg.batch_size, eval_iters=cfg.eval_iters,
+                  device=device, ctx=ctx, rank=rank, world_size=world_size)
+        return (estimate_loss(eval_model, train_data, seed=cfg.seed + 1, **kw),
+                estimate_loss(eval_model, val_data, seed=cfg.seed + 2, **kw))
+
+    def sync():
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+
+    summary = {"arch": cfg.arch, "params": raw_model.get_num_params(), "out_dir": cfg.out_dir}
+    run_start = time.time()
+    train_time, train_tokens = 0.0, 0  # this process's run, for the summary
+    t_seg, seg_iters = time.time(), 0  # since the last evaluation, for log.jsonl
+    t_log, iters_since_log, loss_sum = time.time(), 0, 0.0
+    mfu = -1.0
+    while True:
+        lr = get_lr(iter_num, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # -- evaluate, log, checkpoint ----------------------------------------------------------
+        if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
+            sync()
+            seg_time = time.time() - t_seg  # training time since the last evaluation
+            train_time += seg_time
+            train_loss, val_loss = evaluate()
+            best_val_loss = min(best_val_loss, val_loss)
+            record = {"iter": iter_num, "train_loss": train_loss, "val_loss": val_loss,
+                      "val_ppl": math.exp(min(val_loss, 700)), "val_bpb": bits_per_byte(val_loss, meta),
+                      "lr": lr, "tokens": iter_num * tokens_per_iter,
+                      "tokens_per_sec": seg_iters * tokens_per_iter / seg_time if seg_iters else None,
+                      "elapsed_s": round(time.time() - run_start, 3)}
+            if device_type == "cuda" and mfu > 0:
+                record["mfu"] = mfu
+            log(f"eval iter {iter_num}: train loss {train_loss:.4f} | val loss {val_loss:.4f} | "
+                f"val ppl {record['val_ppl']:.2f} | val bpb {record['val_bpb']:.4f}"
+                + (" (best)" if val_loss == best_val_loss else ""))
+            summary.update(iters=iter_num, tokens=iter_num * tokens_per_iter, train_loss=train_loss,
+                           val_loss=val_loss, val_ppl=record["val_ppl"], val_bpb=record["val_bpb"],
+                           best_val_loss=best_val_loss, best_val_bpb=bits_per_byte(best_val_loss, meta))
+            # The checkpoint is the resume point, so it is written at every evaluation (always,
+            # not only when val improves); best_val_loss rides along. A resumed run re-evaluates
+            # where it starts but does not log or save that point again.
+            states = _rng_states(rng, device)
+            if world_size > 1:
+                gathered = [None] * world_size
+                torch.distributed.all_gather_object(gathered, states)
+                states = gathered
+            else:
+                states = [states]
+            if master and not (iter_num == start_iter and cfg.init_from == "resume"):
+                with open(log_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+                save_checkpoint(ckpt_path, {
+                    **checkpoint_payload(raw_model), "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(), "train_config": asdict(cfg),
+                    "iter_num": iter_num, "best_val_loss": best_val_loss, "rng": states})
+            seg_iters = 0
+            t_seg = t_log = time.time()
+        if iter_num >= cfg.max_iters:
+            break
+
+        # -- one optimizer step: grad_accum micro-batches, this process's share of them -------------
+        offsets = random_offsets(rng, len(train_data), block_size, (cfg.grad_accum, cfg.batch_size))
+        mine = offsets[rank * accum:(rank + 1) * accum]
+        x, y = get_batch(train_data, mine[0], block_size, device)
+        for micro in range(accum):
+            last = micro == accum - 1
+            # Under DDP the gradients are all-reduced once, after the last micro-step.
+            with (model.no_sync() if world_size > 1 and not last else nullcontext()):
+                with ctx:
+                    _, loss = model(x, y)
+                    loss = loss / accum
+                if not last:  # fetch the next micro-batch while this one runs on the GPU
+                    x, y = get_batch(train_data, mine[micro + 1], block_size, device)
+                scaler.scale(loss).backward()
+            loss_sum += loss.detach().float()
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        iters_since_log += 1
+
+        # -- progress ---------------------------------------------------------------------------
+        if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
+            if world_size > 1:  # the mean over all processes, not rank 0's share
+                torch.distributed.all_reduce(loss_sum)
+                loss_sum /= world_size
+            mean_loss = (loss_sum / iters_since_log).item()  # waits for the GPU
+            dt = (time.time() - t_log) / iters_since_log
+            if device_type == "cuda":
+                step_mfu = raw_model.estimate_mfu(cfg.batch_size * accum, dt)
+                mfu = step_mfu if mfu < 0 else 0.9 * mfu + 0.1 * step_mfu
+            log(f"iter {iter_num}/{cfg.max_iters} | loss {mean_loss:.4f} | lr {lr:.2e} | "
+                f"{tokens_per_iter / dt:,.0f} tok/s | {dt * 1000:.1f} ms/iter"
+                + (f" | mfu {mfu * 100:.1f}%" if device_type == "cuda" else ""))
+            t_log, iters_since_log, loss_sum = time.time(), 0, 0.0
+        seg_iters += 1
+        train_tokens += tokens_per_iter
+
+    summary["tokens_per_sec"] = train_tokens / train_time if train_time else None
+    log(f"done: {summary['iters']} iters | val loss {summary['val_loss']:.4f} (best "
+        f"{summary['best_val_loss']:.4f}) | val bpb {summary['val_bpb']:.4f} | "
+        + (f"{summary['tokens_per_sec']:,.0f} tok/s | " if summary["tokens_per_sec"] else "")
+        + f"{time.time() - run_start:.0f} s | {ckpt_path}")
+    return summary
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def default_config():
+    """The config that fits this machine: the 50M PRISM on a GPU, the tiny one on a CPU."""
+    name = "prism_50m.py" if torch.cuda.is_available() else "cpu_tiny.py"
+    return os.path.join(HERE, "config", name)
+
+
+def usage():
+    lines = [__doc__.strip(), "", "TrainConfig fields (default):"]
+    lines += [f"  --{f.name}={f.default}" for f in fields(TrainConfig)]
+    lines += ["", f"{get_arch('prism')[0].__name__} fields (default; vocab_size comes from meta.json):"]
+    lines += [f"  --{f.name}={f.default}" for f in fields(get_arch("prism")[0]) if f.name != "vocab_size"]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(usage())
+        return None
+    master = int(os.environ.get("RANK", 0)) == 0
+    if not any(not a.startswith("--") for a in argv):
+        config = default_config()
+        if master:
+            print(f"no config file given: using {os.path.relpath(config)} "
+                  f"({'CUDA is available' if torch.cuda.is_available() else 'no CUDA: CPU'})")
+        argv = [config, *argv]
+    elif master:
+        print(f"config: {', '.join(a for a in argv if not a.startswith('--'))}")
+    try:
+        cfg, model_args = parse_args(argv)
+        return train(cfg, model_args)
+    except TrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        if master:
+            print("interrupted: continue with --init_from=resume (from the last checkpoint)",
+                  file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()
