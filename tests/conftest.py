@@ -41,3 +41,13 @@ def stories(tmp_path_factory):
     (out / "train.txt").write_text(_generated_stories(400, 0), encoding="utf-8")
     (out / "val.txt").write_text(_generated_stories(50, 1), encoding="utf-8")
     return out / "train.txt", out / "val.txt"
+
+
+@pytest.fixture(scope="session")
+def compact_data(stories, tmp_path_factory):
+    """A data folder prepared from the stories fixture with a 512-token compact vocabulary."""
+    import prepare_tinystories
+
+    out = tmp_path_factory.mktemp("compact_data")
+    prepare_tinystories.tokenize_files(*stories, out_dir=out, vocab_size=512, progress=False)
+    return out

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from analyze_heads import analyze_model
 from baselines import (ARCHS_COMPARED, PRESETS, VARIANTS, Gemma3Config, GPT2Config, check_preset,
                        count_params, variant_args)
 from model import build_model, checkpoint_payload, load_model
@@ -107,3 +108,7 @@ def test_every_variant_trains_and_samples(variant, tmp_path):
     loaded = load_model(tmp_path / "ckpt.pt")
     assert loaded.generate(data[:1, :4], 10).shape == (1, 14)
     assert count_params(arch, args) == model.get_num_params()
+    heads = analyze_model(loaded, [(data[:2, :-1], data[:2, 1:])], max_tokens=64, progress=False)
+    assert len(heads["heads"]) == args["n_layer"] * args["n_head"]
+    assert all(h["mean_distance"] >= 0 for h in heads["heads"])
+    assert (heads["bimodality"] is None) == (arch == "gpt2")  # no rotary heads, nothing to split
