@@ -22,7 +22,6 @@ import argparse
 import codecs
 import contextlib
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,14 +53,6 @@ class Tokenizer:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
 
-def _offline_tiktoken_cache():
-    """Use the project's pre-filled GPT-2 BPE cache (../shared/tiktoken) when nothing else is set,
-    so the scripts work on machines that cannot download tiktoken's files."""
-    shared = Path(__file__).resolve().parent.parent / "shared" / "tiktoken"
-    if "TIKTOKEN_CACHE_DIR" not in os.environ and shared.is_dir():
-        os.environ["TIKTOKEN_CACHE_DIR"] = str(shared)
-
-
 def load_tokenizer(meta_path=None):
     """The tokenizer a model was trained with. `meta_path` is a data folder's meta.json (None:
     plain GPT-2 BPE). Every conversion between text and model token ids goes through here.
@@ -79,7 +70,6 @@ def load_tokenizer(meta_path=None):
     name = meta.get("tokenizer", "gpt2")
     if name != "gpt2":
         raise UsageError(f"{meta_path}: unsupported tokenizer {name!r} (only 'gpt2')")
-    _offline_tiktoken_cache()
     import tiktoken  # noqa: PLC0415 — imported late so --help works without its files
 
     enc = tiktoken.get_encoding("gpt2")
