@@ -1,5 +1,5 @@
 """
-The baselines PRISM is compared against (../shared/docs/PRISM.md §7), the size presets at which
+The baselines PRISM is compared against (docs/PRISM.md §7), the size presets at which
 every arch has the same parameter count (±5%), and the ablations of PRISM as config values.
 
 Both baselines share everything but their blocks with PRISM (model.LanguageModel): the loss,

@@ -1,7 +1,7 @@
 """
 PRISM: the transformer as a signal-denoising operator derived from MCR² (arXiv 2601.15540).
 
-This file reads top to bottom like the derivation (../shared/docs/PRISM.md holds the design):
+This file reads top to bottom like the derivation (docs/PRISM.md holds the design):
   1. the coding rate R and the rate reduction ΔR, the objective everything is derived from;
   2. attention as one gradient step on the compressed rate R^c (the MSSA step);
   3. constraint 1, the overcomplete dictionary: q = k = v = Uᵀz with H·p > d;

@@ -1,4 +1,4 @@
-# The ~50M-parameter PRISM of the paper (../shared/docs/PRISM.md §5), for one or more GPUs:
+# The ~50M-parameter PRISM of the paper (docs/PRISM.md §5), for one or more GPUs:
 #   python train.py config/prism_50m.py
 #   torchrun --standalone --nproc_per_node=8 train.py config/prism_50m.py
 # d = 512, 8 layers, 16 heads of p = 64 (overcompleteness ρ = H·p/d = 2, 8 signal + 8 noise heads
