@@ -582,8 +582,9 @@ def default_config():
 
 def usage():
     lines = [__doc__.strip(), "", "TrainConfig fields (default):"]
-    lines += [f"  --{f.name}={f.default}" for f in fields(TrainConfig)]
-    lines += ["", f"{get_arch('prism')[0].__name__} fields (default; vocab_size comes from meta.json):"]
+    lines += [f"  --{f.name}={'auto' if f.default is None else f.default}" for f in fields(TrainConfig)]
+    lines += ["", f"{get_arch('prism')[0].__name__} fields (default; vocab_size comes from meta.json; "
+              "the baselines' fields are in baselines.py):"]
     lines += [f"  --{f.name}={f.default}" for f in fields(get_arch("prism")[0]) if f.name != "vocab_size"]
     return "\n".join(lines)
 
