@@ -459,8 +459,10 @@ def build_model(arch, **model_args):
 
 
 def checkpoint_payload(model):
-    """What identifies a model in a checkpoint: its arch, its config and its weights."""
-    return {"arch": model.arch, "model_config": asdict(model.config), "model": model.state_dict()}
+    """What identifies a model in a checkpoint: its arch, its config, its weights, and the
+    vocabulary its token ids belong to (meta.json's tokenizer fields, set by train.py)."""
+    return {"arch": model.arch, "model_config": asdict(model.config), "model": model.state_dict(),
+            "vocabulary": getattr(model, "vocabulary", None)}
 
 
 def load_model(path, device="cpu"):
@@ -475,4 +477,5 @@ def load_model(path, device="cpu"):
         raise ValueError(f"{path} is not a prism-nano checkpoint (no arch/model_config/model)")
     model = build_model(ckpt["arch"], **ckpt["model_config"])
     model.load_state_dict(ckpt["model"])
+    model.vocabulary = ckpt.get("vocabulary")
     return model.to(device).eval()

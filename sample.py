@@ -7,7 +7,7 @@ Examples:
     python sample.py --ckpt=out/ckpt.pt --prompt=FILE:prompt.txt --top_p=0.9
     python sample.py --ckpt=out/ckpt.pt --prompt_file=prompt.txt --temperature=0   # greedy
     python sample.py --ckpt=out/ckpt.pt --keep_going   # do not stop at <|endoftext|>
-    python sample.py --ckpt=out/small/ckpt.pt --meta=data/sample4k/meta.json  # compact vocabulary
+    python sample.py --ckpt=out/old/ckpt.pt --meta=data/sample4k/meta.json  # an id map by hand
 
 Each sample is printed as its prompt followed by the generated text, and ends at the first
 end-of-text token (which is not printed) unless --keep_going is given; samples are separated by a
@@ -53,13 +53,14 @@ class Tokenizer:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
 
-def load_tokenizer(meta_path=None):
-    """The tokenizer a model was trained with. `meta_path` is a data folder's meta.json (None:
-    plain GPT-2 BPE). Every conversion between text and model token ids goes through here.
+def load_tokenizer(meta_path=None, meta=None):
+    """The tokenizer a model was trained with. `meta_path` is a data folder's meta.json, or `meta`
+    its content (a checkpoint's `vocabulary`); neither: plain GPT-2 BPE. Every conversion between
+    text and model token ids goes through here.
     A compact vocabulary (meta.json's compact_vocab, from prepare_tinystories.py --vocab_size):
     compact id c < size is GPT-2 id gpt2_ids[c]; other GPT-2 tokens encode to unknown_token,
     which decodes to UNKNOWN_TEXT."""
-    meta = {}
+    meta = meta or {}
     if meta_path is not None:
         try:
             meta = json.loads(Path(meta_path).read_text(encoding="utf-8"))
@@ -190,8 +191,9 @@ def build_parser():
     p.add_argument("--keep_going", action="store_true",
                    help="do not stop a sample at the end-of-text token")
     p.add_argument("--meta", default=None,
-                   help="the meta.json of the model's data folder: needed for a compact vocabulary "
-                        "(prepare_tinystories.py --vocab_size); none: plain GPT-2 BPE")
+                   help="the meta.json of the model's data folder, for a checkpoint that does not "
+                        "carry its vocabulary (train.py stores it); none: the checkpoint's, else "
+                        "plain GPT-2 BPE")
     return p
 
 
@@ -229,11 +231,11 @@ def run(args, out=None):
     if not Path(args.ckpt).is_file():
         raise UsageError(f"no checkpoint at {args.ckpt}")
     device = pick_device(args.device)
-    tokenizer = load_tokenizer(args.meta)
-    prompt_ids = tokenizer.encode(prompt)
     model = load_checkpoint_model(args.ckpt, device)
+    tokenizer = load_tokenizer(args.meta, model.vocabulary)  # --meta, or what train.py stored
+    prompt_ids = tokenizer.encode(prompt)
     vocab = model.config.vocab_size
-    if args.meta is None and vocab != GPT2_VOCAB:
+    if args.meta is None and not model.vocabulary and vocab != GPT2_VOCAB:
         raise UsageError(f"the model has a vocabulary of {vocab} tokens, not GPT-2's {GPT2_VOCAB}: "
                          "pass the meta.json of its data with --meta")
     bad = [t for t in prompt_ids if t >= vocab]

@@ -423,6 +423,9 @@ def _train(cfg, model_config, ckpt, train_data, val_data, meta, ckpt_path, log_p
     torch.manual_seed(cfg.seed + rank)  # the model's init (rank 0's is broadcast by DDP), dropout
     rng = np.random.default_rng(cfg.seed)
     raw_model = build_model(cfg.arch, **model_config).to(device)
+    # The ids' meaning travels with the checkpoint, so sample.py can print text without the data.
+    raw_model.vocabulary = {k: meta[k] for k in ("tokenizer", "vocab_size", "eot_token",
+                                                  "compact_vocab") if k in meta}
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
                                                (cfg.beta1, cfg.beta2), device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)

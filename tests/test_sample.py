@@ -193,6 +193,21 @@ def test_compact_vocabulary(compact, capsys):
     assert rc == 1 and out == "" and last.startswith("error: ") and "--meta" in last
 
 
+def test_checkpoint_from_train_py_carries_its_compact_vocabulary(compact_data, tmp_path, capsys):
+    import train
+
+    cfg = train.TrainConfig(data_dir=str(compact_data), out_dir=str(tmp_path), max_iters=2,
+                            eval_interval=2, eval_iters=1, batch_size=2, warmup_iters=1)
+    train.train(cfg, dict(n_layer=1, n_embd=32, n_head=2, head_dim=16, block_size=32))
+    meta = sample.json.loads((compact_data / "meta.json").read_text())
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["vocabulary"]["compact_vocab"] \
+        == meta["compact_vocab"]
+    capsys.readouterr()
+    rc, out, err = run_main(capsys, f"--ckpt={tmp_path / 'ckpt.pt'}", "--prompt=Once upon a time",
+                            "--num_samples=1", "--max_new_tokens=5", "--keep_going")
+    assert rc == 0 and out.startswith("Once upon a time"), err
+
+
 def test_command_line(ckpt):
     """The script as a user runs it: the samples on stdout, exit status 0."""
     ok = subprocess.run([sys.executable, "sample.py", f"--ckpt={ckpt}", "--num_samples=1",
