@@ -143,9 +143,11 @@ def analyze(args, run_dir):
 
     out = run_dir / "analysis"
     if not (out / "heads.json").is_file():
-        analyze_heads.main([f"--ckpt={run_dir / 'ckpt.pt'}", f"--data_dir={args.data_dir}",
-                            f"--out_dir={out}", f"--num_batches={args.analysis_batches}",
-                            f"--device={args.device}", "--no_progress"])
+        status = analyze_heads.main([f"--ckpt={run_dir / 'ckpt.pt'}", f"--data_dir={args.data_dir}",
+                                     f"--out_dir={out}", f"--num_batches={args.analysis_batches}",
+                                     f"--device={args.device}", "--no_progress"])
+        if status:
+            raise CompareError(f"analyze_heads.py failed on {run_dir / 'ckpt.pt'} (see above)")
     return json.loads((out / "heads.json").read_text())
 
 

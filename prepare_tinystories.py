@@ -335,9 +335,8 @@ def tokenize_files(train_file, val_file=None, out_dir="data/tinystories", val_fr
 
     vocab_size K (optional) keeps the K most frequent training tokens and maps the rest to one
     unknown token (apply_compact_vocabulary). With val_file None, whole stories are split off
-    train_file (story i goes to val iff
-    i % k == 0, k = round(1 / val_fraction)). Returns the meta dict written to meta.json, plus
-    input_bytes (text bytes read, for throughput; not in the file). Raises PrepareError on bad
+    train_file (story i goes to val iff i % k == 0, k = round(1 / val_fraction)). Returns the meta
+    dict written to meta.json, plus input_bytes (text bytes read, for throughput; not in the file). Raises PrepareError on bad
     input; on any failure (KeyboardInterrupt included) no temporary file is left and the outputs
     of an earlier run are untouched."""
     check_text_file(train_file, "train file")
