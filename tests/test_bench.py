@@ -29,7 +29,7 @@ def test_one_tiny_configuration_end_to_end(tmp_path, small_text, capsys):
     assert "error" not in rec, rec.get("error")
     assert set(bench.REQUIRED_KEYS) <= rec.keys()
     assert rec["arch"] == "prism" and rec["block_size"] == 32 and rec["batch_size"] == 2
-    assert rec["params"] > 0 and rec["step_ms"] > 0 and rec["peak_mem_mb"] > rec["base_mem_mb"] > 0
+    assert rec["params"] > 0 and rec["step_ms"] > 0 and rec["peak_mem_mb"] >= rec["base_mem_mb"] > 0
     assert rec["tokens_per_sec"] == pytest.approx(2 * 32 / (rec["step_ms"] / 1000))
     assert len(rec["step_ms_all"]) == 2 and rec["mfu"] is None  # MFU on a GPU only
     assert rec["device"] == "cpu" and rec["dtype"] == "float32" and rec["threads"] == 1
