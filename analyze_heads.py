@@ -196,12 +196,8 @@ def mcr2_diagnostics(Z, subspaces, eps):
 
 
 def _rope_frequencies(model, layer):
-    """(H, p/2) float64 frequencies of a layer's heads, or None (model.rope_frequencies(layer);
-    a model whose rope_frequencies() takes no layer has the same ones in every layer)."""
-    try:
-        f = model.rope_frequencies(layer)
-    except TypeError:
-        f = model.rope_frequencies()
+    """(H, p/2) float64 frequencies of a layer's heads on the CPU, or None (no rotary heads)."""
+    f = model.rope_frequencies(layer)
     return None if f is None else torch.as_tensor(f, dtype=torch.float64).cpu()
 
 
