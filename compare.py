@@ -110,7 +110,11 @@ def run_once(args, plan, variant, lr, seed, iters, run_dir):
 
     done = run_dir / "summary.json"
     if done.is_file():
-        return json.loads(done.read_text())
+        summary = json.loads(done.read_text())
+        if summary["iters"] != iters:
+            raise CompareError(f"{run_dir} holds a finished run of {summary['iters']} iterations, "
+                               f"not {iters}: give this budget another --out_dir")
+        return summary
     arch, model_args = variant_args(args.preset, variant, plan["meta"]["vocab_size"])
     model_args.pop("vocab_size")  # train.py takes it from meta.json
     cfg = train.TrainConfig(

@@ -72,4 +72,7 @@ def test_a_small_comparison_writes_table_curves_and_heads_and_resumes(compact_da
     code, _ = run_compare(capsys, *argv)
     assert code == 0
     assert results.count("<!-- compare.py cpu-small -->") == 1
+    # Another budget in the same folder would silently reuse these runs: refused instead.
+    code, out = run_compare(capsys, *[a.replace("--tokens=8192", "--tokens=16384") for a in argv])
+    assert code == 1 and "finished run of 4 iterations, not 8" in out.err
     assert (tmp_path / "docs" / "RESULTS.md").read_text().count("<!-- compare.py cpu-small -->") == 1
