@@ -20,7 +20,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from model import (Block, LanguageModel, _check, apply_rotary, build_model, causal_mask,
-                   explicit_attention, padded_vocab_size, rotary_frequencies, rotary_tables)
+                   explicit_attention, rotary_frequencies, rotary_tables)
 
 # -----------------------------------------------------------------------------
 # GPT-2
@@ -72,24 +72,13 @@ class GPT2(LanguageModel):
 
     def __init__(self, config):
         super().__init__()
-        self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(padded_vocab_size(config.vocab_size), config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config, CausalSelfAttention) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-        ))
-        self.lm_head = nn.Linear(config.n_embd, padded_vocab_size(config.vocab_size), bias=False)
-        self._finish_init()
+        self._build(config, [Block(config, CausalSelfAttention) for _ in range(config.n_layer)],
+                    nn.LayerNorm(config.n_embd, bias=config.bias),
+                    wpe=nn.Embedding(config.block_size, config.n_embd))
 
-    def forward_hidden(self, idx, record=None):
-        self._check_length(idx)
+    def embed(self, idx):
         pos = torch.arange(idx.shape[1], device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
-            x = block(x, record)
-        return self.transformer.ln_f(x)
+        return self.transformer.wte(idx) + self.transformer.wpe(pos)
 
 
 # -----------------------------------------------------------------------------
@@ -202,23 +191,11 @@ class Gemma3(LanguageModel):
 
     def __init__(self, config):
         super().__init__()
-        self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(padded_vocab_size(config.vocab_size), config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([GemmaBlock(config, layer) for layer in range(config.n_layer)]),
-            ln_f=nn.RMSNorm(config.n_embd, eps=1e-6),
-        ))
-        self.lm_head = nn.Linear(config.n_embd, padded_vocab_size(config.vocab_size), bias=False)
-        self._finish_init()
+        self._build(config, [GemmaBlock(config, layer) for layer in range(config.n_layer)],
+                    nn.RMSNorm(config.n_embd, eps=1e-6))
 
-    def forward_hidden(self, idx, record=None):
-        self._check_length(idx)
-        x = self.transformer.wte(idx) * math.sqrt(self.config.n_embd)
-        x = self.transformer.drop(x)
-        for block in self.transformer.h:
-            x = block(x, record)
-        return self.transformer.ln_f(x)
+    def embed(self, idx):
+        return self.transformer.wte(idx) * math.sqrt(self.config.n_embd)
 
     def rope_frequencies(self, layer=0):
         return self.config.rope_frequencies(layer)

@@ -248,12 +248,19 @@ def padded_vocab_size(vocab_size):
 
 
 class LanguageModel(nn.Module):
-    """Base of PRISM and the baselines. A subclass builds `self.transformer` (with `wte`, `h`) and
-    `self.lm_head`, and implements `forward_hidden(idx, record)` -> final hidden states."""
+    """Base of PRISM and the baselines. A subclass calls `_build` with its blocks and final norm
+    and implements `embed(idx)` -> the residual stream entering the first block."""
 
     arch = None  # the name train.py and the checkpoints use
 
-    def _finish_init(self):
+    def _build(self, config, blocks, final_norm, **extra_modules):
+        """Token embedding, the blocks, the final norm and the tied output layer; then the init."""
+        self.config = config
+        vocab = padded_vocab_size(config.vocab_size)
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(vocab, config.n_embd), **extra_modules,
+            drop=nn.Dropout(config.dropout), h=nn.ModuleList(blocks), ln_f=final_norm))
+        self.lm_head = nn.Linear(config.n_embd, vocab, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied input/output embeddings
         self.apply(self._init_weights)
         # GPT-2's residual scaling: layers that write into the residual stream start smaller.
@@ -285,6 +292,16 @@ class LanguageModel(nn.Module):
     def get_num_params(self):
         return sum(p.numel() for p in self.parameters())
 
+    def forward_hidden(self, idx, record=None):
+        """The final hidden states (B, T, d); `record` collects the analysis of each layer."""
+        if idx.shape[1] > self.config.block_size:
+            raise ValueError(f"sequence of length {idx.shape[1]} is longer than "
+                             f"block_size = {self.config.block_size}")
+        x = self.transformer.drop(self.embed(idx))
+        for block in self.transformer.h:
+            x = block(x, record)
+        return self.transformer.ln_f(x)
+
     def forward(self, idx, targets=None):
         """idx (B, T) token ids -> logits (B, T, vocab_size) and the mean cross-entropy loss
         against targets (B, T) when given (-1 marks positions to ignore)."""
@@ -297,11 +314,6 @@ class LanguageModel(nn.Module):
         record = []
         logits, loss = self._head(self.forward_hidden(idx, record), targets)
         return logits, loss, record
-
-    def _check_length(self, idx):
-        if idx.shape[1] > self.config.block_size:
-            raise ValueError(f"sequence of length {idx.shape[1]} is longer than "
-                             f"block_size = {self.config.block_size}")
 
     def _head(self, x, targets):
         logits = self.lm_head(x)  # (B, T, padded vocab)
@@ -387,27 +399,16 @@ class Prism(LanguageModel):
 
     def __init__(self, config):
         super().__init__()
-        self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(padded_vocab_size(config.vocab_size), config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-        ))
-        self.lm_head = nn.Linear(config.n_embd, padded_vocab_size(config.vocab_size), bias=False)
-        self._finish_init()
+        self._build(config, [Block(config) for _ in range(config.n_layer)],
+                    nn.LayerNorm(config.n_embd, bias=config.bias))
 
     @property
     def overcompleteness(self):
         """ρ = H·p / d: how many more dictionary directions than token dimensions."""
         return self.config.n_head * self.config.head_dim / self.config.n_embd
 
-    def forward_hidden(self, idx, record=None):
-        self._check_length(idx)
-        x = self.transformer.drop(self.transformer.wte(idx))  # no absolute positions: RoPE has them
-        for block in self.transformer.h:
-            x = block(x, record)
-        return self.transformer.ln_f(x)
+    def embed(self, idx):
+        return self.transformer.wte(idx)  # no absolute positions: RoPE carries them
 
     def rope_frequencies(self, layer=0):
         return rope_frequencies(self.config)  # the same in every layer
