@@ -1,0 +1,90 @@
+"""
+Paired statistics over seeds, used by compare.py (losses) and analyze_heads.py (head contrasts).
+
+A comparison here is paired: arm A and arm B are trained with the same seeds, and a seed fixes the
+initialisation and the data order, so the unit of evidence is the per-seed difference
+d_s = A_s − B_s. With n seeds:
+  - sign_flip_pvalue: the exact permutation test of "d is symmetric about 0" (under the null each
+    d_s is as likely to be −d_s): all 2ⁿ sign patterns, statistic |mean d|. No normality assumed.
+    Its smallest possible two-sided p is 2/2ⁿ (0.0625 for 5 seeds, 0.031 for 6, 0.0078 for 8), so
+    the number of seeds bounds what any comparison can show: see min_sign_flip_pvalue.
+  - paired_summary: the mean difference, its Student-t 95% interval (this one assumes the d_s are
+    roughly normal) and the exact p-value, in one record.
+  - holm: Holm's step-down correction of a family of p-values (controls the family-wise error rate
+    without independence assumptions).
+"""
+
+import itertools
+import math
+
+import numpy as np
+
+MAX_EXACT_SEEDS = 20  # 2^20 sign patterns; beyond that the exact test is not enumerated
+
+
+def sign_flip_pvalue(diffs, alternative="two-sided"):
+    """Exact sign-flip p-value of the mean of paired differences `diffs` (n ≤ 20).
+
+    alternative: "two-sided" (|mean| as large), "greater" (mean as large), "less" (as small).
+    p = (number of sign patterns whose statistic is at least the observed one) / 2ⁿ; the observed
+    pattern counts, so p ≥ 1/2ⁿ. A tolerance of 1e-12 (relative) treats ties as ties."""
+    d = np.asarray(diffs, dtype=np.float64)
+    n = len(d)
+    if n == 0:
+        raise ValueError("no differences to test")
+    if n > MAX_EXACT_SEEDS:
+        raise ValueError(f"{n} pairs: the exact test enumerates 2^n patterns, at most 2^{MAX_EXACT_SEEDS}")
+    if alternative not in ("two-sided", "greater", "less"):
+        raise ValueError(f"alternative must be two-sided, greater or less, not {alternative!r}")
+    signs = np.array(list(itertools.product((1.0, -1.0), repeat=n)))  # (2^n, n)
+    means = signs @ d / n
+    observed = d.mean()
+    tol = 1e-12 * max(1.0, float(np.abs(d).max()))
+    if alternative == "two-sided":
+        hits = np.abs(means) >= abs(observed) - tol
+    elif alternative == "greater":
+        hits = means >= observed - tol
+    else:
+        hits = means <= observed + tol
+    return float(hits.mean())
+
+
+def min_sign_flip_pvalue(n, alternative="two-sided"):
+    """The smallest p-value sign_flip_pvalue can return for n pairs."""
+    return (2.0 if alternative == "two-sided" else 1.0) / 2 ** n
+
+
+def t_quantile(level, df):
+    """The two-sided Student-t critical value for a `level` interval with df degrees of freedom."""
+    from scipy.stats import t  # noqa: PLC0415
+
+    return float(t.ppf(0.5 + level / 2, df))
+
+
+def paired_summary(diffs, level=0.95):
+    """{n, mean, sd, lo, hi, p, min_p} of paired differences: the mean with its Student-t interval
+    at `level` (None for fewer than 2 pairs) and the exact two-sided sign-flip p-value."""
+    d = np.asarray(diffs, dtype=np.float64)
+    n = len(d)
+    mean = float(d.mean())
+    sd = float(d.std(ddof=1)) if n > 1 else None
+    lo = hi = None
+    if n > 1:
+        half = t_quantile(level, n - 1) * sd / math.sqrt(n)
+        lo, hi = mean - half, mean + half
+    return dict(n=n, mean=mean, sd=sd, lo=lo, hi=hi, level=level,
+                p=sign_flip_pvalue(d), min_p=min_sign_flip_pvalue(n))
+
+
+def holm(pvalues):
+    """Holm-adjusted p-values, in the order given. Sorted ascending p_(1) ≤ … ≤ p_(m), the adjusted
+    value of p_(i) is max_{j ≤ i} min(1, (m − j + 1) p_(j)): multiply the smallest by m, the next
+    by m − 1, …, and keep the sequence non-decreasing. None entries are passed through."""
+    indexed = [(p, i) for i, p in enumerate(pvalues) if p is not None]
+    m = len(indexed)
+    out = list(pvalues)
+    running = 0.0
+    for rank, (p, i) in enumerate(sorted(indexed)):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out
