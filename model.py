@@ -55,8 +55,9 @@ def compressed_coding_rate(Z, subspaces, eps=0.5):
 #         ∇_Z R^c = Σ_k β (I_n + β G_k)⁻¹ W_k U_kᵀ                 (compressed_rate_gradient)
 # (b) Heuristic: the Neumann series (I + βG)⁻¹ = I − βG + β²G² − …, cut after the second term:
 #         −∇_Z R^c ≈ Σ_k (−β W_k + β² G_k W_k) U_kᵀ                  (neumann_descent_direction)
-#     accurate to O(β³) only while β·λ_max(G_k) < 1. At the scales the model runs at this number is
-#     in the hundreds (analyze_heads.py reports it per layer as `neumann_radius`): the series does
+#     accurate to O(β³) only while β·λ_max(G_k) < 1. Where the model runs, this number is far
+#     above 1 (about 50 at PRISM-50M's initialisation on isotropic tokens, thousands in a trained
+#     cpu-small PRISM: analyze_heads.py reports it per layer as `neumann_radius`): the series does
 #     not converge there, and the steps below are motivated by it, not implied.
 # (c) Heuristic: the softmax replaces the similarity G_k in the second-order term (not the inverse:
 #     replacing (I + βG)⁻¹ itself by a softmax points away from −∇R^c: on random tokens the two
