@@ -248,6 +248,17 @@ VARIANTS = {
     "prism-qk": ("prism", {"qkv_sharing": "qk"}),                  # q = k, a value of its own
     "prism-separate": ("prism", {"qkv_sharing": "none"}),          # q, k, v apart, π-RoPE kept
     "rope-attention": ("prism", {"qkv_sharing": "none", "rope_ratio": 1.0}),  # plain RoPE attention
+    # White-box candidates (PRISM.md §8): the paper's PRISM plus one MCR²-motivated change each,
+    # and the scout's best three together.
+    "prism-head-step": ("prism", {"head_step": True}),
+    "prism-head-temperature": ("prism", {"head_temperature": True}),
+    "prism-normalized": ("prism", {"normalize_subspaces": True}),
+    "prism-no-self": ("prism", {"mask_self": True}),
+    "prism-rotated-values": ("prism", {"rotate_values": True}),
+    "prism-rho-init": ("prism", {"rho_init": True}),
+    "prism-ista": ("prism", {"mlp": "ista"}),
+    "prism-ista-tied": ("prism", {"mlp": "ista-tied"}),
+    "prism-white": ("prism", {"normalize_subspaces": True, "mask_self": True, "rotate_values": True}),
 }
 
 

@@ -124,6 +124,14 @@ class PrismConfig:
     qkv_sharing: str = "qkv"     # "qkv": q = k = v = Z U_k (PRISM); "qk": own value; "none": q, k, v apart
     dropout: float = 0.0
     bias: bool = False           # biases in Linear and LayerNorm
+    # Candidates for a white-box PRISM that trains better (each described in PrismAttention / §5):
+    head_step: bool = False          # a learned step η_k per head instead of one for all
+    head_temperature: bool = False   # a learned softmax temperature per head
+    normalize_subspaces: bool = False  # scores from RMS-normalised W_k (tokens on a sphere)
+    mask_self: bool = False          # no score with itself; a learned sink takes the spare mass
+    rotate_values: bool = False      # values rotated too: the step of §2 on the rotated tokens
+    rho_init: bool = False           # dictionary init std 0.02/√ρ: the variance of ρ = 1
+    mlp: str = "gelu"                # "gelu"; "ista": one sparse-coding step; "ista-tied": D₁ = D
 
     def __post_init__(self):
         if self.signal_heads == -1:
@@ -138,6 +146,8 @@ class PrismConfig:
         _check(self, "dropout", 0 <= self.dropout < 1, "must be in [0, 1)")
         _check(self, "qkv_sharing", self.qkv_sharing in ("qkv", "qk", "none"),
                "must be 'qkv', 'qk' or 'none'")
+        _check(self, "mlp", self.mlp in ("gelu", "ista", "ista-tied"),
+               "must be 'gelu', 'ista' or 'ista-tied'")
 
 
 def _check(config, name, ok, why):
@@ -252,6 +262,7 @@ class PrismAttention(nn.Module):
         self.n_head, self.head_dim = config.n_head, config.head_dim
         self.qkv_sharing = config.qkv_sharing
         self.dropout = config.dropout
+        self.rotate_values = config.rotate_values
         inner = config.n_head * config.head_dim
         # The first `inner` rows are the dictionary Uᵀ; "qk" adds a value, "none" a key and a value.
         n_proj = {"qkv": 1, "qk": 2, "none": 3}[config.qkv_sharing]
@@ -261,6 +272,22 @@ class PrismAttention(nn.Module):
             self.step_size = nn.Parameter(torch.ones(()))  # η
         else:
             self.back_projection = nn.Linear(inner, config.n_embd, bias=config.bias)
+        # The candidates of the white-box search (docs/PRISM.md §8), each off by default.
+        # η_k per head: §2's step is Σ_k η U_k SA(W_k); nothing in the derivation ties the heads'
+        # steps together, and the dropped β² factor differs per subspace (β·‖G_k‖).
+        self.head_step = nn.Parameter(torch.ones(config.n_head)) if config.head_step else None
+        # Temperature per head: the softmax stands in for β G_k, whose scale is per subspace.
+        self.log_temperature = (nn.Parameter(torch.zeros(config.n_head))
+                                if config.head_temperature else None)
+        # Normalised subspaces: MCR² codes features on the unit sphere (Yu et al. 2020); scoring
+        # RMS-normalised W_k (learned gain, as QK-norm) decouples the softmax's temperature from
+        # ‖U_k‖, which otherwise sets both it and the size of the value.
+        self.subspace_norm = nn.RMSNorm(config.head_dim, eps=1e-6) if config.normalize_subspaces else None
+        # No self-preference: the diagonal of G_k only rescales w_t along itself (the residual
+        # already carries the token), yet with q = k it is the largest score a token can have.
+        # Masking it leaves position 0 with no key, so every head gets a sink: a zero key and
+        # value with a learned logit, where attention can put mass that should move nothing.
+        self.sink_logit = nn.Parameter(torch.zeros(config.n_head)) if config.mask_self else None
         self.resid_dropout = nn.Dropout(config.dropout)
         # RoPE tables are built once here and move with the module to its device.
         cos, sin = rotary_tables(rope_frequencies(config), config.block_size)
@@ -276,21 +303,34 @@ class PrismAttention(nn.Module):
         B, T, _ = x.shape
         heads = self.dictionary(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_proj·H, T, p)
         cos, sin = self.rope_cos[:, :T], self.rope_sin[:, :T]
-        if self.qkv_sharing == "qkv":
-            w = heads                          # W_k = U_kᵀZ
-            q = k = apply_rotary(w, cos, sin)  # q = k: rotate once
-            v = w
-        elif self.qkv_sharing == "qk":
-            w, v = heads.split(self.n_head, dim=1)
-            q = k = apply_rotary(w, cos, sin)
-        else:
+        norm = self.subspace_norm or (lambda t: t)
+        if self.qkv_sharing == "none":
             q, k, v = heads.split(self.n_head, dim=1)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if record is None:
+            q, k = apply_rotary(norm(q), cos, sin), apply_rotary(norm(k), cos, sin)
+        else:
+            w, v = heads.split(self.n_head, dim=1) if self.qkv_sharing == "qk" else (heads, heads)
+            q = k = apply_rotary(norm(w), cos, sin)  # W_k = Z U_k; q = k: rotate once
+        if self.rotate_values:  # v_s = R_s w_s: the values live in the same rotated frame as k
+            v = apply_rotary(v, cos, sin)
+        if self.log_temperature is not None:
+            q = q * self.log_temperature.exp()[:, None, None]
+        mask = None
+        if self.sink_logit is not None:  # the sink: a zero key and value in front of the tokens
+            zeros = q.new_zeros(B, self.n_head, 1, self.head_dim)
+            k, v = torch.cat((zeros, k), dim=2), torch.cat((zeros, v), dim=2)
+            mask = self_masked_bias(T, self.sink_logit, q.dtype)
+        if record is not None:
+            y = explicit_attention(q, k, v, record, attn_mask=mask)
+        elif mask is None:
             y = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
         else:
-            y = explicit_attention(q, k, v, record)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        if self.rotate_values:  # back to token t's frame: y_t = Σ_s A_ts R_{s−t} w_s
+            y = apply_rotary(y, cos, -sin)
+        if self.head_step is not None:
+            y = y * self.head_step[:, None, None]
         y = y.transpose(1, 2).reshape(B, T, -1)
         if self.back_projection is None:
             value_weight = self.dictionary.weight[-y.shape[-1]:]  # U (the value rows) back to R^d
@@ -300,6 +340,16 @@ class PrismAttention(nn.Module):
         return self.resid_dropout(y)
 
 
+def self_masked_bias(T, sink_logit, dtype):
+    """(H, T, T + 1) additive attention bias for mask_self: column 0 is the sink (its learned
+    logit), column 1 + j is key j, allowed (0) where j < i and −inf elsewhere, the diagonal too."""
+    i = torch.arange(T, device=sink_logit.device)
+    allowed = i[None, :] < i[:, None]
+    bias = torch.zeros(T, T, device=sink_logit.device, dtype=dtype).masked_fill(~allowed, float("-inf"))
+    sink = sink_logit.to(dtype)[:, None, None].expand(-1, T, 1)
+    return torch.cat((sink, bias.expand(sink_logit.shape[0], T, T)), dim=-1)
+
+
 def causal_mask(T, device, window=None):
     """(T, T) bool, True where query i may attend to key j: j ≤ i, and i − j < window if given."""
     i = torch.arange(T, device=device)
@@ -307,19 +357,45 @@ def causal_mask(T, device, window=None):
     return (distance >= 0) & (distance < (window or T))
 
 
-def explicit_attention(q, k, v, record, window=None):
-    """softmax(qkᵀ/√p) v with a causal mask, spelled out so the probabilities can be kept.
-    The analysis path of every model; equal to the fused kernel up to float rounding."""
+def explicit_attention(q, k, v, record, window=None, attn_mask=None):
+    """softmax(qkᵀ/√p + mask) v, spelled out so the probabilities can be kept: causal (and
+    windowed) by default, or the additive `attn_mask` (H, T, S) whose first S − T keys are extra
+    (a sink). The analysis path of every model; equal to the fused kernel up to float rounding.
+    The record keeps the probabilities of the T real keys (a sink's share is 1 − their sum)."""
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-    mask = causal_mask(q.shape[-2], q.device, window)
-    attn = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-    record.append({"attn": attn, "q": q, "k": k})
+    T = q.shape[-2]
+    if attn_mask is None:
+        attn = scores.masked_fill(~causal_mask(T, q.device, window), float("-inf")).softmax(dim=-1)
+    else:
+        attn = (scores + attn_mask).softmax(dim=-1)
+    record.append({"attn": attn[..., -T:], "q": q, "k": k[..., -T:, :]})
     return attn @ v
 
 
 # -----------------------------------------------------------------------------
 # 5. The rest of the block is deliberately conventional (PRISM.md §5): pre-norm residual,
 # LayerNorm, a GELU MLP of width 4d, tied input/output embeddings, no learned positions.
+# The white-box alternative to the MLP (mlp = "ista", CRATE / CRATE-α): one step of ISTA on the
+# non-negative LASSO of each token z ∈ R^d against a dictionary D ∈ R^{d×m},
+#     min_{a ≥ 0} ½‖z − D a‖² + λ‖a‖₁,
+# whose proximal-gradient step is a ← ReLU(a + η Dᵀ(z − D a) − ηλ) (exact ISTA; it decreases
+# the objective for η ≤ 1/λ_max(DᵀD)). Unrolled once from a = 0: a = ReLU(η Dᵀz − ηλ), and the
+# block adds the reconstruction D a to the residual. "ista-tied" keeps D₁ = D (strict: one
+# dictionary, a learned step η and threshold λ per atom); "ista" learns the encoder D₁ in place
+# of ηDᵀ (CRATE-α's decoupled dictionary), which makes it a ReLU MLP with a learned threshold.
+
+
+def ista_step(z, D, threshold, step, a=None):
+    """One ISTA step of the non-negative LASSO: ReLU(a + η Dᵀ(z − D a) − ηλ), tokens as rows
+    (z (…, d), D (d, m), threshold λ (m,), step η); a = 0 when not given."""
+    grad = F.linear(z, D.t()) if a is None else F.linear(z - F.linear(a, D), D.t())
+    a = 0 if a is None else a
+    return F.relu(a + step * grad - step * threshold)
+
+
+def lasso_objective(z, D, threshold, a):
+    """½‖z − D a‖² + Σ λ_i a_i per token (a ≥ 0, so ‖a‖₁ = Σ a_i)."""
+    return 0.5 * (z - F.linear(a, D)).pow(2).sum(-1) + (a * threshold).sum(-1)
 
 
 class MLP(nn.Module):
@@ -333,13 +409,35 @@ class MLP(nn.Module):
         return self.dropout(self.proj(F.gelu(self.fc(x))))
 
 
+class SparseCodingMLP(nn.Module):
+    """x ← D · ReLU(D₁ x − ηλ): one ISTA step from 0 (see above); D₁ = ηDᵀ when tied."""
+
+    def __init__(self, config):
+        super().__init__()
+        width = 4 * config.n_embd if config.mlp == "ista" else 8 * config.n_embd  # ≈ same weights
+        self.tied = config.mlp == "ista-tied"
+        self.proj = nn.Linear(width, config.n_embd, bias=False)  # the dictionary D (d × m)
+        self.encoder = None if self.tied else nn.Linear(config.n_embd, width, bias=False)  # D₁
+        self.step = nn.Parameter(torch.ones(())) if self.tied else None  # η
+        self.threshold = nn.Parameter(torch.zeros(width))  # ηλ (decoupled) or λ (tied), per atom
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        if self.tied:
+            code = ista_step(x, self.proj.weight, self.threshold, self.step)
+        else:
+            code = F.relu(self.encoder(x) - self.threshold)
+        return self.dropout(self.proj(code))
+
+
 class Block(nn.Module):
     def __init__(self, config, attention=PrismAttention):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = attention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config)
+        # The baselines share this block; their configs have no `mlp` field and keep the GELU MLP.
+        self.mlp = MLP(config) if getattr(config, "mlp", "gelu") == "gelu" else SparseCodingMLP(config)
 
     def forward(self, x, record=None):
         z = self.ln_1(x)
@@ -514,6 +612,9 @@ class Prism(LanguageModel):
         super().__init__()
         self._build(config, [Block(config) for _ in range(config.n_layer)],
                     nn.LayerNorm(config.n_embd, bias=config.bias))
+        if config.rho_init:  # ρ times the directions at 1/ρ the variance: ‖U‖_F² of ρ = 1
+            for block in self.transformer.h:
+                nn.init.normal_(block.attn.dictionary.weight, std=0.02 / math.sqrt(self.overcompleteness))
 
     @property
     def overcompleteness(self):
