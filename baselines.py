@@ -1,6 +1,8 @@
 """
-The baselines PRISM is compared against (docs/PRISM.md §7), the size presets at which
-every arch has the same parameter count (±5%), and the ablations of PRISM as config values.
+The baselines PRISM is compared against (docs/PRISM.md §7), the registry of every arch by name
+(PRISM's included) with the checkpoint helpers, the size presets at which every arch has the same
+parameter count (±5%), and the ablations of PRISM as config values. Imports run one way:
+model.py <- this file <- train.py, sample.py, analyze_heads.py, compare.py, bench.py.
 
 Both baselines share everything but their blocks with PRISM (model.LanguageModel): the loss,
 generation, the optimizer, MFU, checkpoints and the analysis path.
@@ -10,16 +12,15 @@ generation, the optimizer, MFU, checkpoints and the analysis path.
             one, embeddings scaled by √d, tied output.
 """
 
-import contextlib
-import io
 import math
-from dataclasses import dataclass
+import pickle
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from model import (Block, LanguageModel, _check, apply_rotary, build_model, causal_mask,
+from model import (Block, LanguageModel, Prism, PrismConfig, _check, apply_rotary, causal_mask,
                    explicit_attention, rotary_frequencies, rotary_tables)
 
 # -----------------------------------------------------------------------------
@@ -208,7 +209,72 @@ class Gemma3(LanguageModel):
         return 6 * self.get_num_params() + 12 * c.n_head * c.head_dim * attended
 
 
-ARCHS = {"gpt2": (GPT2Config, GPT2), "gemma3": (Gemma3Config, Gemma3)}
+# -----------------------------------------------------------------------------
+# Architectures by name, and the checkpoints train.py writes.
+
+ARCHS = {"prism": (PrismConfig, Prism), "gpt2": (GPT2Config, GPT2), "gemma3": (Gemma3Config, Gemma3)}
+
+
+def get_arch(name):
+    """(ConfigClass, ModelClass) for an architecture name."""
+    if name not in ARCHS:
+        raise ValueError(f"unknown arch {name!r}; choose from {', '.join(ARCHS)}")
+    return ARCHS[name]
+
+
+def build_model(arch, **model_args):
+    """A fresh model of `arch`; unknown or bad model_args raise ValueError naming the field."""
+    config_cls, model_cls = get_arch(arch)
+    known = {f.name for f in fields(config_cls)}
+    unknown = sorted(set(model_args) - known)
+    if unknown:
+        raise ValueError(f"{config_cls.__name__} has no field {unknown[0]!r}")
+    return model_cls(config_cls(**model_args))
+
+
+def checkpoint_payload(model):
+    """What identifies a model in a checkpoint: its arch, its config, its weights, and the
+    vocabulary its token ids belong to (meta.json's tokenizer fields, set by train.py)."""
+    return {"arch": model.arch, "model_config": asdict(model.config), "model": model.state_dict(),
+            "vocabulary": getattr(model, "vocabulary", None)}
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be loaded as a checkpoint; the message is one line for the user."""
+
+
+def read_checkpoint(path, device="cpu"):
+    """torch.load of a checkpoint with weights_only=True: tensors and plain data only. A pickle
+    can carry code that runs while it loads; the restricted unpickler refuses it before anything
+    runs, and so does this (CheckpointError), as it does a file that is no checkpoint at all."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no checkpoint at {path}") from None
+    # torch.save writes a zip archive (or, in its legacy format, a pickle: protocol byte 0x80).
+    if not (head == b"PK\x03\x04" or head[:1] == b"\x80"):
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint file")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path} is not a safe checkpoint: it contains code/objects other "
+                              "than tensors and plain data; refusing to load") from None
+    except Exception as e:  # a truncated or damaged archive
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint file, or a damaged one "
+                              f"({reason})") from None
+
+
+def load_model(path, device="cpu"):
+    """Load the model of a checkpoint written by train.py, in eval mode, on `device`."""
+    ckpt = read_checkpoint(path, device)
+    if not isinstance(ckpt, dict) or not {"arch", "model_config", "model"} <= ckpt.keys():
+        raise CheckpointError(f"{path} is not a prism-nano checkpoint (no arch/model_config/model)")
+    model = build_model(ckpt["arch"], **ckpt["model_config"])
+    model.load_state_dict(ckpt["model"])
+    model.vocabulary = ckpt.get("vocabulary")
+    return model.to(device).eval()
 
 
 # -----------------------------------------------------------------------------
@@ -267,7 +333,7 @@ def variant_args(preset, variant, vocab_size):
 
 def count_params(arch, model_args):
     """Parameter count of a model without allocating its weights."""
-    with torch.device("meta"), contextlib.redirect_stdout(io.StringIO()):
+    with torch.device("meta"):
         return build_model(arch, **model_args).get_num_params()
 
 

@@ -20,7 +20,6 @@ too): GPT-2 BPE through tiktoken, or whatever a data folder's meta.json describe
 
 import argparse
 import codecs
-import contextlib
 import json
 import sys
 from dataclasses import dataclass
@@ -211,17 +210,21 @@ def check_args(args):
 
 
 def load_checkpoint_model(path, device):
-    """model.load_model with its failures turned into one-line errors."""
-    from model import load_model  # noqa: PLC0415
+    """baselines.load_model with its failures turned into one-line errors; the model's parameter
+    report goes to stderr, so that stdout holds the samples only."""
+    from baselines import CheckpointError, load_model  # noqa: PLC0415
 
     if not Path(path).is_file():
         raise UsageError(f"no checkpoint at {path}")
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # building a model prints its size
-            return load_model(path, device)
+        model = load_model(path, device)
+    except CheckpointError as e:  # says what the file is, with its path
+        raise UsageError(str(e)) from None
     except (FileNotFoundError, ValueError, RuntimeError, KeyError, TypeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UsageError(f"cannot load checkpoint {path}: {msg}") from None
+    print(model.describe_parameters(), file=sys.stderr)
+    return model
 
 
 def run(args, out=None):

@@ -32,7 +32,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from model import build_model, checkpoint_payload, get_arch
+from baselines import CheckpointError, build_model, checkpoint_payload, get_arch, read_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -314,11 +314,12 @@ def save_checkpoint(path, payload):
 def load_checkpoint(path, arch, model_config):
     """The checkpoint at `path`, checked to hold a model of this arch and config."""
     if not os.path.isfile(path):
-        raise TrainError(f"init_from = 'resume' but there is no checkpoint at {path}")
+        raise TrainError(f"init_from = 'resume' but there is no checkpoint at {path}: nothing to "
+                         "resume yet (train from scratch first: --init_from=scratch)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated or not a torch file
-        raise TrainError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+        ckpt = read_checkpoint(path)
+    except CheckpointError as e:
+        raise TrainError(str(e)) from None
     if not isinstance(ckpt, dict) or not {"arch", "model_config", "model", "iter_num"} <= ckpt.keys():
         raise TrainError(f"{path} is not a checkpoint written by train.py")
     if ckpt["arch"] != arch:
@@ -423,6 +424,7 @@ def _train(cfg, model_config, ckpt, train_data, val_data, meta, ckpt_path, log_p
     torch.manual_seed(cfg.seed + rank)  # the model's init (rank 0's is broadcast by DDP), dropout
     rng = np.random.default_rng(cfg.seed)
     raw_model = build_model(cfg.arch, **model_config).to(device)
+    log(raw_model.describe_parameters())
     # The ids' meaning travels with the checkpoint, so sample.py can print text without the data.
     raw_model.vocabulary = {k: meta[k] for k in ("tokenizer", "vocab_size", "eot_token",
                                                   "compact_vocab") if k in meta}

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import train as T
-from conftest import REPO
-from model import load_model
+from conftest import REPO, unsafe_message
+from baselines import load_model
 
 TEST_COMMAND = "pip install torch==2.13.0 -r requirements.txt pytest && python -m pytest -q"
 
@@ -108,7 +108,7 @@ def test_short_run_learns_and_writes_checkpoint_and_log(data_dir, tmp_path):
     assert summary["params"] > 0 and summary["tokens_per_sec"] > 0
     assert not list(tmp_path.glob("*.tmp"))
 
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["iter_num"] == 30 and ckpt["arch"] == "prism"
     assert ckpt["model_config"]["n_layer"] == 1 and ckpt["model_config"]["vocab_size"] == 50257
     assert ckpt["train_config"]["max_iters"] == 30 and ckpt["best_val_loss"] == summary["best_val_loss"]
@@ -158,7 +158,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(data_dir, tmp_path, mo
         for key in ("train_loss", "val_loss", "lr"):
             assert a[key] == pytest.approx(b[key], abs=1e-6), (a["iter"], key)
     assert summary["val_loss"] == pytest.approx(straight[-1]["val_loss"], abs=1e-6)
-    weights = [torch.load(tmp_path / d / "ckpt.pt", weights_only=False)["model"]
+    weights = [torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["model"]
                for d in ("straight", "resumed")]
     for name, w in weights[0].items():
         torch.testing.assert_close(weights[1][name], w, rtol=0, atol=1e-6, msg=name)
@@ -181,6 +181,7 @@ def test_ddp_two_gloo_processes_match_one_process(data_dir, tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "2 processes" in run.stdout
     assert run.stdout.count("eval iter 10") == 1  # only rank 0 reports
+    assert run.stdout.count("M parameters (") == 1, run.stdout  # the model's size too
     one_log, two_log = read_log(tmp_path / "one"), read_log(tmp_path / "two")
     assert [r["iter"] for r in two_log] == [r["iter"] for r in one_log] == [0, 5, 10]
     for a, b in zip(one_log, two_log):
@@ -273,13 +274,22 @@ def test_resuming_a_checkpoint_of_another_arch_or_size_is_a_clear_error(capsys, 
     err = user_error(capsys, [config, "--n_layer=2"])
     assert "another size" in err and "n_layer = 2" in err and "checkpoint: 1" in err
 
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     ckpt["arch"] = "gpt2"
     torch.save(ckpt, tmp_path / "ckpt.pt")
     err = user_error(capsys, [config])
     assert "'gpt2'" in err and "arch = 'prism'" in err
 
-    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
-    assert "not a readable checkpoint" in user_error(capsys, [config])
+    (tmp_path / "ckpt.pt").write_text("garbage")
+    assert user_error(capsys, [config]) == f"error: {tmp_path / 'ckpt.pt'} is not a PyTorch checkpoint file"
     os.remove(tmp_path / "ckpt.pt")
-    assert "no checkpoint" in user_error(capsys, [config])
+    err = user_error(capsys, [config])
+    assert "no checkpoint" in err and "nothing to resume yet" in err
+
+
+def test_resuming_a_checkpoint_carrying_code_is_refused(capsys, data_dir, tmp_path, unsafe_ckpt):
+    path, marker = unsafe_ckpt
+    os.replace(path, tmp_path / "ckpt.pt")
+    config = write_config(tmp_path / "c.py", tiny_settings(data_dir, tmp_path, init_from="resume"))
+    assert user_error(capsys, [config]) == unsafe_message(tmp_path / "ckpt.pt")
+    assert not marker.exists()
