@@ -282,8 +282,18 @@ def load_model(path, device="cpu"):
 
 ARCHS_COMPARED = ("prism", "gpt2", "gemma3")
 
-# Sizes at which every arch has PRISM's parameter count within ±5% (check_preset says so).
+# Sizes at which every arch has PRISM's parameter count within ±5% (check_preset says so). The
+# shipped training configs name one (train.py's `preset`), so that every arch trains from them.
 PRESETS = {
+    # config/cpu_tiny.py: PRISM d = 64, 4 layers, 4 heads of p = 32; 3.4M parameters, nearly all
+    # of them the GPT-2-vocabulary embedding.
+    "cpu-tiny": {
+        "block_size": 128,
+        "prism": dict(n_layer=4, n_embd=64, n_head=4, head_dim=32),
+        "gpt2": dict(n_layer=4, n_embd=64, n_head=2),
+        "gemma3": dict(n_layer=4, n_embd=64, n_head=2, head_dim=32, mlp_hidden=172,
+                       sliding_window=64, global_every=4),
+    },
     # 4 layers hold no 5-local-to-1-global group: Gemma's last layer is its global one here.
     "cpu-small": {
         "block_size": 128,
@@ -292,7 +302,8 @@ PRESETS = {
         "gemma3": dict(n_layer=4, n_embd=128, n_head=4, head_dim=32, mlp_hidden=344,
                        sliding_window=64, global_every=4),
     },
-    # PRISM.md §5: d = 512, 8 layers, 16 heads of p = 64, context 512; the baselines at the same d.
+    # PRISM.md §5 and config/prism_50m.py: d = 512, 8 layers, 16 heads of p = 64, context 512;
+    # the baselines at the same d.
     "paper-50m": {
         "block_size": 512,
         "prism": dict(n_layer=8, n_embd=512, n_head=16, head_dim=64),
@@ -317,14 +328,20 @@ VARIANTS = {
 }
 
 
-def variant_args(preset, variant, vocab_size):
-    """(arch, model_args) of a variant at a size preset."""
+def preset_sizes(preset, arch):
+    """The model fields (block_size included) of `arch` at a size preset."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    get_arch(arch)
+    return dict(PRESETS[preset][arch], block_size=PRESETS[preset]["block_size"])
+
+
+def variant_args(preset, variant, vocab_size):
+    """(arch, model_args) of a variant at a size preset."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
     arch, overrides = VARIANTS[variant]
-    args = dict(PRESETS[preset][arch], vocab_size=vocab_size, block_size=PRESETS[preset]["block_size"])
+    args = dict(preset_sizes(preset, arch), vocab_size=vocab_size)
     overrides = dict(overrides)
     if "overcompleteness" in overrides:  # ρ is a ratio of sizes, not a config field
         args["head_dim"] = overrides.pop("overcompleteness") * args["n_embd"] // args["n_head"]

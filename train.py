@@ -32,7 +32,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from baselines import CheckpointError, build_model, checkpoint_payload, get_arch, read_checkpoint
+from baselines import (PRESETS, CheckpointError, build_model, checkpoint_payload, get_arch,
+                       preset_sizes, read_checkpoint)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -52,7 +53,8 @@ class TrainConfig:
     out_dir: str = "out"                # ckpt.pt and log.jsonl
     init_from: str = "scratch"          # "scratch" or "resume" (from out_dir/ckpt.pt)
     # the model: its sizes (n_layer, n_embd, block_size, ...) are the fields of the arch's config
-    arch: str = "prism"                 # "prism"; the baselines of baselines.py by their names
+    arch: str = "prism"                 # "prism", or a baseline of baselines.py: "gpt2", "gemma3"
+    preset: Optional[str] = None        # sizes from baselines.PRESETS, for every arch at PRISM's parameter count (±5%); model fields that are set override them; none: the arch config's defaults
     # batch: tokens per iteration = batch_size * grad_accum * block_size
     batch_size: int = 12                # sequences per micro-step and process
     grad_accum: int = 1                 # micro-steps per iteration, split across the processes
@@ -81,6 +83,8 @@ class TrainConfig:
                 raise TrainError(f"{name} = {getattr(self, name)!r} {why}")
 
         need(self.init_from in ("scratch", "resume"), "init_from", "must be 'scratch' or 'resume'")
+        need(self.preset is None or self.preset in PRESETS, "preset",
+             f"is not a size preset of baselines.py ({', '.join(PRESETS)})")
         need(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
              "must be auto, float32, bfloat16 or float16")
         for name in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
@@ -179,6 +183,16 @@ def parse_args(argv):
                              f"field nor a {config_cls.__name__} field (arch {arch!r})")
         dest[key] = _parse_value(key, value, typ) if raw else _check_value(key, value, typ, source)
     return TrainConfig(**train_args), model_args
+
+
+def model_settings(cfg, model_args):
+    """The model fields of a run: the preset's sizes for cfg.arch, then the fields that are set."""
+    if cfg.preset is None:
+        return dict(model_args)
+    try:
+        return {**preset_sizes(cfg.preset, cfg.arch), **model_args}
+    except ValueError as e:
+        raise TrainError(str(e)) from None
 
 
 def _arch_config(arch):
@@ -361,7 +375,7 @@ def _read_log(path):
 def train(cfg, model_args=None):
     """Train as `cfg` and `model_args` say; returns a summary (rank 0's numbers under DDP):
     arch, params, iters, tokens, final and best val loss, val ppl and bpb, train loss, tokens/s."""
-    model_args = dict(model_args or {})
+    model_args = model_settings(cfg, model_args or {})
     # -- processes: one, or one per GPU (or CPU process) under torchrun ----------------------------
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, local_rank, world_size = 0, None, 1

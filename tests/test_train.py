@@ -207,17 +207,32 @@ def test_config_file_then_command_line_overrides_route_to_train_and_model(tmp_pa
 
 def test_shipped_configs_parse_and_the_default_fits_the_machine():
     cfg, model_args = T.parse_args([str(REPO / "config" / "prism_50m.py")])
+    model_args = T.model_settings(cfg, model_args)
     assert model_args == dict(n_layer=8, n_embd=512, n_head=16, head_dim=64, block_size=512)
     from baselines import count_params  # noqa: PLC0415
 
     assert 45e6 < count_params("prism", dict(model_args, vocab_size=50257)) < 55e6
-    cfg, model_args = T.parse_args([str(REPO / "config" / "cpu_tiny.py")])
-    assert cfg.out_dir == "out/cpu_tiny" and model_args["block_size"] == 128
+    cfg, model_args = T.parse_args([str(REPO / "config" / "cpu_tiny.py"), "--n_layer=2"])
+    assert cfg.out_dir == "out/cpu_tiny" and T.model_settings(cfg, model_args) == dict(
+        n_layer=2, n_embd=64, n_head=4, head_dim=32, block_size=128)  # a set field beats the preset
     expected = "prism_50m.py" if torch.cuda.is_available() else "cpu_tiny.py"
     assert os.path.basename(T.default_config()) == expected
     resolved = T.resolve_system(cfg)
     if not torch.cuda.is_available():
         assert (resolved.device, resolved.dtype, resolved.compile) == ("cpu", "float32", False)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gemma3"])
+def test_every_arch_trains_from_the_default_config_at_prisms_size(arch, data_dir, tmp_path):
+    from baselines import count_params  # noqa: PLC0415
+
+    summary = T.main([f"--arch={arch}", f"--data_dir={data_dir}", f"--out_dir={tmp_path}",
+                      "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--device=cpu"])
+    assert summary["arch"] == arch and summary["iters"] == 2 and math.isfinite(summary["val_loss"])
+    prism = count_params("prism", T.model_settings(T.TrainConfig(preset="cpu-tiny"), {})
+                         | {"vocab_size": 50257})
+    assert abs(summary["params"] / prism - 1) <= 0.05
+    assert load_model(tmp_path / "ckpt.pt").arch == arch
 
 
 def test_readme_and_ci_run_the_same_test_command():
@@ -236,6 +251,7 @@ def test_readme_and_ci_run_the_same_test_command():
     (["--arch=gpt2", "--head_dim=8"], ["head_dim", "GPT2Config"]),
     (["--arch=llama"], ["llama"]),
     (["--init_from=pretrained"], ["init_from"]),
+    (["--preset=huge"], ["preset", "cpu-tiny", "paper-50m"]),
     (["--batch_size"], ["--key=value"]),
     (["no_such_config.py"], ["no config file", "no_such_config.py"]),
 ])
