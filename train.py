@@ -599,6 +599,13 @@ def default_config():
     return os.path.join(HERE, "config", name)
 
 
+def default_checkpoint():
+    """The checkpoint `python train.py` (no config file) writes on this machine: the default
+    config's out_dir/ckpt.pt, relative to where it runs. sample.py and analyze_heads.py start there."""
+    out_dir = read_config_file(default_config()).get("out_dir", TrainConfig.out_dir)
+    return os.path.join(out_dir, "ckpt.pt")
+
+
 def usage():
     lines = [__doc__.strip(), "", "TrainConfig fields (default):"]
     lines += [f"  --{f.name}={'auto' if f.default is None else f.default}" for f in fields(TrainConfig)]

@@ -235,6 +235,23 @@ def test_every_arch_trains_from_the_default_config_at_prisms_size(arch, data_dir
     assert load_model(tmp_path / "ckpt.pt").arch == arch
 
 
+def test_sample_and_analysis_find_what_python_train_py_wrote(data_dir, tmp_path, monkeypatch, capsys):
+    import analyze_heads  # noqa: PLC0415
+    import sample  # noqa: PLC0415
+
+    monkeypatch.chdir(tmp_path)
+    err = sample.main(["--max_new_tokens=2"]) and capsys.readouterr().err
+    assert err.startswith(f"error: no checkpoint at {T.default_checkpoint()}, where `python train.py`")
+    T.main([f"--data_dir={data_dir}", "--max_iters=0", "--eval_iters=1", "--device=cpu"])
+    assert (tmp_path / T.default_checkpoint()).is_file()
+    capsys.readouterr()
+    assert sample.main(["--max_new_tokens=2", "--num_samples=1", "--device=cpu"]) == 0
+    assert capsys.readouterr().out.startswith("Once upon a time")
+    assert analyze_heads.main([f"--data_dir={data_dir}", "--out_dir=analysis", "--num_batches=1",
+                               "--device=cpu", "--no_progress"]) == 0
+    assert (tmp_path / "analysis" / "heads.json").is_file()
+
+
 def test_readme_and_ci_run_the_same_test_command():
     assert TEST_COMMAND in (REPO / "README.md").read_text(encoding="utf-8")
     assert TEST_COMMAND in (REPO / ".ci" / "run").read_text(encoding="utf-8")
