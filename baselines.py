@@ -29,13 +29,13 @@ from model import (Block, LanguageModel, Prism, PrismConfig, _check, apply_rotar
 
 @dataclass
 class GPT2Config:
-    vocab_size: int = 50257
-    block_size: int = 512
-    n_layer: int = 8
-    n_embd: int = 512
-    n_head: int = 8
-    dropout: float = 0.0
-    bias: bool = False
+    vocab_size: int = 50257       # GPT-2 BPE; the embedding is padded to a multiple of 64 inside
+    block_size: int = 512         # context length, also the number of learned positions
+    n_layer: int = 8              # blocks (attention + MLP)
+    n_embd: int = 512             # d
+    n_head: int = 8               # heads of d / n_head dimensions each
+    dropout: float = 0.0          # dropout rate on the embedding, attention and MLP outputs
+    bias: bool = False            # biases in Linear and LayerNorm
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_embd", "n_head"):
@@ -88,19 +88,19 @@ class GPT2(LanguageModel):
 
 @dataclass
 class Gemma3Config:
-    vocab_size: int = 50257
-    block_size: int = 512
-    n_layer: int = 8
-    n_embd: int = 512
-    n_head: int = 8
-    head_dim: int = 64
+    vocab_size: int = 50257       # GPT-2 BPE; the embedding is padded to a multiple of 64 inside
+    block_size: int = 512         # context length
+    n_layer: int = 8              # blocks (attention + MLP)
+    n_embd: int = 512             # d
+    n_head: int = 8               # attention heads
+    head_dim: int = 64            # dimensions per head (q, k and v alike)
     mlp_hidden: int = 1376        # GeGLU width; 3·d·h ≈ the 8d² of a 4d GELU MLP
     sliding_window: int = 128     # keys a local layer sees
     global_every: int = 6         # layer l is global when (l + 1) % global_every == 0: 5 local : 1
-    rope_local_theta: float = 1e4
-    rope_global_theta: float = 1e6
-    dropout: float = 0.0
-    bias: bool = False
+    rope_local_theta: float = 1e4   # RoPE base θ of the local layers
+    rope_global_theta: float = 1e6  # RoPE base θ of the global layers
+    dropout: float = 0.0          # dropout rate on the embedding, attention and MLP outputs
+    bias: bool = False            # biases in Linear
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_embd", "n_head", "head_dim",

@@ -54,7 +54,7 @@ def compressed_coding_rate(Z, subspaces, eps=0.5):
 class PrismConfig:
     vocab_size: int = 50257      # GPT-2 BPE; the embedding is padded to a multiple of 64 inside
     block_size: int = 512        # context length
-    n_layer: int = 8
+    n_layer: int = 8             # blocks (attention + MLP)
     n_embd: int = 512            # d
     n_head: int = 16             # H: one head = one subspace U_k of the dictionary
     head_dim: int = 64           # p: overcompleteness ρ = H·p / d = 2 by default
@@ -63,7 +63,7 @@ class PrismConfig:
     rope_ratio: float = math.pi  # noise frequencies are rope_ratio × signal ones; 1.0 = π-RoPE off
     tie_dictionary: bool = False  # back-project with the same U (white-box) or a decoupled matrix
     qkv_sharing: str = "qkv"     # "qkv": q = k = v = Uᵀz (PRISM); "qk": own value; "none": q, k, v apart
-    dropout: float = 0.0
+    dropout: float = 0.0         # dropout rate on the embedding, attention and MLP outputs
     bias: bool = False           # biases in Linear and LayerNorm
 
     def __post_init__(self):

@@ -18,11 +18,14 @@ out_dir/ckpt.pt (model, optimizer, settings, iteration, RNG states; rewritten at
 
 import dataclasses
 import inspect
+import io
 import json
 import math
 import os
+import re
 import sys
 import time
+import tokenize
 import types
 import typing
 from contextlib import nullcontext
@@ -54,18 +57,18 @@ class TrainConfig:
     init_from: str = "scratch"          # "scratch" or "resume" (from out_dir/ckpt.pt)
     # the model: its sizes (n_layer, n_embd, block_size, ...) are the fields of the arch's config
     arch: str = "prism"                 # "prism", or a baseline of baselines.py: "gpt2", "gemma3"
-    preset: Optional[str] = None        # sizes from baselines.PRESETS, for every arch at PRISM's parameter count (±5%); model fields that are set override them; none: the arch config's defaults
+    preset: Optional[str] = None        # model sizes of every arch at PRISM's parameter count (baselines.PRESETS); set model fields win
     # batch: tokens per iteration = batch_size * grad_accum * block_size
     batch_size: int = 12                # sequences per micro-step and process
     grad_accum: int = 1                 # micro-steps per iteration, split across the processes
     # AdamW and the learning-rate schedule: linear warmup, then cosine down to min_lr at max_iters
-    max_iters: int = 5000
-    learning_rate: float = 6e-4
-    min_lr: float = 6e-5
-    warmup_iters: int = 200
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
+    max_iters: int = 5000               # iterations (optimizer steps) of the whole run
+    learning_rate: float = 6e-4         # peak learning rate, reached after warmup_iters
+    min_lr: float = 6e-5                # learning rate at max_iters, the end of the cosine
+    warmup_iters: int = 200             # iterations of linear warmup from ~0 to learning_rate
+    weight_decay: float = 0.1           # AdamW weight decay, on matrices and embeddings only
+    beta1: float = 0.9                  # AdamW β1
+    beta2: float = 0.95                 # AdamW β2
     grad_clip: float = 1.0              # clip the gradient norm to this; 0 = off
     # evaluation and progress
     eval_interval: int = 250            # evaluate, log and checkpoint every this many iterations
@@ -74,8 +77,8 @@ class TrainConfig:
     # system
     device: str = "auto"                # "auto" = cuda if there is one, else cpu; or "cuda:1", "mps"
     dtype: str = "auto"                 # "auto" = bfloat16 on CUDA (float16 without bf16), else float32
-    compile: Optional[bool] = None      # torch.compile; None (auto) = on with CUDA only
-    seed: int = 1337
+    compile: Optional[bool] = None      # torch.compile; auto = on with CUDA only
+    seed: int = 1337                    # fixes the initialisation and the data order
 
     def __post_init__(self):
         def need(ok, name, why):
@@ -606,19 +609,65 @@ def default_checkpoint():
     return os.path.join(out_dir, "ckpt.pt")
 
 
-def usage():
-    lines = [__doc__.strip(), "", "TrainConfig fields (default):"]
-    lines += [f"  --{f.name}={'auto' if f.default is None else f.default}" for f in fields(TrainConfig)]
-    lines += ["", f"{get_arch('prism')[0].__name__} fields (default; vocab_size comes from meta.json; "
-              "the baselines' fields are in baselines.py):"]
-    lines += [f"  --{f.name}={f.default}" for f in fields(get_arch("prism")[0]) if f.name != "vocab_size"]
+def field_descriptions(cls):
+    """{field name: the comment on its line in the source}: a setting is described once, where
+    it is defined, and --help reads it from there."""
+    source = inspect.getsource(cls)
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+                if tok.type == tokenize.COMMENT}
+    names = {f.name for f in fields(cls)}
+    described = {}
+    for line_no, line in enumerate(source.splitlines(), start=1):
+        match = re.match(r"\s+(\w+)\s*:", line)
+        if match and match.group(1) in names:
+            described[match.group(1)] = comments.get(line_no, "")
+    return described
+
+
+def _shown(value, typ):
+    if value is None:  # how the command line spells it: auto for a switch, none for a choice
+        return "auto" if bool in typing.get_args(typ) else "none"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def usage(argv=()):
+    """The docstring, then one line per setting: --name=DEFAULT, its description, and the value
+    the default config gives it where that differs. The arch's fields are those of --arch if
+    given, else of the default config's arch."""
+    config = default_config()
+    config_name = os.path.join("config", os.path.basename(config))
+    arch_args = [a for a in argv if a.startswith("--arch=")][-1:]
+    try:
+        cfg, model_args = parse_args([config, *arch_args])
+    except TrainError:  # an unknown arch: show the default config's
+        cfg, model_args = parse_args([config])
+    config_cls = _arch_config(cfg.arch)
+    sections = [(TrainConfig, asdict(cfg), "TrainConfig fields"),
+                (config_cls, model_settings(cfg, model_args),
+                 f"{config_cls.__name__} fields (arch {cfg.arch}; --arch=NAME --help for another; "
+                 "vocab_size comes from meta.json)")]
+    lines = [__doc__.strip(), "",
+             f"Settings: --name=DEFAULT, what it is, and [{config_name}: VALUE] where the config "
+             "that `python train.py` picks here sets another value."]
+    for cls, config_values, title in sections:
+        lines += ["", f"{title}:"]
+        types_, descriptions = _field_types(cls), field_descriptions(cls)
+        for f in fields(cls):
+            if f.name == "vocab_size":
+                continue
+            flag = f"--{f.name}={_shown(f.default, types_[f.name])}"
+            line = f"  {flag:<30} {descriptions[f.name]}"
+            if f.name in config_values and config_values[f.name] != f.default:
+                line += f"  [{config_name}: {_shown(config_values[f.name], types_[f.name])}]"
+            lines.append(line)
     return "\n".join(lines)
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a in ("-h", "--help") for a in argv):
-        print(usage())
+        print(usage(argv))
         return None
     master = int(os.environ.get("RANK", 0)) == 0
     if not any(not a.startswith("--") for a in argv):

@@ -1,5 +1,6 @@
 """train.py: the loop learns and writes its files, resuming is exact, DDP (2 gloo processes on
 the CPU) equals one process, and mistakes are one clear `error:` line."""
+import dataclasses
 import json
 import math
 import os
@@ -250,6 +251,29 @@ def test_sample_and_analysis_find_what_python_train_py_wrote(data_dir, tmp_path,
     assert analyze_heads.main([f"--data_dir={data_dir}", "--out_dir=analysis", "--num_batches=1",
                                "--device=cpu", "--no_progress"]) == 0
     assert (tmp_path / "analysis" / "heads.json").is_file()
+
+
+@pytest.mark.parametrize("arch", ["prism", "gpt2"])
+def test_help_describes_every_setting_with_its_default_and_the_default_configs_value(arch, capsys):
+    from baselines import get_arch  # noqa: PLC0415
+
+    T.main(["--help", f"--arch={arch}"])
+    lines = capsys.readouterr().out.splitlines()
+    config = f"config/{os.path.basename(T.default_config())}"
+    cfg, model_args = T.parse_args([T.default_config(), f"--arch={arch}"])
+    used = {**dataclasses.asdict(cfg), **T.model_settings(cfg, model_args)}
+    for cls in (T.TrainConfig, get_arch(arch)[0]):
+        descriptions = T.field_descriptions(cls)
+        for field in dataclasses.fields(cls):
+            if field.name == "vocab_size":
+                continue
+            line, = [x for x in lines if x.lstrip().startswith(f"--{field.name}=")]
+            assert descriptions[field.name] and descriptions[field.name] in line
+            differs = used.get(field.name, field.default) != field.default
+            assert (f"[{config}: " in line) == differs, line
+    max_iters, = [x for x in lines if x.lstrip().startswith("--max_iters=")]
+    assert "--max_iters=5000 " in max_iters and f"[{config}: {cfg.max_iters}]" in max_iters
+    assert "iterations" in max_iters
 
 
 def test_readme_and_ci_run_the_same_test_command():
