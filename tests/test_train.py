@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -167,6 +168,35 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(data_dir, tmp_path, mo
     # Resuming a finished run at its end trains nothing more and leaves the log as it is.
     summary = tiny_run(data_dir, tmp_path / "resumed", init_from="resume", **common)[0]
     assert summary["iters"] == 20 and len(read_log(tmp_path / "resumed")) == 5
+
+
+def test_ctrl_c_says_whether_there_is_anything_to_resume(data_dir, tmp_path, monkeypatch, capsys):
+    config = write_config(tmp_path / "c.py", tiny_settings(data_dir, tmp_path, max_iters=10,
+                                                            eval_interval=5, log_interval=1))
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # Ctrl-C during the first evaluation, before any checkpoint
+        m.setattr(T, "estimate_loss", interrupt)
+        with pytest.raises(SystemExit) as exit_info:
+            T.main([config])
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err
+    assert "nothing to resume yet" in err and "--init_from=resume" not in err
+    assert not (tmp_path / "ckpt.pt").exists()
+
+    real_get_lr = T.get_lr
+    with monkeypatch.context() as m:  # Ctrl-C at iteration 7: the checkpoint of iteration 5 is there
+        m.setattr(T, "get_lr", lambda it, cfg: interrupt() if it == 7 else real_get_lr(it, cfg))
+        with pytest.raises(SystemExit):
+            T.main([config])
+    out, err = capsys.readouterr()
+    assert "continue with --init_from=resume" in err
+    progress = [line for line in out.splitlines() if line.startswith("iter 6/10")]
+    assert len(progress) == 1 and re.search(r"\| eta \d+s$", progress[0])  # 4 iterations to go
+    assert T.main([config, "--init_from=resume"])["iters"] == 10
+    assert T.format_duration(3725) == "1h02m" and T.format_duration(185) == "3m05s"
 
 
 def test_ddp_two_gloo_processes_match_one_process(data_dir, tmp_path):
