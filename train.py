@@ -418,7 +418,6 @@ def _train(run, ckpt):
     run.build_model_and_optimizer()
     if ckpt is not None:
         run.resume_from(ckpt)
-        del ckpt  # the optimizer state is in the optimizer now; free the copy
     else:
         run.start_a_fresh_log()
     run.wrap_model()  # torch.compile, DistributedDataParallel
