@@ -10,7 +10,9 @@ One file, top to bottom: settings, data, schedule, evaluation, checkpoints, the 
 Settings are the fields of TrainConfig below plus the fields of the arch's config dataclass
 (model.py's PrismConfig for "prism": n_layer, n_embd, n_head, head_dim, block_size, ...). A config
 file is a Python file that assigns some of them; `--key=value` arguments are applied after it.
-Model fields that no one sets keep the dataclass defaults; vocab_size always comes from meta.json.
+`preset` takes the model's sizes from baselines.PRESETS, where every arch has PRISM's parameter
+count, so the shipped configs train any --arch; model fields that are set override the preset's,
+the others keep the dataclass defaults; vocab_size always comes from meta.json.
 
 Outputs, written by rank 0 only: out_dir/log.jsonl (one JSON record per evaluation) and
 out_dir/ckpt.pt (model, optimizer, settings, iteration, RNG states; rewritten at every evaluation).
