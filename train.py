@@ -472,6 +472,7 @@ class Run:
         self.log_path = os.path.join(cfg.out_dir, "log.jsonl")
         self.log = print if procs.master else (lambda *a, **k: None)
         self.iter_num, self.best_val_loss, self.lr = 0, math.inf, None
+        self.start_iter = 0  # where this process started: a resumed run's checkpoint iteration
         self.log(f"arch {cfg.arch} | device {self.device} ({procs.world_size} "
                  f"process{'es' if procs.world_size > 1 else ''}) | dtype {cfg.dtype} | compile "
                  f"{cfg.compile} | {self.tokens_per_iter:,} tokens/iter "
@@ -510,6 +511,7 @@ class Run:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.iter_num, self.best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        self.start_iter = self.iter_num
         states = ckpt["rng"]
         _set_rng_states(states[self.procs.rank % len(states)], self.rng, self.device)
         changed = [f"{k}={v!r} (was {ckpt['train_config'].get(k)!r})"
@@ -540,7 +542,6 @@ class Run:
                              **no_sync_buffers)
 
     def start_clock(self):
-        self.start_iter = self.iter_num
         self.run_start = time.time()
         self.train_time, self.train_tokens = 0.0, 0  # this process's run, for the summary
         self.t_seg, self.seg_iters = time.time(), 0  # since the last evaluation, for log.jsonl
