@@ -4,8 +4,8 @@ it looks, how much it attends to itself, which rotary frequencies it uses, wheth
 signal heads differ from the noise heads, and how each layer's tokens code under MCR².
 
 Examples:
-    python analyze_heads.py --ckpt=out/ckpt.pt --data_dir=data/tinystories --out_dir=out/analysis
-    python analyze_heads.py --ckpt=out/ckpt.pt --data_dir=data/tinystories --num_batches=20 \\
+    python analyze_heads.py --data_dir=data/tinystories --out_dir=out/analysis  # what train.py wrote
+    python analyze_heads.py --ckpt=out/prism_50m/ckpt.pt --data_dir=data/tinystories --num_batches=20 \\
         --batch_size=4 --block_size=256 --eps=0.5 --max_tokens=4096 --device=cuda
 
 Writes to out_dir:
@@ -79,7 +79,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sample import UsageError, load_checkpoint_model, pick_device
+from sample import (UsageError, default_checkpoint_help, load_checkpoint_model, pick_device,
+                    require_checkpoint)
 
 GROUP_COLORS = {"signal": "#1f77b4", "noise": "#d62728", None: "#7f7f7f"}
 
@@ -861,7 +862,9 @@ def build_parser():
                     "attention distance and entropy, rotary spectra, signal/noise regimes and "
                     "their bimodality, MCR² coding rates. Writes heads.json and three figures.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by train.py")
+    from train import default_checkpoint  # noqa: PLC0415
+
+    p.add_argument("--ckpt", default=default_checkpoint(), help=default_checkpoint_help())
     p.add_argument("--data_dir", default="data/tinystories",
                    help="folder with <split>.bin (uint16 tokens, as prepared for training)")
     p.add_argument("--split", default="val", help="which <split>.bin of data_dir to read")
@@ -891,8 +894,7 @@ def check_args(args):
 
 def run(args):
     check_args(args)
-    if not Path(args.ckpt).is_file():
-        raise UsageError(f"no checkpoint at {args.ckpt}")
+    require_checkpoint(args.ckpt)
     if not (Path(args.data_dir) / f"{args.split}.bin").is_file():
         raise UsageError(f"no {args.split}.bin in {args.data_dir}")
     device = pick_device(args.device)

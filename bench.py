@@ -232,7 +232,7 @@ def measure(cfg):
     import torch
 
     import baselines
-    from model import build_model
+    from baselines import build_model
 
     device, device_type, dtype = _resolve_device_dtype(cfg["device"], cfg["dtype"])
     if cfg.get("threads"):

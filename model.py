@@ -9,14 +9,16 @@ This file reads top to bottom like the derivation (docs/PRISM.md holds the desig
   4. constraint 2, π-RoPE: the noise heads' frequency band is the signal band shifted up ×π;
   5. the conventional rest: pre-norm block, GELU MLP, tied embeddings;
   6. what every language model here shares (the baselines in baselines.py too): loss, generation,
-     the optimizer, MFU and loading a checkpoint written by train.py.
+     the optimizer and MFU.
+The registry of archs by name and the checkpoint helpers live in baselines.py, which builds on
+this file: imports run one way, model.py <- baselines.py <- the scripts.
 Notation throughout, as in the code: tokens are rows. Z ∈ R^{n×d} holds n tokens, U_k ∈ R^{d×p} is
 subspace k of the dictionary (the model stores U_kᵀ as rows of a Linear weight), W_k = Z U_k.
 """
 
 import inspect
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -112,7 +114,7 @@ def neumann_radius(Z, subspaces, eps=0.5):
 class PrismConfig:
     vocab_size: int = 50257      # GPT-2 BPE; the embedding is padded to a multiple of 64 inside
     block_size: int = 512        # context length
-    n_layer: int = 8
+    n_layer: int = 8             # blocks (attention + MLP)
     n_embd: int = 512            # d
     n_head: int = 16             # H: one head = one subspace U_k of the dictionary
     head_dim: int = 64           # p: overcompleteness ρ = H·p / d = 2 by default
@@ -122,7 +124,7 @@ class PrismConfig:
     rope_bands: str = "shift"    # "shift" (π-RoPE) or "split": disjoint slow/fast halves of one ladder
     tie_dictionary: bool = False  # back-project with the same U (white-box) or a decoupled matrix
     qkv_sharing: str = "qkv"     # "qkv": q = k = v = Z U_k (PRISM); "qk": own value; "none": q, k, v apart
-    dropout: float = 0.0
+    dropout: float = 0.0         # dropout rate on the embedding, attention and MLP outputs
     bias: bool = False           # biases in Linear and LayerNorm
     # Candidates for a white-box PRISM that trains better (each described in PrismAttention / §5):
     head_step: bool = False          # a learned step η_k per head instead of one for all
@@ -478,9 +480,6 @@ class LanguageModel(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(("back_projection.weight", "proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
-        report = self.parameter_report()
-        print(f"{self.arch}: {report['total'] / 1e6:.2f}M parameters ("
-              + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in report.items() if k != "total") + ")")
 
     @staticmethod
     def _init_weights(module):
@@ -499,6 +498,13 @@ class LanguageModel(nn.Module):
             report[part] += p.numel()
         report["total"] = sum(report.values())
         return report
+
+    def describe_parameters(self):
+        """One line for the log: the arch and its parameter counts by part. The callers print
+        it (train.py on rank 0 only), so that building a model never writes anything."""
+        report = self.parameter_report()
+        return (f"{self.arch}: {report['total'] / 1e6:.2f}M parameters ("
+                + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in report.items() if k != "total") + ")")
 
     def get_num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -646,51 +652,3 @@ def filter_logits(logits, top_k=None, top_p=None):
         drop = probs.cumsum(dim=-1) - probs >= top_p  # the token that crosses top_p stays
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
     return logits
-
-
-# -----------------------------------------------------------------------------
-# Architectures by name, and loading the checkpoints train.py writes.
-
-
-def get_arch(name):
-    """(ConfigClass, ModelClass) for an architecture name."""
-    if name == "prism":
-        return PrismConfig, Prism
-    import baselines  # noqa: PLC0415 — baselines builds on this module
-
-    if name not in baselines.ARCHS:
-        raise ValueError(f"unknown arch {name!r}; choose from prism, {', '.join(baselines.ARCHS)}")
-    return baselines.ARCHS[name]
-
-
-def build_model(arch, **model_args):
-    """A fresh model of `arch`; unknown or bad model_args raise ValueError naming the field."""
-    config_cls, model_cls = get_arch(arch)
-    known = {f.name for f in fields(config_cls)}
-    unknown = sorted(set(model_args) - known)
-    if unknown:
-        raise ValueError(f"{config_cls.__name__} has no field {unknown[0]!r}")
-    return model_cls(config_cls(**model_args))
-
-
-def checkpoint_payload(model):
-    """What identifies a model in a checkpoint: its arch, its config, its weights, and the
-    vocabulary its token ids belong to (meta.json's tokenizer fields, set by train.py)."""
-    return {"arch": model.arch, "model_config": asdict(model.config), "model": model.state_dict(),
-            "vocabulary": getattr(model, "vocabulary", None)}
-
-
-def load_model(path, device="cpu"):
-    """Load the model of a checkpoint written by train.py, in eval mode, on `device`."""
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no checkpoint at {path}") from None
-    except Exception as e:  # truncated or not a torch file at all
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or not {"arch", "model_config", "model"} <= ckpt.keys():
-        raise ValueError(f"{path} is not a prism-nano checkpoint (no arch/model_config/model)")
-    model = build_model(ckpt["arch"], **ckpt["model_config"])
-    model.load_state_dict(ckpt["model"])
-    model.vocabulary = ckpt.get("vocabulary")
-    return model.to(device).eval()

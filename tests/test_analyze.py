@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import analyze_heads as ah
-from model import build_model, checkpoint_payload
+from baselines import build_model, checkpoint_payload
+from conftest import unsafe_message
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY = dict(vocab_size=64, block_size=32, n_layer=2, n_embd=32, n_head=4, head_dim=16)
@@ -362,6 +363,14 @@ def test_cli_errors(case, gpt2_ckpt, gpt2_data, tmp_path, capsys):
     assert rc == 1
     errors = [line for line in err.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and errors[0].startswith("error: ") and err.endswith(errors[0] + "\n")
+
+
+def test_cli_refuses_a_checkpoint_carrying_code(unsafe_ckpt, gpt2_data, tmp_path, capsys):
+    path, marker = unsafe_ckpt
+    rc = ah.main([f"--ckpt={path}", f"--data_dir={gpt2_data}", f"--out_dir={tmp_path / 'o'}",
+                  "--num_batches=1", "--no_progress"])
+    assert rc == 1 and capsys.readouterr().err == unsafe_message(path) + "\n"
+    assert not marker.exists() and not (tmp_path / "o").exists()
 
 
 # -- signal vs noise contrasts and their tests ----------------------------------------------

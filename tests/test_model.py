@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
-from model import (Prism, PrismConfig, build_model, checkpoint_payload, filter_logits,
-                   load_model)
+from baselines import CheckpointError, build_model, checkpoint_payload, load_model
+from conftest import unsafe_message
+from model import Prism, PrismConfig, filter_logits
 
 
 def tiny(**overrides):
@@ -30,8 +31,10 @@ def test_default_config_is_the_paper_model():
     assert 45e6 < model.get_num_params() < 55e6
 
 
-def test_parameter_report_splits_the_count():
+def test_parameter_report_splits_the_count(capsys):
     model = tiny()
+    assert capsys.readouterr().out == ""  # building prints nothing: each caller decides where
+    assert model.describe_parameters().startswith(f"prism: {model.get_num_params() / 1e6:.2f}M parameters (")
     report = model.parameter_report()
     assert report["total"] == model.get_num_params()
     assert report["embedding"] == model.transformer.wte.weight.numel()  # tied lm_head counted once
@@ -221,12 +224,25 @@ def test_checkpoint_round_trip(tmp_path):
     assert torch.equal(loaded(idx)[0], model.eval()(idx)[0])
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         load_model(tmp_path / "missing.pt")
-    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="not a readable checkpoint"):
+    (tmp_path / "bad.pt").write_text("garbage")
+    with pytest.raises(CheckpointError, match="bad.pt is not a PyTorch checkpoint file$"):
         load_model(tmp_path / "bad.pt")
+    (tmp_path / "cut.pt").write_bytes(path.read_bytes()[:500])
+    with pytest.raises(CheckpointError, match="cut.pt is not a PyTorch checkpoint file, or a damaged"):
+        load_model(tmp_path / "cut.pt")
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a prism-nano checkpoint"):
         load_model(tmp_path / "other.pt")
+
+
+def test_a_checkpoint_carrying_code_is_refused_before_the_code_runs(unsafe_ckpt):
+    path, marker = unsafe_ckpt
+    with pytest.raises(CheckpointError) as refused:
+        load_model(path)
+    assert f"error: {refused.value}" == unsafe_message(path)
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # the payload is real: an unrestricted load runs it
+    assert marker.exists()
 
 
 def test_flops_per_token_counts_this_attention():
