@@ -242,8 +242,8 @@ VARIANTS = {
     "prism": ("prism", {}),
     "gpt2": ("gpt2", {}),
     "gemma3": ("gemma3", {}),
-    "prism-pi-off": ("prism", {"rope_ratio": 1.0}),                # every head at signal frequencies
-    "prism-ratio3": ("prism", {"rope_ratio": 3.0}),                # a rational ratio, the control
+    "prism-pi-off": ("prism", {"rope_ratio": 1.0}),                # both groups in one band: is a second band needed?
+    "prism-band-split": ("prism", {"rope_bands": "split"}),        # disjoint slow/fast bands instead of the ×π overlap
     "prism-complete": ("prism", {"overcompleteness": 1}),          # ρ = 1: H·p = d
     "prism-tied": ("prism", {"tie_dictionary": True}),             # back-project with U itself
     "prism-qk": ("prism", {"qkv_sharing": "qk"}),                  # q = k, a value of its own
