@@ -196,7 +196,7 @@ def test_head_contrasts_pair_trained_untrained_and_the_two_arms(monkeypatch):
         return [{"layer": 0, "contrast": "log_distance", "n": len(treated), "mean": 0.5,
                  "lo": 0.1, "hi": 0.9, "p": 0.0078}]
 
-    monkeypatch.setattr(analyze_heads, "contrast_test", contrast_test, raising=False)
+    monkeypatch.setattr(analyze_heads, "contrast_test", contrast_test)
     heads = {v: {"heads": [{"arm": v, "seed": s} for s in (1, 2)],
                  "init_heads": [{"arm": v, "init": True, "seed": s} for s in (1, 2)]}
              for v in ("prism", "prism-pi-off")}
@@ -216,8 +216,6 @@ def test_head_contrasts_pair_trained_untrained_and_the_two_arms(monkeypatch):
 
 def test_a_tiny_study_leaves_records_resumes_and_reports_from_records_alone(
         report_data, tmp_path, capsys, monkeypatch):
-    if not hasattr(analyze_heads, "contrast_test"):  # until analyze_heads has it (issue 10)
-        monkeypatch.setattr(analyze_heads, "contrast_test", lambda t, c=None: [], raising=False)
     records, results = tmp_path / "results", tmp_path / "docs" / "RESULTS.md"
     argv = [f"--data_dir={report_data}", "--preset=cpu-small", "--epochs=0.015", "--seeds=2,3",
             "--archs=prism,gpt2", "--lrs=1e-3,2e-3", "--max_extensions=0", "--evals=2",
@@ -230,6 +228,9 @@ def test_a_tiny_study_leaves_records_resumes_and_reports_from_records_alone(
     assert f"| prism | {params:,} |" in section and "| gpt2 |" in section
     assert "still at the grid's edge" in section  # two rates, no growth allowed
     assert "Holm-corrected over the 1 arms" in section
+    # the head contrasts of analyze_heads, per layer, trained against untrained
+    assert "*prism trained − prism untrained*" in section and "log_distance_no_self" in section
+    assert "| 3 | " in section  # the last of cpu-small's 4 layers
     assert (tmp_path / "docs" / "compare_cpu-small.png").read_bytes().startswith(b"\x89PNG")
     # The records: a summary and a curve per run, heads for the head arm, trained and untrained;
     # no checkpoint.
