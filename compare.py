@@ -494,8 +494,8 @@ def report(args, plan, study, figure):
         f"{d['val_tokens']:,} tokens, report split (test.bin) {d['test_tokens']:,} tokens; "
         f"vocabulary {d['vocab_size']:,}. Every run: {b['iters']} iterations of "
         f"{plan['tokens_per_iter']:,} tokens ({b['iters'] * plan['tokens_per_iter']:,} tokens, "
-        f"{plan['epochs']:.2f} epochs), AdamW, linear warmup over {b['warmup_iters']} iterations, cosine to "
-        f"lr/10; seeds {', '.join(map(str, plan['seeds']))} (a seed fixes the initialisation and "
+        f"{plan['epochs']:.2f} epochs), AdamW, linear warmup over {b['warmup_iters']} "
+        f"iterations, cosine to lr/10; seeds {', '.join(map(str, plan['seeds']))} (a seed fixes the initialisation and "
         f"the data order). The learning rate of each arm is the grid's best on the whole "
         f"selection split at seed {plan['seeds'][0]}; the losses below are on every window of the "
         f"report split, mean ± sample sd over seeds.", "",
