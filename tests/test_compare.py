@@ -247,6 +247,18 @@ def test_a_tiny_study_leaves_records_resumes_and_reports_from_records_alone(
         assert (rec / "prism" / "init" / f"seed{seed}" / "heads.json").is_file()
     assert not (rec / "gpt2" / "lr0.001" / "seed2" / "heads.json").exists()
     assert not list(records.rglob("*.pt"))
+    # The untrained checkpoint is the model the seed's trained runs started from: train.py's
+    # initialisation for that seed.
+    import torch
+
+    from model import build_model
+
+    init = torch.load(tmp_path / "runs" / "cpu-small" / "prism" / "init" / "seed3" / "ckpt.pt",
+                      weights_only=False)
+    assert init["iter_num"] == 0
+    torch.manual_seed(3)
+    fresh = build_model("prism", **init["model_config"]).state_dict()
+    assert all(torch.equal(fresh[k], v) for k, v in init["model"].items())
     assert not (rec / "prism" / ("lr0.002" if chosen == "lr0.001" else "lr0.001") / "seed3").exists()
     # Again, and from the records alone (no data folder, no checkpoints): nothing trains and the
     # section comes out the same.
