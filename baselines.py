@@ -279,8 +279,8 @@ def variant_args(preset, variant, vocab_size):
     per_unit = args["n_layer"] * (2 * d + (1 if args.get("bias") else 0))
     hidden = 4 * d + round((target - count_params(arch, args)) / per_unit)
     if hidden < 1:
-        raise ValueError(f"preset {preset!r}: {variant} has more attention weights than PRISM "
-                         f"has weights besides the embedding; no MLP width matches it")
+        raise ValueError(f"preset {preset!r}: no MLP width brings {variant} down to PRISM's "
+                         f"{target:,} parameters")
     if hidden != 4 * d:
         args["mlp_hidden"] = hidden
     return arch, args
