@@ -126,7 +126,8 @@ class PrismConfig:
     qkv_sharing: str = "qkv"     # "qkv": q = k = v = Z U_k (PRISM); "qk": own value; "none": q, k, v apart
     dropout: float = 0.0         # dropout rate on the embedding, attention and MLP outputs
     bias: bool = False           # biases in Linear and LayerNorm
-    # Candidates for a white-box PRISM that trains better (each described in PrismAttention / §5):
+    mlp_hidden: int = 0          # MLP width; 0 = 4·n_embd (8·n_embd for "ista-tied"); the ablations match PRISM's size with it
+    # Candidates for a white-box PRISM that trains better (PRISM.md §8; PrismAttention, §5):
     head_step: bool = False          # a learned step η_k per head instead of one for all
     head_temperature: bool = False   # a learned softmax temperature per head
     normalize_subspaces: bool = False  # scores from RMS-normalised W_k (tokens on a sphere)
@@ -134,6 +135,11 @@ class PrismConfig:
     rotate_values: bool = False      # values rotated too: the step of §2 on the rotated tokens
     rho_init: bool = False           # dictionary init std 0.02/√ρ: the variance of ρ = 1
     mlp: str = "gelu"                # "gelu"; "ista": one sparse-coding step; "ista-tied": D₁ = D
+
+    @property
+    def mlp_width(self):
+        """The MLP's hidden width; the tied ISTA block's default 8d gives the GELU MLP's 8d²."""
+        return self.mlp_hidden or (8 if self.mlp == "ista-tied" else 4) * self.n_embd
 
     def __post_init__(self):
         if self.signal_heads == -1:
@@ -403,8 +409,9 @@ def lasso_objective(z, D, threshold, a):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        hidden = config.mlp_hidden or 4 * config.n_embd
+        self.fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -416,7 +423,7 @@ class SparseCodingMLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        width = 4 * config.n_embd if config.mlp == "ista" else 8 * config.n_embd  # ≈ same weights
+        width = config.mlp_width
         self.tied = config.mlp == "ista-tied"
         self.proj = nn.Linear(width, config.n_embd, bias=False)  # the dictionary D (d × m)
         self.encoder = None if self.tied else nn.Linear(config.n_embd, width, bias=False)  # D₁
