@@ -159,10 +159,11 @@ class PrismAttention(nn.Module):
         inner = self.n_head * self.head_dim
         return self.dictionary.weight[:inner].view(self.n_head, self.head_dim, -1)
 
-    def forward(self, x, record=None):
+    def forward(self, x, record=None, cache=None):
         B, T, _ = x.shape
         heads = self.dictionary(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_proj·H, T, p)
-        cos, sin = self.rope_cos[:, :T], self.rope_sin[:, :T]
+        start = 0 if cache is None else cache.length  # absolute position of x[:, 0]
+        cos, sin = self.rope_cos[:, start:start + T], self.rope_sin[:, start:start + T]
         if self.qkv_sharing == "qkv":
             w = heads                          # W_k = U_kᵀZ
             q = k = apply_rotary(w, cos, sin)  # q = k: rotate once
@@ -173,9 +174,15 @@ class PrismAttention(nn.Module):
         else:
             q, k, v = heads.split(self.n_head, dim=1)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            # Even with q = k = v the cache keeps two tensors, the rotated key and W: keeping W
+            # alone would mean rotating every past position again for every new token, about
+            # as much memory traffic as the attention itself, where the key costs one more
+            # (H, T, p) tensor per layer.
+            k, v = cache.extend(k, v)
         if record is None:
-            y = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+            y = F.scaled_dot_product_attention(  # one new query sees every cached key: no mask
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=T > 1)
         else:
             y = explicit_attention(q, k, v, record)
         y = y.transpose(1, 2).reshape(B, T, -1)
@@ -228,14 +235,14 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, record=None):
+    def forward(self, x, record=None, cache=None):
         z = self.ln_1(x)
         if record is not None:
             before = len(record)
             x = x + self.attn(z, record)
             record[before]["z"] = z  # the tokens Z this layer's MCR² step acts on
         else:
-            x = x + self.attn(z)
+            x = x + self.attn(z, cache=cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -249,7 +256,8 @@ def padded_vocab_size(vocab_size):
 
 class LanguageModel(nn.Module):
     """Base of PRISM and the baselines. A subclass calls `_build` with its blocks and final norm
-    and implements `embed(idx)` -> the residual stream entering the first block."""
+    and implements `embed(idx, start)` -> the residual stream entering the first block, for
+    tokens at positions start, start + 1, ..."""
 
     arch = None  # the name train.py and the checkpoints use
 
@@ -292,14 +300,16 @@ class LanguageModel(nn.Module):
     def get_num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward_hidden(self, idx, record=None):
-        """The final hidden states (B, T, d); `record` collects the analysis of each layer."""
-        if idx.shape[1] > self.config.block_size:
-            raise ValueError(f"sequence of length {idx.shape[1]} is longer than "
+    def forward_hidden(self, idx, record=None, cache=None):
+        """The final hidden states (B, T, d); `record` collects the analysis of each layer.
+        With `cache` (from new_cache(), generation only) idx continues the tokens it holds."""
+        start = 0 if cache is None else cache[0].length
+        if start + idx.shape[1] > self.config.block_size:
+            raise ValueError(f"sequence of length {start + idx.shape[1]} is longer than "
                              f"block_size = {self.config.block_size}")
-        x = self.transformer.drop(self.embed(idx))
-        for block in self.transformer.h:
-            x = block(x, record)
+        x = self.transformer.drop(self.embed(idx, start))
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, record, None if cache is None else cache[i])
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None):
@@ -347,12 +357,29 @@ class LanguageModel(nn.Module):
 
     # -- generation -------------------------------------------------------------------------
 
+    def new_cache(self):
+        """One empty KVCache per layer, for forward_hidden(..., cache=)."""
+        return [KVCache() for _ in self.transformer.h]
+
     @torch.no_grad()
-    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None):
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                        use_cache=True):
         """Yield (B, 1) sampled tokens one at a time, feeding each back in. The context is cropped
-        to the last block_size tokens, so it runs past block_size. temperature 0 is greedy."""
+        to the last block_size tokens, so it runs past block_size. temperature 0 is greedy.
+        use_cache: each layer keeps the keys and values of the tokens so far and only the newest
+        token runs through the model, one position per token instead of the whole context; the
+        tokens are the same as without it (up to float rounding in near-ties)."""
+        cache = self.new_cache() if use_cache else None
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size:])
+            if cache is not None and idx.shape[1] > self.config.block_size:
+                # Cropping shifts every position of the window at every token, and each cached
+                # key depends on tokens that just fell out of it: recompute, as without a cache.
+                cache = None
+            if cache is None:
+                hidden = self.forward_hidden(idx[:, -self.config.block_size:])
+            else:
+                hidden = self.forward_hidden(idx[:, cache[0].length:], cache=cache)
+            logits, _ = self._head(hidden[:, -1:], None)  # only the last position is sampled
             logits = logits[:, -1, :].float()
             if temperature == 0:
                 next_token = logits.argmax(dim=-1, keepdim=True)
@@ -363,9 +390,10 @@ class LanguageModel(nn.Module):
             yield next_token
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 use_cache=True):
         """idx (B, T) -> (B, T + max_new_tokens)."""
-        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p))
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache))
         return torch.cat([idx, *new], dim=1)
 
     # -- training helpers -------------------------------------------------------------------
@@ -407,7 +435,7 @@ class Prism(LanguageModel):
         """ρ = H·p / d: how many more dictionary directions than token dimensions."""
         return self.config.n_head * self.config.head_dim / self.config.n_embd
 
-    def embed(self, idx):
+    def embed(self, idx, start=0):
         return self.transformer.wte(idx)  # no absolute positions: RoPE carries them
 
     def rope_frequencies(self, layer=0):
@@ -419,6 +447,36 @@ class Prism(LanguageModel):
 
     def subspaces(self, layer):
         return self.transformer.h[layer].attn.subspaces()
+
+
+class KVCache:
+    """What one attention layer keeps of the tokens it has seen while generating: the tensors
+    (B, H, T, p) that later queries read, keys and values in the order the layer passes them.
+    `window`: a sliding-window layer sees only its last `window` positions, so it keeps window − 1
+    (the new token is the window-th) and its memory stays bounded."""
+
+    def __init__(self, window=None):
+        self.window = window
+        self.length = 0  # positions seen so far = the absolute position of the next token
+        self.tensors = None
+
+    def extend(self, *new):
+        """Append the new positions; return past + new, what the new queries attend to. Several
+        positions at once (the prompt) only into an empty cache, so the layer's usual causal mask
+        is the right one; after that one position per call, which sees everything returned."""
+        T = new[0].shape[-2]
+        if self.tensors is None:
+            full = new
+        else:
+            if T != 1:
+                raise ValueError(f"{T} positions into a non-empty cache: one at a time")
+            # cat copies the past once per token: the same bytes the attention reads anyway.
+            full = tuple(torch.cat((past, t), dim=-2) for past, t in zip(self.tensors, new))
+        self.length += T
+        n = full[0].shape[-2]
+        keep = n if self.window is None else min(n, self.window - 1)
+        self.tensors = tuple(t[:, :, n - keep:] for t in full)
+        return full
 
 
 def filter_logits(logits, top_k=None, top_p=None):
