@@ -13,6 +13,8 @@ This file reads top to bottom like the derivation (docs/PRISM.md holds the desig
 
 import inspect
 import math
+import re
+import warnings
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -415,11 +417,78 @@ class LanguageModel(nn.Module):
         c = self.config
         return 6 * self.get_num_params() + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
 
-    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=989e12):
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=None, dtype=None):
         """Model FLOPs utilisation of `fwdbwd_per_iter` sequences in `dt` seconds, as a fraction of
-        `peak_flops` (default: H100 SXM dense bf16)."""
+        `peak_flops`; None: the current CUDA device's dense peak for `dtype` (gpu_peak_flops;
+        None = the 16-bit type train.py's dtype=auto picks). On a device with no known peak the
+        MFU is NaN, with a warning, rather than a number against some other GPU's peak: NaN
+        prints as nan and fails every comparison, so callers' `mfu > 0` checks leave it out."""
+        if peak_flops is None:
+            peak_flops = current_gpu_peak_flops(dtype)
+            if peak_flops is None:
+                return math.nan
         flops = self.flops_per_token() * self.config.block_size * fwdbwd_per_iter
         return flops / dt / peak_flops
+
+
+# Dense (no 2:4 sparsity) peak TFLOP/s by GPU, as torch.cuda.get_device_name() spells it, from
+# the vendors' datasheets and architecture whitepapers; the datasheets quote tensor-core rates
+# "with sparsity", twice the dense ones given here. bfloat16 / float16: tensor cores with float32
+# accumulation (what PyTorch's matmuls use); tf32: float32 matmuls with allow_tf32 (train.py and
+# bench.py set it); float32: the plain CUDA cores. None: the GPU has no such unit.
+# A name that no pattern matches gets no MFU: a guess from a similar name would be a wrong number.
+GPU_PEAK_TFLOPS = (
+    # (regex searched in the name, bfloat16, float16, tf32, float32)
+    # H100 whitepaper (2022), table 3 (SXM5) / H100 datasheet: PCIe and NVL
+    (r"H100 80GB HBM3$", 989.4, 989.4, 494.7, 66.9),  # H100 SXM5 reports this name
+    (r"H100 PCIe$", 756.5, 756.5, 378.0, 51.2),
+    (r"H100 NVL$", 835.5, 835.5, 417.5, 60.0),
+    # H200 datasheet: the SXM part has the H100 SXM5's compute, the NVL part the H100 NVL's
+    (r"H200$", 989.4, 989.4, 494.7, 66.9),
+    (r"H200 NVL$", 835.5, 835.5, 417.5, 60.0),
+    # A100 datasheet: the same peaks for SXM4 and PCIe, 40 GB and 80 GB
+    (r"A100[- ]", 312.0, 312.0, 156.0, 19.5),
+    (r"NVIDIA A10$", 125.0, 125.0, 62.5, 31.2),         # A10 datasheet
+    (r"NVIDIA L4$", 121.0, 121.0, 60.0, 30.3),          # L4 datasheet
+    (r"NVIDIA L40S$", 362.05, 362.05, 183.0, 91.6),     # L40S datasheet
+    # Ada whitepaper, appendix A / GA102 whitepaper, appendix A (GeForce: FP32-accumulate rates)
+    (r"GeForce RTX 4090$", 165.2, 165.2, 82.6, 82.6),
+    (r"GeForce RTX 3090$", 71.0, 71.0, 35.6, 35.6),
+    # V100 and T4 datasheets: float16 tensor cores only
+    (r"V100-SXM2", None, 125.0, None, 15.7),
+    (r"V100-PCIE", None, 112.0, None, 14.0),
+    (r"Tesla T4$", None, 65.0, None, 8.1),
+)
+PEAK_DTYPES = ("bfloat16", "float16", "tf32", "float32")
+
+
+def gpu_peak_flops(device_name, dtype="bfloat16"):
+    """Dense peak FLOP/s of the GPU called `device_name` for matmuls in `dtype` (one of
+    PEAK_DTYPES, or a torch dtype), or None where GPU_PEAK_TFLOPS does not know it."""
+    dtype = str(dtype).removeprefix("torch.")
+    if dtype not in PEAK_DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose from {', '.join(PEAK_DTYPES)}")
+    for pattern, *peaks in GPU_PEAK_TFLOPS:
+        if re.search(pattern, device_name):
+            tflops = peaks[PEAK_DTYPES.index(dtype)]
+            return None if tflops is None else tflops * 1e12
+    return None
+
+
+def current_gpu_peak_flops(dtype=None):
+    """gpu_peak_flops of the current CUDA device (None without one, with a warning); dtype None:
+    bfloat16 where torch.cuda.is_bf16_supported(), else float16, as train.py's dtype=auto."""
+    if not torch.cuda.is_available():
+        warnings.warn("no CUDA device: MFU not reported", stacklevel=3)
+        return None
+    name = torch.cuda.get_device_name()
+    if dtype is None:
+        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    peak = gpu_peak_flops(name, dtype)
+    if peak is None:
+        warnings.warn(f"unknown device {name!r} for {dtype}: MFU not reported (its peak is not in "
+                      "model.GPU_PEAK_TFLOPS)", stacklevel=3)
+    return peak
 
 
 class Prism(LanguageModel):
