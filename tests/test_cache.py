@@ -97,3 +97,16 @@ def test_several_positions_into_a_filled_cache_are_refused():
     cache.extend(torch.zeros(1, 2, 3, 4))
     with pytest.raises(ValueError, match="one at a time"):
         cache.extend(torch.zeros(1, 2, 2, 4))
+
+
+def test_each_new_token_runs_one_position_until_the_context_is_full():
+    model = make("prism-qkv")
+    positions = []
+    model.transformer.wte.register_forward_hook(
+        lambda module, args, out: positions.append(args[0].shape[1]))
+    model.generate(prompt(T=3), 30, temperature=0)
+    # the prompt, then one position per token up to block_size = 24, then the cropped window
+    assert positions == [3] + [1] * 21 + [24] * 8
+    positions.clear()
+    model.generate(prompt(T=3), 30, temperature=0, use_cache=False)
+    assert positions == list(range(3, 25)) + [24] * 8
