@@ -439,7 +439,7 @@ class LanguageModel(nn.Module):
 # A name that no pattern matches gets no MFU: a guess from a similar name would be a wrong number.
 GPU_PEAK_TFLOPS = (
     # (regex searched in the name, bfloat16, float16, tf32, float32)
-    # H100 whitepaper (2022), table 3 (SXM5) / H100 datasheet: PCIe and NVL
+    # NVIDIA H100 Tensor Core GPU Architecture whitepaper (SXM5, PCIe); H100 datasheet (NVL)
     (r"H100 80GB HBM3$", 989.4, 989.4, 494.7, 66.9),  # H100 SXM5 reports this name
     (r"H100 PCIe$", 756.5, 756.5, 378.0, 51.2),
     (r"H100 NVL$", 835.5, 835.5, 417.5, 60.0),
@@ -451,7 +451,8 @@ GPU_PEAK_TFLOPS = (
     (r"NVIDIA A10$", 125.0, 125.0, 62.5, 31.2),         # A10 datasheet
     (r"NVIDIA L4$", 121.0, 121.0, 60.0, 30.3),          # L4 datasheet
     (r"NVIDIA L40S$", 362.05, 362.05, 183.0, 91.6),     # L40S datasheet
-    # Ada whitepaper, appendix A / GA102 whitepaper, appendix A (GeForce: FP32-accumulate rates)
+    # NVIDIA Ada Lovelace (RTX 4090) and Ampere GA102 (RTX 3090) architecture whitepapers; the
+    # GeForce cards' tensor cores run at half rate with float32 accumulation, given here
     (r"GeForce RTX 4090$", 165.2, 165.2, 82.6, 82.6),
     (r"GeForce RTX 3090$", 71.0, 71.0, 35.6, 35.6),
     # V100 and T4 datasheets: float16 tensor cores only
