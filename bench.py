@@ -31,10 +31,10 @@ MFU (GPU only): model.estimate_mfu(batch_size, step) against the GPU's own dense
 compute dtype (model.GPU_PEAK_TFLOPS; float32 counts as TF32, which bench.py enables), or
 --peak_tflops; a GPU that the table does not know gets no MFU ("-"), with a warning. The record
 keeps the peak used (peak_tflops) and the GPU's name (gpu). On every device the table also shows
-the achieved model FLOP rate,
-flops_per_token() · tokens / step (6 FLOPs per weight plus the attention matmuls), and each arch's
-step time and FLOPs relative to --ref (gpt2 by default) at the same T: a time ratio above the
-FLOP ratio is implementation overhead, the FLOP ratio itself is the architecture.
+the achieved model FLOP rate, flops_per_token() · tokens / step (6 FLOPs per weight plus the
+attention matmuls), and each arch's step time and FLOPs relative to --ref (gpt2 by default) at the
+same T: a time ratio above the FLOP ratio is implementation overhead, the FLOP ratio itself is the
+architecture.
 
 The prepare step's throughput is its own line: prepare_tinystories.tokenize_files (one worker,
 into a temporary folder) on --prepare_file, in MB of text per second (tiktoken must find its GPT-2
