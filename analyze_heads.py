@@ -1,28 +1,41 @@
 """
 Measure what every attention head of a checkpoint does on held-out text (PRISM.md §6): how far
-it looks, which rotary frequencies it uses, whether the heads fall into a low-frequency/long-range
-(signal) and a high-frequency/local (noise) regime, and how each layer's tokens code under MCR².
+it looks, how much it attends to itself, which rotary frequencies it uses, whether the designed
+signal heads differ from the noise heads, and how each layer's tokens code under MCR².
 
 Examples:
-    python analyze_heads.py --ckpt=out/ckpt.pt --data_dir=data/tinystories --out_dir=out/analysis
-    python analyze_heads.py --ckpt=out/ckpt.pt --data_dir=data/tinystories --num_batches=20 \\
+    python analyze_heads.py --data_dir=data/tinystories --out_dir=out/analysis  # what train.py wrote
+    python analyze_heads.py --ckpt=out/prism_50m/ckpt.pt --data_dir=data/tinystories --num_batches=20 \\
         --batch_size=4 --block_size=256 --eps=0.5 --max_tokens=4096 --device=cuda
 
 Writes to out_dir:
-    heads.json                every number below (schema in README.md and `write_json`);
+    heads.json                every number below (schema in `write_json`);
     head_spectra.png          per layer, heads × rotary frequency, the energy share E(i)/Σ E,
                               the designed groups marked at the left, each head's centroid marked;
     distance_vs_centroid.png  one point per head: spectral centroid vs mean attention distance,
-                              coloured by designed group, the 2-means threshold drawn (right
-                              panel: the same against centroid_in_band);
-    coding_rate.png           R, R^c and ΔR by layer.
+                              coloured by designed group (right panel: against centroid_in_band);
+    coding_rate.png           R, R^c and ΔR by layer, normalised and raw.
+
+The headline: signal − noise contrasts. The claim under test is that signal heads look further
+back and sit lower in their frequency band than noise heads. Per layer, a contrast is the mean
+over the designed signal heads minus the mean over the noise heads (so a layer effect cancels), of
+  log_distance          ln mean_distance             (> 0: signal heads look further back)
+  log_distance_no_self  ln mean_distance_no_self     (the same without attention to itself)
+  log_centroid_in_band  ln centroid_in_band          (< 0: signal heads lower in their band)
+  self_attention        self_attention               (q = k makes every head lean to itself)
+and layer "all" is their mean over layers. contrast_tests: for this checkpoint, the layer-"all"
+contrast against shuffles of the group labels within each layer (Monte Carlo p). Across seeds,
+`contrast_test` (used by compare.py) tests per-seed differences against a control variant or the
+untrained checkpoints with the exact sign-flip test of stats.py.
 
 Definitions (all on `num_batches` × `batch_size` windows of `block_size` tokens taken at evenly
 spaced offsets of data_dir/<split>.bin; A is the causal attention matrix of a head, rows i =
-queries, columns j <= i = keys):
-  mean_distance      Σ_j A_ij (i − j), averaged over all query positions i >= 1 of all windows
-                     (position 0 can only attend to itself and is left out), in tokens.
-  entropy            −Σ_j A_ij ln A_ij, averaged over the same queries, in nats.
+queries, columns j <= i = keys; queries i >= 1, since position 0 can only attend to itself):
+  mean_distance      Σ_j A_ij (i − j), averaged over the queries, in tokens.
+  self_attention     A_ii, averaged over the queries.
+  mean_distance_no_self  Σ_i Σ_j A_ij (i − j) / Σ_i (1 − A_ii): the mean distance of the attention
+                     mass not on the token itself (null for a head that only attends to itself).
+  entropy            −Σ_j A_ij ln A_ij, averaged over the queries, in nats.
   spectrum E(i)      mean over all tokens t of ‖q_t^(i)‖·‖k_t^(i)‖, where x^(i) is rotary pair i of
                      a head, the dims (i, i + p/2) (half-split RoPE); rotation keeps pair norms.
   spectral_centroid  exp(Σ_i E(i) ln ω_i / Σ_i E(i)): the energy-weighted mean of the log angular
@@ -30,29 +43,30 @@ queries, columns j <= i = keys):
                      wavelength 2π/centroid is reported too, in tokens.
   centroid_in_band   spectral_centroid / ω_0 of the head's own band (its fastest frequency): where
                      in its band a head sits, with the designed ×π offset of the noise band removed.
-  bimodality         over all heads of all layers with a centroid, x = ln(spectral_centroid).
-                     Exact 1-D 2-means: sort x and take the split into a low and a high cluster that
-                     minimises the within-cluster sum of squares W = Σ_low (x − m_low)² +
-                     Σ_high (x − m_high)². bimodality = (m_high − m_low) / s with
-                     s = sqrt(W / n), the pooled within-cluster standard deviation (n heads).
-                     0 when all x are equal; null (with a reason) when s = 0 < gap or n < 2.
-                     Even one mode scores > 0 (2-means always splits): n normal values score
-                     ≈ 2.65 for large n, uniform ones ≈ 3.46. heads.json's bimodality_null gives
-                     the median and 95th percentile for normal values of the same n; compare
-                     with that, and with the same model at initialisation (at init the ×π offset
-                     of the noise band alone makes the centroids bimodal: see centroid_in_band).
-  regime             "signal" for a head in the low-frequency cluster, "noise" in the high one.
-  bimodality_in_band the same on ln(centroid_in_band) (its own clusters, not used for regime).
+  bimodality         (secondary) over all heads of all layers, x = ln(spectral_centroid); exact
+                     1-D 2-means (the split of sorted x minimising the within-cluster sum of
+                     squares W); score (m_high − m_low) / sqrt(W / n). It pools layers (a layer
+                     effect reads as two modes), includes the designed +ln π offset (not
+                     comparable between π-on and π-off), and has little power: keep it beside
+                     the contrasts, not in their place. bimodality_null: its median and 95th
+                     percentile for n iid normal values (≈ 2.65 for large n: 2-means always splits).
+  regime             "signal" / "noise": the head's 2-means cluster (low / high frequency).
+  bimodality_in_band the same score on ln(centroid_in_band).
   R, Rc, dR          per layer, on the layer's normalised input tokens Z (pooled over the batches:
                      ceil(max_tokens / num_batches) random token positions of each batch, at most
                      max_tokens = 4096 tokens in all by default), at precision eps (default 0.5):
                      R = ½ log det(I + d/(n ε²) ZᵀZ), Rc = Σ_k ½ log det(I + p/(n ε²) (Z U_k)ᵀ(Z U_k))
-                     with the dictionary U_k as the model holds it, dR = R − Rc (nats).
-                     Rc_orth, dR_orth: the same with each U_k replaced by an orthonormal basis of
-                     its span (scale-free: the rate of the subspaces themselves).
+                     with the dictionary U_k as the model holds it (grows with ‖U‖), dR = R − Rc.
+  Rc_orth, dR_orth   the normalised rates: each U_k replaced by an orthonormal basis of its span,
+                     so they depend on the subspaces only. With ρ = H·p/d = 2 the subspaces hold
+                     twice the dimensions of Z, and dR_orth < 0 even for tokens that lie exactly
+                     in the dictionary's subspaces (tests/test_analyze.py shows it): read it
+                     across layers and against the untrained checkpoint, not against 0.
+  neumann_radius     max_k β·λ_max(W_kᵀW_k) (model.neumann_radius): the series behind the attention
+                     step converges only where this is below 1.
 
 For a model without rotary heads (no spectrum, centroid, regime, bimodality), without designed
-groups, or without a dictionary (no Rc, dR), those fields are null and heads.json's
+groups (no contrasts), or without a dictionary (no Rc, dR), those fields are null and heads.json's
 `not_applicable` says why.
 """
 
@@ -65,7 +79,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sample import UsageError, load_checkpoint_model, pick_device
+from sample import (UsageError, default_checkpoint_help, load_checkpoint_model, pick_device,
+                    require_checkpoint)
 
 GROUP_COLORS = {"signal": "#1f77b4", "noise": "#d62728", None: "#7f7f7f"}
 
@@ -75,16 +90,19 @@ GROUP_COLORS = {"signal": "#1f77b4", "noise": "#d62728", None: "#7f7f7f"}
 
 
 def attention_sums(attn):
-    """attn (B, H, T, T) causal attention probabilities -> (distance_sum, entropy_sum, n_queries):
-    per head the sums over batch and query positions i >= 1 of Σ_j A_ij (i − j) and of
-    −Σ_j A_ij ln A_ij (float64, shape (H,))."""
+    """attn (B, H, T, T) causal attention probabilities -> dict of per-head sums over batch and
+    query positions i >= 1 (float64, shape (H,)): `distance` Σ_j A_ij (i − j), `entropy`
+    −Σ_j A_ij ln A_ij, `self_mass` A_ii; and `n_queries`."""
     B, H, T, _ = attn.shape
     a = attn.double()
     pos = torch.arange(T, dtype=torch.float64, device=a.device)
     # Σ_j A_ij (i − j) = i Σ_j A_ij − Σ_j A_ij j   (A_ij = 0 for j > i)
     dist = pos * a.sum(-1) - a @ pos                          # (B, H, T)
     ent = -torch.special.xlogy(a, a).sum(-1)                  # (B, H, T)
-    return (dist[..., 1:].sum(dim=(0, 2)).cpu(), ent[..., 1:].sum(dim=(0, 2)).cpu(), B * (T - 1))
+    diag = a.diagonal(dim1=-2, dim2=-1)                       # (B, H, T)
+    return dict(distance=dist[..., 1:].sum(dim=(0, 2)).cpu(),
+                entropy=ent[..., 1:].sum(dim=(0, 2)).cpu(),
+                self_mass=diag[..., 1:].sum(dim=(0, 2)).cpu(), n_queries=B * (T - 1))
 
 
 def pair_norms(x):
@@ -174,20 +192,127 @@ def bimodality(x):
 
 
 def mcr2_diagnostics(Z, subspaces, eps):
-    """Z (n, d) tokens as rows, subspaces (K, p, d) holding each U_kᵀ or None -> dict of R, Rc, dR,
-    Rc_orth, dR_orth (floats, nats; the last four None without a dictionary)."""
-    from model import coding_rate, compressed_coding_rate  # noqa: PLC0415
+    """Z (n, d) tokens as rows, subspaces (K, p, d) holding each U_kᵀ or None -> dict of R, Rc,
+    dR, Rc_orth, dR_orth (floats, nats) and neumann_radius (model.neumann_radius: the series that
+    motivates the attention step converges only below 1); all but R None without a dictionary."""
+    from model import coding_rate, compressed_coding_rate, neumann_radius  # noqa: PLC0415
 
     Z = Z.double()
     R = float(coding_rate(Z, eps))
-    out = dict(R=R, Rc=None, dR=None, Rc_orth=None, dR_orth=None, n_tokens=int(Z.shape[0]))
+    out = dict(R=R, Rc=None, dR=None, Rc_orth=None, dR_orth=None, neumann_radius=None,
+               n_tokens=int(Z.shape[0]))
     if subspaces is not None:
         U = subspaces.detach().double().to(Z.device)
         Rc = float(compressed_coding_rate(Z, U, eps))
-        # An orthonormal basis of each span: Q of U_k = QR, returned as (K, p, d) like U.
+        # An orthonormal basis of each span: Q of U_k = QR, returned as (K, p, d) like U. This is
+        # the normalised R^c: it depends on the subspaces only, not on the scale of U.
         Q = torch.linalg.qr(U.transpose(1, 2)).Q.transpose(1, 2)
         Rc_orth = float(compressed_coding_rate(Z, Q, eps))
-        out.update(Rc=Rc, dR=R - Rc, Rc_orth=Rc_orth, dR_orth=R - Rc_orth)
+        out.update(Rc=Rc, dR=R - Rc, Rc_orth=Rc_orth, dR_orth=R - Rc_orth,
+                   neumann_radius=neumann_radius(Z, U, eps))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Signal vs noise: contrasts on the designed head groups, and tests of them.
+# The claim under test is that signal heads look further back and sit lower in their band than
+# noise heads. Each contrast is, within one layer, the mean over signal heads minus the mean over
+# noise heads, so anything shared by a layer's heads (a layer effect) cancels exactly; 2-means
+# bimodality pools layers and cannot tell the two apart. A checkpoint is tested by permuting the
+# group labels among each layer's heads; a set of seeds by flipping the signs of per-seed
+# differences (stats.py), against a control variant or the same seeds' untrained checkpoints.
+
+CONTRASTS = {  # name: (head field, transform); expected sign for the claim in the comment
+    "log_distance": ("mean_distance", math.log),                  # > 0: signal looks further
+    "log_distance_no_self": ("mean_distance_no_self", math.log),  # > 0, self-attention left out
+    "log_centroid_in_band": ("centroid_in_band", math.log),       # < 0: signal lower in band
+    "self_attention": ("self_attention", float),                  # attention mass on itself
+}
+
+
+def _head_values(heads, contrast):
+    field, transform = CONTRASTS[contrast]
+    return [transform(h[field]) if h.get(field) and h.get("group") else None for h in heads]
+
+
+def _contrast(values, groups):
+    sig = [v for v, g in zip(values, groups) if g == "signal" and v is not None]
+    noi = [v for v, g in zip(values, groups) if g == "noise" and v is not None]
+    return float(np.mean(sig) - np.mean(noi)) if sig and noi else None
+
+
+def layer_contrasts(heads):
+    """[{layer, <contrast>: signal mean − noise mean, ...}] per layer, and the mean over layers as
+    layer "all"; None where a group is missing or the field does not apply."""
+    layers = sorted({h["layer"] for h in heads})
+    out = []
+    for l in layers:
+        hs = [h for h in heads if h["layer"] == l]
+        out.append(dict(layer=l, **{c: _contrast(_head_values(hs, c), [h["group"] for h in hs])
+                                    for c in CONTRASTS}))
+    overall = {}
+    for c in CONTRASTS:
+        vals = [row[c] for row in out]
+        overall[c] = float(np.mean(vals)) if vals and all(v is not None for v in vals) else None
+    return out + [dict(layer="all", **overall)]
+
+
+def label_permutation_test(heads, contrast, draws=9999, seed=0):
+    """One checkpoint: is the designed signal/noise contrast (mean over layers) larger than label
+    shuffles within each layer give? -> {statistic, p} with a two-sided Monte Carlo p-value
+    (1 + #{|T*| ≥ |T|}) / (1 + draws); None where the contrast does not apply."""
+    by_layer = {}
+    for h, v in zip(heads, _head_values(heads, contrast)):
+        if v is not None:
+            by_layer.setdefault(h["layer"], ([], []))
+            by_layer[h["layer"]][0].append(v)
+            by_layer[h["layer"]][1].append(h["group"] == "signal")
+    layers = [(np.array(v), np.array(s)) for v, s in by_layer.values() if 0 < sum(s) < len(s)]
+    if not layers:
+        return dict(statistic=None, p=None, draws=draws)
+
+    def statistic(perm_masks):  # (draws, n) boolean masks per layer -> (draws,) statistics
+        return np.mean([(m * v).sum(-1) / m.sum(-1) - (~m * v).sum(-1) / (~m).sum(-1)
+                        for (v, _), m in zip(layers, perm_masks)], axis=0)
+
+    observed = float(statistic([s[None] for _, s in layers])[0])
+    rng = np.random.default_rng(seed)
+    shuffled = [np.array([rng.permutation(s) for _ in range(draws)]) for _, s in layers]
+    null = statistic(shuffled)
+    p = (1 + np.sum(np.abs(null) >= abs(observed) - 1e-12)) / (1 + draws)
+    return dict(statistic=observed, p=float(p), draws=draws)
+
+
+def contrast_test(treated, control=None, level=0.95):
+    """Across seeds. treated, control: lists of heads.json dicts paired by index (the same seed).
+    Per layer (and "all") and contrast: the per-seed difference treated − control (or treated
+    alone when control is None), its mean with a Student-t interval and the exact sign-flip
+    p-value -> [{layer, contrast, n, mean, lo, hi, p}]."""
+    from stats import paired_summary  # noqa: PLC0415
+
+    if control is not None and len(control) != len(treated):
+        raise ValueError(f"{len(treated)} treated but {len(control)} control checkpoints: "
+                         "pair them by seed")
+
+    def rows(result):
+        return {row["layer"]: row for row in result.get("contrasts") or layer_contrasts(result["heads"])}
+
+    t_rows = [rows(r) for r in treated]
+    c_rows = [rows(r) for r in control] if control is not None else None
+    out = []
+    for layer in t_rows[0]:
+        for c in CONTRASTS:
+            diffs = []
+            for s, tr in enumerate(t_rows):
+                a = tr.get(layer, {}).get(c)
+                b = 0.0 if c_rows is None else c_rows[s].get(layer, {}).get(c)
+                if a is not None and b is not None:
+                    diffs.append(a - b)
+            if len(diffs) < len(t_rows) or not diffs:
+                continue
+            s = paired_summary(diffs, level)
+            out.append(dict(layer=layer, contrast=c, n=s["n"], mean=s["mean"], lo=s["lo"],
+                            hi=s["hi"], p=s["p"]))
     return out
 
 
@@ -212,6 +337,10 @@ def _per_layer(value, layer):
 
 def _finite(x):
     return None if x is None or not math.isfinite(x) else float(x)
+
+
+def _ratio(num, den):
+    return float(num / den) if den > 1e-12 else None  # a head whose mass is all on itself
 
 
 @torch.no_grad()
@@ -248,11 +377,12 @@ def analyze_model(model, batches, eps=0.5, max_tokens=4096, num_batches=None, se
             loss_sum, loss_n = loss_sum + float(loss) * x.numel(), loss_n + x.numel()
         tokens += x.numel()
         if acc is None:
-            acc = [dict(dist=0, ent=0, nq=0, E=0, nt=0, Z=[], nz=0) for _ in layers]
+            acc = [dict(dist=0, ent=0, self=0, nq=0, E=0, nt=0, Z=[], nz=0) for _ in layers]
         for rec, a in zip(layers, acc):
             if "attn" in rec:
-                d, e, n = attention_sums(rec["attn"])
-                a["dist"], a["ent"], a["nq"] = a["dist"] + d, a["ent"] + e, a["nq"] + n
+                s = attention_sums(rec["attn"])
+                a["dist"], a["ent"] = a["dist"] + s["distance"], a["ent"] + s["entropy"]
+                a["self"], a["nq"] = a["self"] + s["self_mass"], a["nq"] + s["n_queries"]
             if freqs_all is not None and "q" in rec and "k" in rec:
                 E, n = spectrum_sums(rec["q"], rec["k"])
                 a["E"], a["nt"] = a["E"] + E, a["nt"] + n
@@ -287,6 +417,8 @@ def analyze_model(model, batches, eps=0.5, max_tokens=4096, num_batches=None, se
                 layer=l, head=h,
                 group=groups[h] if groups is not None else None,
                 mean_distance=float(a["dist"][h] / a["nq"]) if a["nq"] else None,
+                mean_distance_no_self=_ratio(a["dist"][h], a["nq"] - a["self"][h]) if a["nq"] else None,
+                self_attention=float(a["self"][h] / a["nq"]) if a["nq"] else None,
                 entropy=float(a["ent"][h] / a["nq"]) if a["nq"] else None,
                 spectral_centroid=c,
                 centroid_wavelength=(2 * math.pi / c) if c else None,
@@ -303,7 +435,8 @@ def analyze_model(model, batches, eps=0.5, max_tokens=4096, num_batches=None, se
             diag = mcr2_diagnostics(torch.cat(a["Z"]), subspaces, eps)
         else:
             not_applicable.setdefault("R", "the model records no layer input tokens z")
-            diag = dict(R=None, Rc=None, dR=None, Rc_orth=None, dR_orth=None, n_tokens=0)
+            diag = dict(R=None, Rc=None, dR=None, Rc_orth=None, dR_orth=None,
+                        neumann_radius=None, n_tokens=0)
         layers_out.append(dict(layer=l, **diag))
 
     result = dict(
@@ -323,6 +456,20 @@ def analyze_model(model, batches, eps=0.5, max_tokens=4096, num_batches=None, se
         heads=heads,
     )
     _add_regimes(result, not_applicable)
+    if groups_all is not None:
+        result["contrasts"] = layer_contrasts(heads)
+        result["contrast_tests"] = {c: label_permutation_test(heads, c) for c in CONTRASTS}
+    else:
+        result["contrasts"] = result["contrast_tests"] = None
+        not_applicable["contrasts"] = not_applicable["group"]
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "rope_bands", None) == "shift":  # PRISM's ×rope_ratio band shift, computed
+        from model import band_facts  # noqa: PLC0415
+
+        result["band_facts"] = band_facts(cfg.head_dim, cfg.rope_theta, cfg.rope_ratio,
+                                          cfg.block_size)
+    else:
+        result["band_facts"] = None
     result["summary"] = _summary(heads)
     result["not_applicable"] = not_applicable
     result["definitions"] = DEFINITIONS
@@ -377,13 +524,20 @@ def _jsonable(d):
 
 DEFINITIONS = {
     "mean_distance": "sum_j A_ij (i - j), averaged over query positions i >= 1, in tokens",
+    "self_attention": "A_ii, averaged over query positions i >= 1",
+    "mean_distance_no_self": "sum_i sum_j A_ij (i - j) / sum_i (1 - A_ii), queries i >= 1",
     "entropy": "-sum_j A_ij ln A_ij, averaged over query positions i >= 1, in nats",
     "spectrum": "E(i) = mean over tokens of |q^(i)| |k^(i)|, rotary pair i = dims (i, i + p/2)",
     "spectral_centroid": "exp(sum_i E(i) ln w_i / sum_i E(i)), angular frequency in rad/token",
     "centroid_wavelength": "2 pi / spectral_centroid, in tokens",
     "centroid_in_band": "spectral_centroid / w_0 of the head's own band (its fastest frequency)",
-    "bimodality": "exact 1-D 2-means on x = ln(spectral_centroid) over all heads; "
-                  "(m_high - m_low) / sqrt(W / n), W = within-cluster sum of squares",
+    "contrasts": "per layer (and 'all' = mean over layers): mean over designed signal heads "
+                 "minus mean over noise heads of ln mean_distance, ln mean_distance_no_self, "
+                 "ln centroid_in_band and self_attention",
+    "contrast_tests": "layer-'all' contrast against group labels shuffled within each layer: "
+                      "two-sided Monte Carlo p = (1 + #{|T*| >= |T|}) / (1 + draws)",
+    "bimodality": "secondary: exact 1-D 2-means on x = ln(spectral_centroid) over all heads of "
+                  "all layers; (m_high - m_low) / sqrt(W / n), W = within-cluster sum of squares",
     "regime": "signal = head in the low-frequency 2-means cluster, noise = in the high one",
     "regime_agreement": "fraction of heads whose regime equals their designed group",
     "bimodality_null": "median / 95th percentile of the score for as many iid normal values",
@@ -391,8 +545,10 @@ DEFINITIONS = {
     "R": "1/2 logdet(I + d/(n eps^2) Z^T Z) of the layer's normalised input tokens, nats",
     "Rc": "sum_k 1/2 logdet(I + p/(n eps^2) (Z U_k)^T (Z U_k)) with the dictionary as held",
     "dR": "R - Rc",
-    "Rc_orth": "Rc with each U_k replaced by an orthonormal basis of its span",
-    "dR_orth": "R - Rc_orth",
+    "Rc_orth": "normalised Rc: each U_k replaced by an orthonormal basis of its span",
+    "dR_orth": "R - Rc_orth (< 0 at rho = 2 even for ideal union-of-subspaces tokens)",
+    "neumann_radius": "max_k beta lambda_max(W_k^T W_k), beta = p/(n eps^2): the Neumann series "
+                      "behind the attention step converges only below 1",
 }
 
 
@@ -436,11 +592,13 @@ def open_tokens(data_dir, split, block_size, vocab_size):
 
 
 def write_json(result, path):
-    """heads.json. Top level: arch, model_config, data, val_loss, tokens_analyzed, eps, max_tokens,
-    bimodality (+ _detail), bimodality_null, bimodality_in_band (+ _detail), regime_agreement,
-    summary,
-    not_applicable {field: reason}, definitions {field: text}, layers [{layer, R, Rc, dR, Rc_orth,
-    dR_orth, n_tokens}], heads [{layer, head, group, mean_distance, entropy, spectral_centroid,
+    """heads.json. Top level: arch, model_config, data, val_loss (on the analysed windows),
+    tokens_analyzed, eps, max_tokens, contrasts [{layer, log_distance, log_distance_no_self,
+    log_centroid_in_band, self_attention}], contrast_tests {contrast: {statistic, p, draws}},
+    band_facts, bimodality (+ _detail), bimodality_null, bimodality_in_band (+ _detail),
+    regime_agreement, summary, not_applicable {field: reason}, definitions {field: text},
+    layers [{layer, R, Rc, dR, Rc_orth, dR_orth, neumann_radius, n_tokens}], heads [{layer, head,
+    group, mean_distance, mean_distance_no_self, self_attention, entropy, spectral_centroid,
     centroid_wavelength, centroid_in_band, regime, spectrum [E(i)], frequencies [ω_i]}]."""
     Path(path).write_text(json.dumps(_clean(result), indent=1, allow_nan=False) + "\n",
                           encoding="utf-8")
@@ -479,7 +637,10 @@ def _title(result):
     if "rope_ratio" in cfg:
         parts.append(f"rope_ratio={cfg['rope_ratio']:.4g}")
     if result.get("val_loss") is not None:
-        parts.append(f"val loss {result['val_loss']:.3f}")
+        data = result.get("data") or {}
+        windows = (f"{data['num_batches'] * data['batch_size']} windows of {data['block_size']} "
+                   f"{data['split']} tokens" if data else "the analysed windows")
+        parts.append(f"loss {result['val_loss']:.3f} on {windows}")
     return ", ".join(parts)
 
 
@@ -542,11 +703,19 @@ def plot_head_spectra(result, path):
     bar = ("designed group (blue signal, red noise)" if any(h["group"] for h in heads)
            else "grey, no designed groups")
     fig.suptitle(f"head spectra: energy share E(i)/ΣE per rotary pair — {_title(result)}\n"
-                 f"left bar: {bar}; white tick: spectral centroid", fontsize=10)
+                 f"left bar: {bar}; white tick: spectral centroid; blank cells: frequencies "
+                 f"outside the head's own band", fontsize=10)
     fig.colorbar(mesh, ax=axes.ravel().tolist(), label="energy share", shrink=0.9,
                  fraction=0.03, pad=0.02)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _major_labels_only(axis):
+    """Log axes label their minor ticks when a decade is short, and the labels then collide."""
+    from matplotlib.ticker import NullFormatter  # noqa: PLC0415
+
+    axis.set_minor_formatter(NullFormatter())
 
 
 def _scatter_heads(ax, heads, xkey):
@@ -572,6 +741,7 @@ def _scatter_heads(ax, heads, xkey):
     dists = [h["mean_distance"] for h in heads if h["mean_distance"] is not None]
     if dists and max(dists) > 20 * max(min(dists), 1e-2):
         ax.set_yscale("log")  # distances spanning orders of magnitude
+        _major_labels_only(ax.yaxis)
     else:
         ax.ticklabel_format(axis="y", useOffset=False)
     if xkey is None:
@@ -604,6 +774,7 @@ def plot_distance_vs_centroid(result, path):
     for ax, (xkey, bkey, xlabel) in zip(axes, panels):
         _scatter_heads(ax, heads, xkey)
         ax.set_xscale("log")
+        _major_labels_only(ax.xaxis)
         ax.set_xlabel(xlabel)
         detail = result.get(f"{bkey}_detail") or {}
         if "threshold" in detail:
@@ -619,8 +790,14 @@ def plot_distance_vs_centroid(result, path):
         ax.set_title(sub, fontsize=10)
     axes[0].set_ylabel("mean attention distance (tokens)")
     axes[0].legend(fontsize=8)
+    contrasts = ""
+    if result.get("contrasts"):
+        overall, tests = result["contrasts"][-1], result["contrast_tests"]
+        contrasts = "\nsignal − noise, mean over layers: " + ", ".join(
+            f"{c} {overall[c]:+.2f} (label-shuffle p = {tests[c]['p']:.2g})"
+            for c in ("log_distance", "log_centroid_in_band") if overall[c] is not None)
     fig.suptitle(f"attention distance vs spectral centroid, one point per head (number: layer)"
-                 f" — {_title(result)}", fontsize=10)
+                 f" — {_title(result)}{contrasts}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -629,12 +806,13 @@ def plot_distance_vs_centroid(result, path):
 def plot_coding_rate(result, path):
     plt = _plt()
     layers = result["layers"]
-    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    fig, ax = plt.subplots(figsize=(11, 5))
     xs = [d["layer"] for d in layers]
-    styles = [("R", "$R(Z)$", "black", "-"), ("Rc", "$R^c(Z; U)$", "#1f77b4", "-"),
-              ("dR", "$\\Delta R = R - R^c$", "#2ca02c", "-"),
-              ("Rc_orth", "$R^c$, orthonormalised $U$", "#1f77b4", "--"),
-              ("dR_orth", "$\\Delta R$, orthonormalised $U$", "#2ca02c", "--")]
+    styles = [("R", "$R(Z)$", "black", "-"),
+              ("Rc_orth", "$R^c$, normalised (orthonormal basis of each $U_k$)", "#1f77b4", "-"),
+              ("dR_orth", "$\\Delta R = R - R^c$, normalised", "#2ca02c", "-"),
+              ("Rc", "$R^c$ of $U$ as held (scales with $\\|U\\|$)", "#1f77b4", "--"),
+              ("dR", "$\\Delta R$ of $U$ as held", "#2ca02c", "--")]
     drawn = 0
     for key, label, color, ls in styles:
         pts = [(x, d[key]) for x, d in zip(xs, layers) if d[key] is not None]
@@ -652,6 +830,10 @@ def plot_coding_rate(result, path):
         ax.grid(True, alpha=0.3)
     n = layers[0]["n_tokens"] if layers else 0
     sub = f"ε = {result['eps']}, n = {n} tokens per layer"
+    radius = [d["neumann_radius"] for d in layers if d.get("neumann_radius") is not None]
+    if radius:  # how far the attention step is from the series it is derived from
+        sub += (f"\nNeumann radius β·λ_max {min(radius):.3g} to {max(radius):.3g} by layer "
+                "(the series behind the attention step needs < 1)")
     if "Rc" in result["not_applicable"]:
         sub += f"; R^c, ΔR: {result['not_applicable']['Rc']}"
     ax.set_title(f"MCR² coding rates by layer — {_title(result)}\n{sub}", fontsize=10)
@@ -680,7 +862,9 @@ def build_parser():
                     "attention distance and entropy, rotary spectra, signal/noise regimes and "
                     "their bimodality, MCR² coding rates. Writes heads.json and three figures.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by train.py")
+    from train import default_checkpoint  # noqa: PLC0415
+
+    p.add_argument("--ckpt", default=default_checkpoint(), help=default_checkpoint_help())
     p.add_argument("--data_dir", default="data/tinystories",
                    help="folder with <split>.bin (uint16 tokens, as prepared for training)")
     p.add_argument("--split", default="val", help="which <split>.bin of data_dir to read")
@@ -710,8 +894,7 @@ def check_args(args):
 
 def run(args):
     check_args(args)
-    if not Path(args.ckpt).is_file():
-        raise UsageError(f"no checkpoint at {args.ckpt}")
+    require_checkpoint(args.ckpt)
     if not (Path(args.data_dir) / f"{args.split}.bin").is_file():
         raise UsageError(f"no {args.split}.bin in {args.data_dir}")
     device = pick_device(args.device)
@@ -731,15 +914,25 @@ def run(args):
                           num_batches=args.num_batches, batch_size=args.batch_size,
                           block_size=block, seed=args.seed)
     out = write_outputs(result, args.out_dir)
-    b, null = result["bimodality"], result["bimodality_null"]
-    print(f"{len(result['heads'])} heads in {len(result['layers'])} layers; bimodality "
-          + (f"{b:.3f}" if b is not None else "n/a")
-          + (f" (one mode would give {null['median']:.2f}, 95% below {null['p95']:.2f})"
-             if null and b is not None else "")
-          + (f", regime = group for {100 * result['regime_agreement']:.0f}% of heads"
-             if result["regime_agreement"] is not None else "")
-          + f"; wrote {out / 'heads.json'} and 3 figures")
+    print(headline(result) + f"; wrote {out / 'heads.json'} and 3 figures")
     return 0
+
+
+def headline(result):
+    """One line: the layer-"all" signal − noise contrasts with their p-values, then bimodality."""
+    parts = [f"{len(result['heads'])} heads in {len(result['layers'])} layers"]
+    if result.get("contrasts"):
+        overall = result["contrasts"][-1]
+        for c in ("log_distance", "log_centroid_in_band"):
+            t = result["contrast_tests"][c]
+            if overall[c] is not None:
+                parts.append(f"signal − noise {c} {overall[c]:+.3f}"
+                             + (f" (label-shuffle p = {t['p']:.3g})" if t["p"] is not None else ""))
+    b, null = result["bimodality"], result["bimodality_null"]
+    if b is not None:
+        parts.append(f"bimodality {b:.2f}" + (f" (one mode: {null['median']:.2f}, 95% below "
+                                              f"{null['p95']:.2f})" if null else ""))
+    return "; ".join(parts)
 
 
 def main(argv=None):

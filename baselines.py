@@ -1,6 +1,8 @@
 """
-The baselines PRISM is compared against (docs/PRISM.md §7), the size presets at which
-every arch has the same parameter count (±5%), and the ablations of PRISM as config values.
+The baselines PRISM is compared against (docs/PRISM.md §7), the registry of every arch by name
+(PRISM's included) with the checkpoint helpers, the size presets at which every arch has the same
+parameter count (±5%), and the ablations of PRISM as config values. Imports run one way:
+model.py <- this file <- train.py, sample.py, analyze_heads.py, compare.py, bench.py.
 
 Both baselines share everything but their blocks with PRISM (model.LanguageModel): the loss,
 generation, the optimizer, MFU, checkpoints and the analysis path.
@@ -10,17 +12,16 @@ generation, the optimizer, MFU, checkpoints and the analysis path.
             one, embeddings scaled by √d, tied output.
 """
 
-import contextlib
-import io
 import math
-from dataclasses import dataclass
+import pickle
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from model import (Block, KVCache, LanguageModel, _check, apply_rotary, build_model, causal_mask,
-                   explicit_attention, rotary_frequencies, rotary_tables)
+from model import (Block, KVCache, LanguageModel, Prism, PrismConfig, _check, apply_rotary,
+                   causal_mask, explicit_attention, rotary_frequencies, rotary_tables)
 
 # -----------------------------------------------------------------------------
 # GPT-2
@@ -28,13 +29,13 @@ from model import (Block, KVCache, LanguageModel, _check, apply_rotary, build_mo
 
 @dataclass
 class GPT2Config:
-    vocab_size: int = 50257
-    block_size: int = 512
-    n_layer: int = 8
-    n_embd: int = 512
-    n_head: int = 8
-    dropout: float = 0.0
-    bias: bool = False
+    vocab_size: int = 50257       # GPT-2 BPE; the embedding is padded to a multiple of 64 inside
+    block_size: int = 512         # context length, also the number of learned positions
+    n_layer: int = 8              # blocks (attention + MLP)
+    n_embd: int = 512             # d
+    n_head: int = 8               # heads of d / n_head dimensions each
+    dropout: float = 0.0          # dropout rate on the embedding, attention and MLP outputs
+    bias: bool = False            # biases in Linear and LayerNorm
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_embd", "n_head"):
@@ -89,19 +90,19 @@ class GPT2(LanguageModel):
 
 @dataclass
 class Gemma3Config:
-    vocab_size: int = 50257
-    block_size: int = 512
-    n_layer: int = 8
-    n_embd: int = 512
-    n_head: int = 8
-    head_dim: int = 64
+    vocab_size: int = 50257       # GPT-2 BPE; the embedding is padded to a multiple of 64 inside
+    block_size: int = 512         # context length
+    n_layer: int = 8              # blocks (attention + MLP)
+    n_embd: int = 512             # d
+    n_head: int = 8               # attention heads
+    head_dim: int = 64            # dimensions per head (q, k and v alike)
     mlp_hidden: int = 1376        # GeGLU width; 3·d·h ≈ the 8d² of a 4d GELU MLP
     sliding_window: int = 128     # keys a local layer sees
     global_every: int = 6         # layer l is global when (l + 1) % global_every == 0: 5 local : 1
-    rope_local_theta: float = 1e4
-    rope_global_theta: float = 1e6
-    dropout: float = 0.0
-    bias: bool = False
+    rope_local_theta: float = 1e4   # RoPE base θ of the local layers
+    rope_global_theta: float = 1e6  # RoPE base θ of the global layers
+    dropout: float = 0.0          # dropout rate on the embedding, attention and MLP outputs
+    bias: bool = False            # biases in Linear
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_embd", "n_head", "head_dim",
@@ -216,7 +217,72 @@ class Gemma3(LanguageModel):
         return 6 * self.get_num_params() + 12 * c.n_head * c.head_dim * attended
 
 
-ARCHS = {"gpt2": (GPT2Config, GPT2), "gemma3": (Gemma3Config, Gemma3)}
+# -----------------------------------------------------------------------------
+# Architectures by name, and the checkpoints train.py writes.
+
+ARCHS = {"prism": (PrismConfig, Prism), "gpt2": (GPT2Config, GPT2), "gemma3": (Gemma3Config, Gemma3)}
+
+
+def get_arch(name):
+    """(ConfigClass, ModelClass) for an architecture name."""
+    if name not in ARCHS:
+        raise ValueError(f"unknown arch {name!r}; choose from {', '.join(ARCHS)}")
+    return ARCHS[name]
+
+
+def build_model(arch, **model_args):
+    """A fresh model of `arch`; unknown or bad model_args raise ValueError naming the field."""
+    config_cls, model_cls = get_arch(arch)
+    known = {f.name for f in fields(config_cls)}
+    unknown = sorted(set(model_args) - known)
+    if unknown:
+        raise ValueError(f"{config_cls.__name__} has no field {unknown[0]!r}")
+    return model_cls(config_cls(**model_args))
+
+
+def checkpoint_payload(model):
+    """What identifies a model in a checkpoint: its arch, its config, its weights, and the
+    vocabulary its token ids belong to (meta.json's tokenizer fields, set by train.py)."""
+    return {"arch": model.arch, "model_config": asdict(model.config), "model": model.state_dict(),
+            "vocabulary": getattr(model, "vocabulary", None)}
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be loaded as a checkpoint; the message is one line for the user."""
+
+
+def read_checkpoint(path, device="cpu"):
+    """torch.load of a checkpoint with weights_only=True: tensors and plain data only. A pickle
+    can carry code that runs while it loads; the restricted unpickler refuses it before anything
+    runs, and so does this (CheckpointError), as it does a file that is no checkpoint at all."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no checkpoint at {path}") from None
+    # torch.save writes a zip archive (or, in its legacy format, a pickle: protocol byte 0x80).
+    if not (head == b"PK\x03\x04" or head[:1] == b"\x80"):
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint file")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path} is not a safe checkpoint: it contains code/objects other "
+                              "than tensors and plain data; refusing to load") from None
+    except Exception as e:  # a truncated or damaged archive
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint file, or a damaged one "
+                              f"({reason})") from None
+
+
+def load_model(path, device="cpu"):
+    """Load the model of a checkpoint written by train.py, in eval mode, on `device`."""
+    ckpt = read_checkpoint(path, device)
+    if not isinstance(ckpt, dict) or not {"arch", "model_config", "model"} <= ckpt.keys():
+        raise CheckpointError(f"{path} is not a prism-nano checkpoint (no arch/model_config/model)")
+    model = build_model(ckpt["arch"], **ckpt["model_config"])
+    model.load_state_dict(ckpt["model"])
+    model.vocabulary = ckpt.get("vocabulary")
+    return model.to(device).eval()
 
 
 # -----------------------------------------------------------------------------
@@ -224,8 +290,18 @@ ARCHS = {"gpt2": (GPT2Config, GPT2), "gemma3": (Gemma3Config, Gemma3)}
 
 ARCHS_COMPARED = ("prism", "gpt2", "gemma3")
 
-# Sizes at which every arch has PRISM's parameter count within ±5% (check_preset says so).
+# Sizes at which every arch has PRISM's parameter count within ±5% (check_preset says so). The
+# shipped training configs name one (train.py's `preset`), so that every arch trains from them.
 PRESETS = {
+    # config/cpu_tiny.py: PRISM d = 64, 4 layers, 4 heads of p = 32; 3.4M parameters, nearly all
+    # of them the GPT-2-vocabulary embedding.
+    "cpu-tiny": {
+        "block_size": 128,
+        "prism": dict(n_layer=4, n_embd=64, n_head=4, head_dim=32),
+        "gpt2": dict(n_layer=4, n_embd=64, n_head=2),
+        "gemma3": dict(n_layer=4, n_embd=64, n_head=2, head_dim=32, mlp_hidden=172,
+                       sliding_window=64, global_every=4),
+    },
     # 4 layers hold no 5-local-to-1-global group: Gemma's last layer is its global one here.
     "cpu-small": {
         "block_size": 128,
@@ -234,7 +310,8 @@ PRESETS = {
         "gemma3": dict(n_layer=4, n_embd=128, n_head=4, head_dim=32, mlp_hidden=344,
                        sliding_window=64, global_every=4),
     },
-    # PRISM.md §5: d = 512, 8 layers, 16 heads of p = 64, context 512; the baselines at the same d.
+    # PRISM.md §5 and config/prism_50m.py: d = 512, 8 layers, 16 heads of p = 64, context 512;
+    # the baselines at the same d.
     "paper-50m": {
         "block_size": 512,
         "prism": dict(n_layer=8, n_embd=512, n_head=16, head_dim=64),
@@ -249,8 +326,8 @@ VARIANTS = {
     "prism": ("prism", {}),
     "gpt2": ("gpt2", {}),
     "gemma3": ("gemma3", {}),
-    "prism-pi-off": ("prism", {"rope_ratio": 1.0}),                # every head at signal frequencies
-    "prism-ratio3": ("prism", {"rope_ratio": 3.0}),                # a rational ratio, the control
+    "prism-pi-off": ("prism", {"rope_ratio": 1.0}),                # both groups in one band: is a second band needed?
+    "prism-band-split": ("prism", {"rope_bands": "split"}),        # disjoint slow/fast bands instead of the ×π overlap
     "prism-complete": ("prism", {"overcompleteness": 1}),          # ρ = 1: H·p = d
     "prism-tied": ("prism", {"tie_dictionary": True}),             # back-project with U itself
     "prism-qk": ("prism", {"qkv_sharing": "qk"}),                  # q = k, a value of its own
@@ -259,14 +336,20 @@ VARIANTS = {
 }
 
 
-def variant_args(preset, variant, vocab_size):
-    """(arch, model_args) of a variant at a size preset."""
+def preset_sizes(preset, arch):
+    """The model fields (block_size included) of `arch` at a size preset."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    get_arch(arch)
+    return dict(PRESETS[preset][arch], block_size=PRESETS[preset]["block_size"])
+
+
+def variant_args(preset, variant, vocab_size):
+    """(arch, model_args) of a variant at a size preset."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
     arch, overrides = VARIANTS[variant]
-    args = dict(PRESETS[preset][arch], vocab_size=vocab_size, block_size=PRESETS[preset]["block_size"])
+    args = dict(preset_sizes(preset, arch), vocab_size=vocab_size)
     overrides = dict(overrides)
     if "overcompleteness" in overrides:  # ρ is a ratio of sizes, not a config field
         args["head_dim"] = overrides.pop("overcompleteness") * args["n_embd"] // args["n_head"]
@@ -275,7 +358,7 @@ def variant_args(preset, variant, vocab_size):
 
 def count_params(arch, model_args):
     """Parameter count of a model without allocating its weights."""
-    with torch.device("meta"), contextlib.redirect_stdout(io.StringIO()):
+    with torch.device("meta"):
         return build_model(arch, **model_args).get_num_params()
 
 

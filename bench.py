@@ -235,7 +235,8 @@ def measure(cfg):
     import torch
 
     import baselines
-    from model import build_model, current_gpu_peak_flops
+    from baselines import build_model
+    from model import current_gpu_peak_flops
 
     device, device_type, dtype = _resolve_device_dtype(cfg["device"], cfg["dtype"])
     if cfg.get("threads"):

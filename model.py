@@ -3,32 +3,38 @@ PRISM: the transformer as a signal-denoising operator derived from MCR² (arXiv 
 
 This file reads top to bottom like the derivation (docs/PRISM.md holds the design):
   1. the coding rate R and the rate reduction ΔR, the objective everything is derived from;
-  2. attention as one gradient step on the compressed rate R^c (the MSSA step);
-  3. constraint 1, the overcomplete dictionary: q = k = v = Uᵀz with H·p > d;
-  4. constraint 2, π-RoPE: half the heads rotate π times faster than the others;
+  2. attention from a gradient step on the compressed rate R^c: what is exact (the gradient) and
+     what is heuristic (the series truncation, the softmax, the dropped term) — both executable;
+  3. constraint 1, the overcomplete dictionary: q = k = v = Z U_k with H·p > d;
+  4. constraint 2, π-RoPE: the noise heads' frequency band is the signal band shifted up ×π;
   5. the conventional rest: pre-norm block, GELU MLP, tied embeddings;
   6. what every language model here shares (the baselines in baselines.py too): loss, generation,
-     the optimizer, MFU and loading a checkpoint written by train.py.
+     the optimizer and MFU.
+The registry of archs by name and the checkpoint helpers live in baselines.py, which builds on
+this file: imports run one way, model.py <- baselines.py <- the scripts.
+Notation throughout, as in the code: tokens are rows. Z ∈ R^{n×d} holds n tokens, U_k ∈ R^{d×p} is
+subspace k of the dictionary (the model stores U_kᵀ as rows of a Linear weight), W_k = Z U_k.
 """
 
 import inspect
 import math
 import re
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
 # -----------------------------------------------------------------------------
-# 1. Coding rate and rate reduction.
-# Tokens Z ∈ R^{n×d} (one token per row). The number of bits to code them up to precision ε is
-#     R(Z) = ½ log det(I + d/(n ε²) ZᵀZ).
-# Given subspaces U_k ∈ R^{d×p}, the compressed rate codes each projection separately,
-#     R^c(Z; U) = Σ_k ½ log det(I + p/(n ε²) (Z U_k)ᵀ(Z U_k)),
+# 1. Coding rate and rate reduction (exact definitions, MCR², Yu et al. 2020).
+# The number of nats needed to code n tokens Z ∈ R^{n×d} up to precision ε is
+#     R(Z) = ½ log det(I_d + d/(n ε²) ZᵀZ).
+# Given subspaces U_k ∈ R^{d×p}, the compressed rate codes each projection W_k = Z U_k separately,
+#     R^c(Z; U) = Σ_k ½ log det(I_p + β W_kᵀW_k),    β = p/(n ε²),
 # and MCR² seeks a large rate reduction ΔR = R(Z) − R^c(Z; U): diverse overall, compact per subspace.
-# The model never evaluates these (they are O(d³)); analyze_heads.py does, to check each layer.
+# R^c grows with the scale of U (U → cU changes every term), so analyze_heads.py also evaluates it
+# with each U_k replaced by an orthonormal basis of its span. The model never evaluates these rates.
 
 
 def coding_rate(Z, eps=0.5):
@@ -47,23 +53,80 @@ def compressed_coding_rate(Z, subspaces, eps=0.5):
 
 
 # -----------------------------------------------------------------------------
-# 2-4. The PRISM attention.
+# 2. From a gradient step on R^c to attention (CRATE, Yu et al. 2023), step by step.
+# (a) Exact. With the token Gram matrix G_k = W_k W_kᵀ ∈ R^{n×n} (how similar every two tokens are
+#     inside subspace k),
+#         ∇_Z R^c = Σ_k β (I_n + β G_k)⁻¹ W_k U_kᵀ                 (compressed_rate_gradient)
+# (b) Heuristic: the Neumann series (I + βG)⁻¹ = I − βG + β²G² − …, cut after the second term:
+#         −∇_Z R^c ≈ Σ_k (−β W_k + β² G_k W_k) U_kᵀ                  (neumann_descent_direction)
+#     accurate to O(β³) only while β·λ_max(G_k) < 1. Where the model runs, this number is far
+#     above 1 (about 50 at PRISM-50M's initialisation on isotropic tokens, thousands in a trained
+#     cpu-small PRISM: analyze_heads.py reports it per layer as `neumann_radius`): the series does
+#     not converge there, and the steps below are motivated by it, not implied.
+# (c) Heuristic: the softmax replaces the similarity G_k in the second-order term (not the inverse:
+#     replacing (I + βG)⁻¹ itself by a softmax points away from −∇R^c: on random tokens the two
+#     have a negative cosine, which the tests check), made causal for language: row t of
+#     softmax(G_k/√p) weighs the tokens s ≤ t.
+# (d) Heuristic: the first-order term −β W_k U_kᵀ is dropped (for a complete orthonormal dictionary
+#     it is the uniform shrink −βZ; here it is not), and β² goes into a learned step.
+# What is left is multi-head self-attention with query = key = value = W_k, one head per subspace:
+#         Z ← Z + η Σ_k softmax_causal(W_k W_kᵀ/√p) W_k U_kᵀ.
+# It descends R^c alone: the expansion term +∇R(Z) of ΔR = R − R^c is not part of the layer.
+
+
+def compressed_rate_gradient(Z, subspaces, eps=0.5):
+    """(a) ∇_Z R^c(Z; U) in closed form (exact; tests check it against autograd). Z (n, d),
+    subspaces (K, p, d) holding each U_kᵀ; float64."""
+    Z = Z.double()
+    n = Z.shape[0]
+    beta = subspaces.shape[1] / (n * eps**2)
+    eye = torch.eye(n, dtype=Z.dtype, device=Z.device)
+    grad = torch.zeros_like(Z)
+    for U_kT in subspaces.double():
+        W = Z @ U_kT.T
+        grad += beta * torch.linalg.solve(eye + beta * (W @ W.T), W) @ U_kT
+    return grad
+
+
+def neumann_descent_direction(Z, subspaces, eps=0.5):
+    """(b) −∇_Z R^c to second order in β: Σ_k (−β W_k + β² W_k W_kᵀ W_k) U_kᵀ. Its relative error
+    shrinks as O(β²) when β·λ_max(G_k) → 0 (tests check the order)."""
+    Z = Z.double()
+    beta = subspaces.shape[1] / (Z.shape[0] * eps**2)
+    out = torch.zeros_like(Z)
+    for U_kT in subspaces.double():
+        W = Z @ U_kT.T
+        out += (-beta * W + beta**2 * (W @ W.T) @ W) @ U_kT
+    return out
+
+
+def neumann_radius(Z, subspaces, eps=0.5):
+    """max_k β·λ_max(W_kᵀW_k): the series of (b) converges only where this is < 1."""
+    Z = Z.double()
+    beta = subspaces.shape[1] / (Z.shape[0] * eps**2)
+    return max(float(beta * torch.linalg.eigvalsh((Z @ U.T).T @ (Z @ U.T))[-1])
+               for U in subspaces.double())
+
+
+# -----------------------------------------------------------------------------
+# 3-4. The PRISM attention.
 
 
 @dataclass
 class PrismConfig:
     vocab_size: int = 50257      # GPT-2 BPE; the embedding is padded to a multiple of 64 inside
     block_size: int = 512        # context length
-    n_layer: int = 8
+    n_layer: int = 8             # blocks (attention + MLP)
     n_embd: int = 512            # d
     n_head: int = 16             # H: one head = one subspace U_k of the dictionary
     head_dim: int = 64           # p: overcompleteness ρ = H·p / d = 2 by default
     signal_heads: int = -1       # H_s: heads at the base RoPE frequencies; -1 means n_head // 2
     rope_theta: float = 10000.0  # θ: base of the signal frequencies θ^(−2i/p)
-    rope_ratio: float = math.pi  # noise frequencies are rope_ratio × signal ones; 1.0 = π-RoPE off
+    rope_ratio: float = math.pi  # "shift" bands: noise = rope_ratio × signal; 1.0 = π-RoPE off
+    rope_bands: str = "shift"    # "shift" (π-RoPE) or "split": disjoint slow/fast halves of one ladder
     tie_dictionary: bool = False  # back-project with the same U (white-box) or a decoupled matrix
-    qkv_sharing: str = "qkv"     # "qkv": q = k = v = Uᵀz (PRISM); "qk": own value; "none": q, k, v apart
-    dropout: float = 0.0
+    qkv_sharing: str = "qkv"     # "qkv": q = k = v = Z U_k (PRISM); "qk": own value; "none": q, k, v apart
+    dropout: float = 0.0         # dropout rate on the embedding, attention and MLP outputs
     bias: bool = False           # biases in Linear and LayerNorm
 
     def __post_init__(self):
@@ -75,6 +138,7 @@ class PrismConfig:
         _check(self, "signal_heads", 0 <= self.signal_heads <= self.n_head, "must be in [0, n_head]")
         _check(self, "rope_theta", self.rope_theta > 1, "must be > 1")
         _check(self, "rope_ratio", self.rope_ratio > 0, "must be positive")
+        _check(self, "rope_bands", self.rope_bands in ("shift", "split"), "must be 'shift' or 'split'")
         _check(self, "dropout", 0 <= self.dropout < 1, "must be in [0, 1)")
         _check(self, "qkv_sharing", self.qkv_sharing in ("qkv", "qk", "none"),
                "must be 'qkv', 'qk' or 'none'")
@@ -86,11 +150,26 @@ def _check(config, name, ok, why):
 
 
 # π-RoPE. Every head rotates the 2-D pairs (x_i, x_{i+p/2}) of its q and k by angle t·ω_i at
-# position t, so q_sᵀk_t depends on positions only through s − t. Signal heads use
-#     ω_i = θ^(−2i/p),            i = 0 … p/2 − 1,
-# noise heads ω_i = π·θ^(−2i/p). Each noise/signal frequency ratio is π times an algebraic number,
-# hence irrational: the phases of the two groups never re-align at any distance, which keeps the
-# signal and noise subspaces incoherent across positions. The value is not rotated.
+# position t, so q_sᵀk_t depends on positions only through s − t. Signal heads use the standard
+# ladder ω_i = θ^(−2i/p), i = 0 … p/2 − 1; noise heads use π·ω_i. What this does, and does not do
+# (band_facts computes the numbers; for p = 32, θ = 10⁴):
+#   - it shifts the noise band up by ×π. The bands overlap: 14 of the 16 noise pairs lie inside
+#     the signal band, 2 above it, and the fastest noise pair sits exactly at ω = π, the Nyquist
+#     rate, where e^{iπΔ} = (−1)^Δ encodes only the parity of the distance Δ;
+#   - slow pairs see no full turn within the context: at T = 128, 10 of 16 signal and 8 of 16
+#     noise pairs have wavelengths 2π/ω longer than T;
+#   - "irrational, so the phases never re-align" holds for a ratio r = 3 just as for r = π: θ^(−2i/p)
+#     is algebraic, so Δ(r·ω_j − ω_i) ∈ 2πZ has no integer solution Δ ≥ 1 for either, and near
+#     re-alignments within 512 tokens come within ~1e-5 rad for both;
+#   - it cannot make subspaces incoherent: a rotation acts inside each head's p coordinates and
+#     leaves span(U_k) ⊂ R^d unchanged.
+# So the ×π shift gives the two groups different but overlapping bands; nothing forces a head to
+# use one end of its band, and which frequencies a head relies on is what analyze_heads measures.
+# Controls: rope_ratio = 1 (π-off) gives both groups the same band; rope_bands = "split" gives them
+# disjoint bands over the standard range (signal the slow half, noise the fast half of the twice
+# as dense ladder θ^(−i/p), i = 0 … p − 1): the clean form of "slow signal, fast noise" heads.
+# RoPE rotates q and k but not the value, which is one more way the layer departs from the
+# gradient of §2: for the rotated tokens, the exact form would rotate each value by R_{t−s} too.
 
 
 def rotary_frequencies(head_dim, theta):
@@ -101,9 +180,38 @@ def rotary_frequencies(head_dim, theta):
 
 def rope_frequencies(config):
     """(n_head, head_dim // 2) float64 angular frequencies; signal heads come first."""
+    pairs = config.head_dim // 2
+    if config.rope_bands == "split":
+        ladder = rotary_frequencies(2 * config.head_dim, config.rope_theta)  # θ^(−i/p), p rungs
+        slow, fast = ladder[pairs:], ladder[:pairs]
+        return torch.stack([slow if h < config.signal_heads else fast for h in range(config.n_head)])
     ratio = torch.ones(config.n_head, 1, dtype=torch.float64)
     ratio[config.signal_heads:] = config.rope_ratio
     return ratio * rotary_frequencies(config.head_dim, config.rope_theta)
+
+
+def band_facts(head_dim, theta=10000.0, ratio=math.pi, context=128, max_distance=512):
+    """What the ×ratio shift does to the noise band, computed: counts of noise pairs inside /
+    above the signal band, the fastest noise frequency and pairs at or past Nyquist (ω ≥ π), pairs
+    of each group with wavelength 2π/ω > context, and the closest phase re-alignment of a signal
+    pair and a noise pair at an integer distance 1 … max_distance (radians from a multiple of 2π;
+    0 means exact)."""
+    signal = rotary_frequencies(head_dim, theta)
+    noise = ratio * signal
+    lo, hi = float(signal.min()), float(signal.max())
+    tol = 1e-12
+    delta = torch.arange(1, max_distance + 1, dtype=torch.float64)[:, None, None]
+    phase = torch.remainder(delta * (noise[None, None, :] - signal[None, :, None]), 2 * math.pi)
+    return dict(
+        pairs=len(signal),
+        noise_inside_signal_band=int(((noise >= lo - tol) & (noise <= hi + tol)).sum()),
+        noise_above_signal_band=int((noise > hi + tol).sum()),
+        fastest_noise=float(noise.max()),
+        noise_at_or_past_nyquist=int((noise >= math.pi - tol).sum()),
+        signal_longer_than_context=int((2 * math.pi / signal > context).sum()),
+        noise_longer_than_context=int((2 * math.pi / noise > context).sum()),
+        closest_realignment=float(torch.minimum(phase, 2 * math.pi - phase).min()),
+    )
 
 
 def rotary_tables(freqs, length):
@@ -120,20 +228,27 @@ def apply_rotary(x, cos, sin):
 
 
 class PrismAttention(nn.Module):
-    """One MSSA step: Z ← Z + η Σ_k U_k SA(U_kᵀZ), SA(W) = W softmax(WᵀW / √p), causal.
+    """One MSSA step (§2): Z ← Z + η Σ_k softmax_causal(W_k W_kᵀ/√p) W_k B_k,   W_k = Z U_k.
 
-    Why this is attention. The gradient of one compressed-rate term is
-        ∇_Z R(U_kᵀZ) = β U_k W (I + β WᵀW)⁻¹,   W = U_kᵀZ,  β = p/(nε²).
-    The n×n inverse weighs each token by how similar it is to the others; CRATE replaces it by a
-    softmax over the similarities WᵀW, a normalised, causal-friendly stand-in. A descent step on
-    R^c (an ascent step on ΔR) therefore reads like attention in which query, key and value are
-    all the same projection W = U_kᵀZ: one head = one subspace, no separate W_q, W_k, W_v.
+    Query, key and value are the same projection W_k = Z U_k (one head = one subspace, no separate
+    W_q, W_k, W_v), q = k are rotated by π-RoPE and v is not. Each term of the step is a heuristic
+    of §2 (truncated series, softmax for the similarity, shrink term dropped), not an exact
+    gradient; the tests check the exact parts and how far the heuristic parts are from them.
 
-    The overcomplete dictionary. U = [U_1 … U_H] ∈ R^{d×H·p} with ρ = H·p/d > 1 (default 2) gives
-    more subspaces than dimensions to explain the tokens with. Sharing q = k = v pays for it:
-    ρ = 2 costs 2d² weights (with the tied back-projection), against 3d² for q, k, v apart.
-    The back-projection is U itself (tied, strictly white-box: the update stays in the span of the
-    dictionary, with a learned step η) or a decoupled d×H·p matrix (CRATE-α).
+    The overcomplete dictionary. U = [U_1 … U_H] ∈ R^{d×H·p} with ρ = H·p/d > 1 (default 2): more
+    subspaces than dimensions to explain the tokens with. Sharing q = k = v pays for it: ρ = 2
+    costs 2d² weights (with the tied back-projection), against 3d² for q, k, v apart.
+
+    The back-projection B_k into R^d. Decoupled (the default): a learned d×H·p matrix, which is
+    what CRATE's attention itself does with its output projection (CRATE-α's "decoupled
+    dictionary" is in its sparse-coding MLP block, not in attention). Tied: B_k = U_kᵀ with one
+    learned scalar η, the form §2 derives and stricter than any reference model; η is learned
+    freely, so it may change sign and turn the step into ascent.
+
+    A consequence of q = k: a token's score with itself is ‖w_t‖², and w_tᵀw_s ≤ ‖w_t‖‖w_s‖
+    (Cauchy–Schwarz; RoPE keeps norms), so among keys no longer than w_t the token itself scores
+    highest. Every head leans towards self-attention; analyze_heads reports the self-attention
+    mass and the distance without self, so "local" is not mistaken for "attends to itself".
     """
 
     def __init__(self, config):
@@ -277,9 +392,6 @@ class LanguageModel(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(("back_projection.weight", "proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
-        report = self.parameter_report()
-        print(f"{self.arch}: {report['total'] / 1e6:.2f}M parameters ("
-              + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in report.items() if k != "total") + ")")
 
     @staticmethod
     def _init_weights(module):
@@ -298,6 +410,13 @@ class LanguageModel(nn.Module):
             report[part] += p.numel()
         report["total"] = sum(report.values())
         return report
+
+    def describe_parameters(self):
+        """One line for the log: the arch and its parameter counts by part. The callers print
+        it (train.py on rank 0 only), so that building a model never writes anything."""
+        report = self.parameter_report()
+        return (f"{self.arch}: {report['total'] / 1e6:.2f}M parameters ("
+                + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in report.items() if k != "total") + ")")
 
     def get_num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -560,51 +679,3 @@ def filter_logits(logits, top_k=None, top_p=None):
         drop = probs.cumsum(dim=-1) - probs >= top_p  # the token that crosses top_p stays
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
     return logits
-
-
-# -----------------------------------------------------------------------------
-# Architectures by name, and loading the checkpoints train.py writes.
-
-
-def get_arch(name):
-    """(ConfigClass, ModelClass) for an architecture name."""
-    if name == "prism":
-        return PrismConfig, Prism
-    import baselines  # noqa: PLC0415 — baselines builds on this module
-
-    if name not in baselines.ARCHS:
-        raise ValueError(f"unknown arch {name!r}; choose from prism, {', '.join(baselines.ARCHS)}")
-    return baselines.ARCHS[name]
-
-
-def build_model(arch, **model_args):
-    """A fresh model of `arch`; unknown or bad model_args raise ValueError naming the field."""
-    config_cls, model_cls = get_arch(arch)
-    known = {f.name for f in fields(config_cls)}
-    unknown = sorted(set(model_args) - known)
-    if unknown:
-        raise ValueError(f"{config_cls.__name__} has no field {unknown[0]!r}")
-    return model_cls(config_cls(**model_args))
-
-
-def checkpoint_payload(model):
-    """What identifies a model in a checkpoint: its arch, its config, its weights, and the
-    vocabulary its token ids belong to (meta.json's tokenizer fields, set by train.py)."""
-    return {"arch": model.arch, "model_config": asdict(model.config), "model": model.state_dict(),
-            "vocabulary": getattr(model, "vocabulary", None)}
-
-
-def load_model(path, device="cpu"):
-    """Load the model of a checkpoint written by train.py, in eval mode, on `device`."""
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no checkpoint at {path}") from None
-    except Exception as e:  # truncated or not a torch file at all
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or not {"arch", "model_config", "model"} <= ckpt.keys():
-        raise ValueError(f"{path} is not a prism-nano checkpoint (no arch/model_config/model)")
-    model = build_model(ckpt["arch"], **ckpt["model_config"])
-    model.load_state_dict(ckpt["model"])
-    model.vocabulary = ckpt.get("vocabulary")
-    return model.to(device).eval()

@@ -37,7 +37,8 @@ Everything streams: the text is read in 1 MiB pieces (hashed on the way), encode
 tokens are appended to the output as they come. Memory stays in the tens of MB whatever the input
 size (one story must fit in memory: a "story" over 1M characters is an error). Outputs are written
 under temporary names in the output folder and renamed at the end, meta.json last, so a failed or
-interrupted run (Ctrl-C: exit code 130) leaves no partial train.bin / val.bin / meta.json.
+interrupted run (Ctrl-C: exit code 130) leaves no partial train.bin / val.bin / meta.json, and no
+folder it created (unless a partial download is in it, to resume); a folder that was there stays.
 Errors print one line starting with "error: " to stderr and exit with status 1.
 
 At the end it prints the tokenization throughput (MB of input text per second).
@@ -657,8 +658,31 @@ def run(args):
     return meta
 
 
+def missing_dirs(*paths):
+    """The folders among `paths` and their parents that do not exist yet, deepest first."""
+    missing = []
+    for path in paths:
+        path = os.path.abspath(path)
+        while not os.path.exists(path) and path not in missing:
+            missing.append(path)
+            path = os.path.dirname(path)
+    return sorted(missing, key=len, reverse=True)
+
+
+def remove_if_empty(dirs):
+    """Remove the folders this run created that hold nothing (deepest first). A folder with any
+    content stays: a partial download (.part) resumes next time, and what was there before the
+    run was never in the list."""
+    for path in dirs:
+        try:
+            os.rmdir(path)
+        except OSError:  # not empty, or already gone
+            pass
+
+
 def main(argv=None):
     args = parse_args(argv)
+    created = missing_dirs(args.out_dir, args.raw_dir or os.path.join(args.out_dir, "raw"))
     try:
         run(args)
     except PrepareError as e:
@@ -671,6 +695,8 @@ def main(argv=None):
         print("interrupted: temporary files removed, no output written (a partial download is "
               "kept as .part and resumes next time)", file=sys.stderr)
         raise SystemExit(130)
+    finally:  # after success the output folder holds the outputs, so it stays
+        remove_if_empty(created)
 
 
 if __name__ == "__main__":

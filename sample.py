@@ -2,13 +2,16 @@
 Sample stories from a trained checkpoint, streaming the text as the tokens come.
 
 Examples:
-    python sample.py --ckpt=out/ckpt.pt --prompt="Once upon a time" --num_samples=3 \\
+    python sample.py --prompt="Once upon a time" --num_samples=3 \\
         --max_new_tokens=200 --temperature=0.8 --top_k=200 --seed=1337
-    python sample.py --ckpt=out/ckpt.pt --prompt=FILE:prompt.txt --top_p=0.9
-    python sample.py --ckpt=out/ckpt.pt --prompt_file=prompt.txt --temperature=0   # greedy
-    python sample.py --ckpt=out/ckpt.pt --keep_going   # do not stop at <|endoftext|>
-    python sample.py --ckpt=out/ckpt.pt --no_cache     # recompute the context per token (slower)
+    python sample.py --ckpt=out/cpu_tiny/ckpt.pt --prompt=FILE:prompt.txt --top_p=0.9
+    python sample.py --ckpt=out/prism_50m/ckpt.pt --prompt_file=prompt.txt --temperature=0   # greedy
+    python sample.py --keep_going   # do not stop at <|endoftext|>
+    python sample.py --no_cache     # recompute the context per token (slower, same tokens)
     python sample.py --ckpt=out/old/ckpt.pt --meta=data/sample4k/meta.json  # an id map by hand
+
+--ckpt defaults to the checkpoint `python train.py` writes on this machine: out/prism_50m/ckpt.pt
+where there is CUDA, else out/cpu_tiny/ckpt.pt (`--help` says which).
 
 Each sample is printed as its prompt followed by the generated text, and ends at the first
 end-of-text token (which is not printed) unless --keep_going is given; samples are separated by a
@@ -21,8 +24,8 @@ too): GPT-2 BPE through tiktoken, or whatever a data folder's meta.json describe
 
 import argparse
 import codecs
-import contextlib
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,7 +172,9 @@ def build_parser():
     p = argparse.ArgumentParser(
         description="Sample text from a prism-nano checkpoint, streamed as it is generated.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by train.py")
+    from train import default_checkpoint  # noqa: PLC0415
+
+    p.add_argument("--ckpt", default=default_checkpoint(), help=default_checkpoint_help())
     p.add_argument("--prompt", default="Once upon a time",
                    help="text to continue; FILE:path reads it from a file (one trailing newline "
                         "of a file is dropped)")
@@ -214,26 +219,51 @@ def check_args(args):
         raise UsageError(f"--top_p must be in (0, 1] (got {args.top_p})")
 
 
-def load_checkpoint_model(path, device):
-    """model.load_model with its failures turned into one-line errors."""
-    from model import load_model  # noqa: PLC0415
+def _default_config_name():
+    from train import default_config  # noqa: PLC0415
 
-    if not Path(path).is_file():
-        raise UsageError(f"no checkpoint at {path}")
+    return os.path.join("config", os.path.basename(default_config()))
+
+
+def default_checkpoint_help():
+    return ("checkpoint written by train.py; the default is where `python train.py` writes on "
+            f"this machine (with {_default_config_name()})")
+
+
+def require_checkpoint(path):
+    """A UsageError unless `path` is a file; for the default path, it says where that comes from."""
+    from train import default_checkpoint  # noqa: PLC0415
+
+    if Path(path).is_file():
+        return
+    if str(path) == default_checkpoint():
+        raise UsageError(f"no checkpoint at {path}, where `python train.py` writes on this machine "
+                         f"(with {_default_config_name()}): train first, or pass --ckpt=PATH")
+    raise UsageError(f"no checkpoint at {path}")
+
+
+def load_checkpoint_model(path, device):
+    """baselines.load_model with its failures turned into one-line errors; the model's parameter
+    report goes to stderr, so that stdout holds the samples only."""
+    from baselines import CheckpointError, load_model  # noqa: PLC0415
+
+    require_checkpoint(path)
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # building a model prints its size
-            return load_model(path, device)
+        model = load_model(path, device)
+    except CheckpointError as e:  # says what the file is, with its path
+        raise UsageError(str(e)) from None
     except (FileNotFoundError, ValueError, RuntimeError, KeyError, TypeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UsageError(f"cannot load checkpoint {path}: {msg}") from None
+    print(model.describe_parameters(), file=sys.stderr)
+    return model
 
 
 def run(args, out=None):
     out = out or sys.stdout
     check_args(args)
     prompt = read_prompt(args.prompt, args.prompt_file)
-    if not Path(args.ckpt).is_file():
-        raise UsageError(f"no checkpoint at {args.ckpt}")
+    require_checkpoint(args.ckpt)
     device = pick_device(args.device)
     model = load_checkpoint_model(args.ckpt, device)
     tokenizer = load_tokenizer(args.meta, model.vocabulary)  # --meta, or what train.py stored

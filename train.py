@@ -10,7 +10,9 @@ One file, top to bottom: settings, data, schedule, evaluation, checkpoints, the 
 Settings are the fields of TrainConfig below plus the fields of the arch's config dataclass
 (model.py's PrismConfig for "prism": n_layer, n_embd, n_head, head_dim, block_size, ...). A config
 file is a Python file that assigns some of them; `--key=value` arguments are applied after it.
-Model fields that no one sets keep the dataclass defaults; vocab_size always comes from meta.json.
+`preset` takes the model's sizes from baselines.PRESETS, where every arch has PRISM's parameter
+count, so the shipped configs train any --arch; model fields that are set override the preset's,
+the others keep the dataclass defaults; vocab_size always comes from meta.json.
 
 Outputs, written by rank 0 only: out_dir/log.jsonl (one JSON record per evaluation) and
 out_dir/ckpt.pt (model, optimizer, settings, iteration, RNG states; rewritten at every evaluation).
@@ -18,11 +20,14 @@ out_dir/ckpt.pt (model, optimizer, settings, iteration, RNG states; rewritten at
 
 import dataclasses
 import inspect
+import io
 import json
 import math
 import os
+import re
 import sys
 import time
+import tokenize
 import types
 import typing
 from contextlib import nullcontext
@@ -32,7 +37,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from model import build_model, checkpoint_payload, get_arch
+from baselines import (PRESETS, CheckpointError, build_model, checkpoint_payload, get_arch,
+                       preset_sizes, read_checkpoint)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -52,18 +58,19 @@ class TrainConfig:
     out_dir: str = "out"                # ckpt.pt and log.jsonl
     init_from: str = "scratch"          # "scratch" or "resume" (from out_dir/ckpt.pt)
     # the model: its sizes (n_layer, n_embd, block_size, ...) are the fields of the arch's config
-    arch: str = "prism"                 # "prism"; the baselines of baselines.py by their names
+    arch: str = "prism"                 # "prism", or a baseline of baselines.py: "gpt2", "gemma3"
+    preset: Optional[str] = None        # model sizes of every arch at PRISM's parameter count (baselines.PRESETS); set model fields win
     # batch: tokens per iteration = batch_size * grad_accum * block_size
     batch_size: int = 12                # sequences per micro-step and process
     grad_accum: int = 1                 # micro-steps per iteration, split across the processes
     # AdamW and the learning-rate schedule: linear warmup, then cosine down to min_lr at max_iters
-    max_iters: int = 5000
-    learning_rate: float = 6e-4
-    min_lr: float = 6e-5
-    warmup_iters: int = 200
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
+    max_iters: int = 5000               # iterations (optimizer steps) of the whole run
+    learning_rate: float = 6e-4         # peak learning rate, reached after warmup_iters
+    min_lr: float = 6e-5                # learning rate at max_iters, the end of the cosine
+    warmup_iters: int = 200             # iterations of linear warmup from ~0 to learning_rate
+    weight_decay: float = 0.1           # AdamW weight decay, on matrices and embeddings only
+    beta1: float = 0.9                  # AdamW β1
+    beta2: float = 0.95                 # AdamW β2
     grad_clip: float = 1.0              # clip the gradient norm to this; 0 = off
     # evaluation and progress
     eval_interval: int = 250            # evaluate, log and checkpoint every this many iterations
@@ -72,8 +79,8 @@ class TrainConfig:
     # system
     device: str = "auto"                # "auto" = cuda if there is one, else cpu; or "cuda:1", "mps"
     dtype: str = "auto"                 # "auto" = bfloat16 on CUDA (float16 without bf16), else float32
-    compile: Optional[bool] = None      # torch.compile; None (auto) = on with CUDA only
-    seed: int = 1337
+    compile: Optional[bool] = None      # torch.compile; auto = on with CUDA only
+    seed: int = 1337                    # fixes the initialisation and the data order
 
     def __post_init__(self):
         def need(ok, name, why):
@@ -81,6 +88,8 @@ class TrainConfig:
                 raise TrainError(f"{name} = {getattr(self, name)!r} {why}")
 
         need(self.init_from in ("scratch", "resume"), "init_from", "must be 'scratch' or 'resume'")
+        need(self.preset is None or self.preset in PRESETS, "preset",
+             f"is not a size preset of baselines.py ({', '.join(PRESETS)})")
         need(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
              "must be auto, float32, bfloat16 or float16")
         for name in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
@@ -179,6 +188,16 @@ def parse_args(argv):
                              f"field nor a {config_cls.__name__} field (arch {arch!r})")
         dest[key] = _parse_value(key, value, typ) if raw else _check_value(key, value, typ, source)
     return TrainConfig(**train_args), model_args
+
+
+def model_settings(cfg, model_args):
+    """The model fields of a run: the preset's sizes for cfg.arch, then the fields that are set."""
+    if cfg.preset is None:
+        return dict(model_args)
+    try:
+        return {**preset_sizes(cfg.preset, cfg.arch), **model_args}
+    except ValueError as e:
+        raise TrainError(str(e)) from None
 
 
 def _arch_config(arch):
@@ -314,11 +333,12 @@ def save_checkpoint(path, payload):
 def load_checkpoint(path, arch, model_config):
     """The checkpoint at `path`, checked to hold a model of this arch and config."""
     if not os.path.isfile(path):
-        raise TrainError(f"init_from = 'resume' but there is no checkpoint at {path}")
+        raise TrainError(f"init_from = 'resume' but there is no checkpoint at {path}: nothing to "
+                         "resume yet (train from scratch first: --init_from=scratch)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated or not a torch file
-        raise TrainError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+        ckpt = read_checkpoint(path)
+    except CheckpointError as e:
+        raise TrainError(str(e)) from None
     if not isinstance(ckpt, dict) or not {"arch", "model_config", "model", "iter_num"} <= ckpt.keys():
         raise TrainError(f"{path} is not a checkpoint written by train.py")
     if ckpt["arch"] != arch:
@@ -360,23 +380,14 @@ def _read_log(path):
 def train(cfg, model_args=None):
     """Train as `cfg` and `model_args` say; returns a summary (rank 0's numbers under DDP):
     arch, params, iters, tokens, final and best val loss, val ppl and bpb, train loss, tokens/s."""
-    model_args = dict(model_args or {})
-    # -- processes: one, or one per GPU (or CPU process) under torchrun ----------------------------
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, local_rank, world_size = 0, None, 1
-    if ddp:
-        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-        world_size = int(os.environ["WORLD_SIZE"])
-    cfg = resolve_system(cfg, local_rank)
-    device_type = torch.device(cfg.device).type
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    if cfg.grad_accum % world_size:
+    model_args = model_settings(cfg, model_args or {})
+    procs = Processes.from_environment()
+    cfg = resolve_system(cfg, procs.local_rank)
+    if cfg.grad_accum % procs.world_size:
         raise TrainError(f"grad_accum = {cfg.grad_accum} must be a multiple of the number of "
-                         f"processes ({world_size})")
-    accum = cfg.grad_accum // world_size  # this process's micro-steps per iteration
+                         f"processes ({procs.world_size})")
 
-    # -- data, model, optimizer: check everything before starting processes or writing files -------
+    # -- data, model, checkpoint: check everything before starting processes or writing files ----
     train_data, val_data, meta = load_data(cfg.data_dir)
     config_cls = _arch_config(cfg.arch)
     try:
@@ -387,190 +398,277 @@ def train(cfg, model_args=None):
     for name, data in (("train", train_data), ("val", val_data)):
         if len(data) <= block_size + 1:
             raise TrainError(f"{name}.bin has {len(data)} tokens, too few for block_size = {block_size}")
-    ckpt_path, log_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "log.jsonl")
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     ckpt = load_checkpoint(ckpt_path, cfg.arch, model_config) if cfg.init_from == "resume" else None
 
-    if ddp:
-        if device_type == "cuda":
+    if procs.distributed:
+        if torch.device(cfg.device).type == "cuda":
             torch.cuda.set_device(cfg.device)
-        torch.distributed.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        torch.distributed.init_process_group(
+            backend="nccl" if torch.device(cfg.device).type == "cuda" else "gloo")
     try:
-        return _train(cfg, model_config, ckpt, train_data, val_data, meta, ckpt_path, log_path,
-                      rank, world_size, accum, master, log)
+        return _train(Run(cfg, model_config, train_data, val_data, meta, procs), ckpt)
     finally:
-        if ddp:
+        if procs.distributed:
             torch.distributed.destroy_process_group()
 
 
-def _train(cfg, model_config, ckpt, train_data, val_data, meta, ckpt_path, log_path,
-           rank, world_size, accum, master, log):
-    device, device_type = cfg.device, torch.device(cfg.device).type
-    block_size = model_config["block_size"]
-    tokens_per_iter = cfg.batch_size * cfg.grad_accum * block_size
-    log(f"arch {cfg.arch} | device {device} ({world_size} process{'es' if world_size > 1 else ''}) "
-        f"| dtype {cfg.dtype} | compile {cfg.compile} | {tokens_per_iter:,} tokens/iter "
-        f"({cfg.batch_size} x {cfg.grad_accum} x {block_size})")
-    if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-    if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-    ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
-
-    # The same batch generator on every process: each draws the whole iteration's batch and takes
-    # its own micro-steps, so N processes see exactly the data one process would.
-    torch.manual_seed(cfg.seed + rank)  # the model's init (rank 0's is broadcast by DDP), dropout
-    rng = np.random.default_rng(cfg.seed)
-    raw_model = build_model(cfg.arch, **model_config).to(device)
-    # The ids' meaning travels with the checkpoint, so sample.py can print text without the data.
-    raw_model.vocabulary = {k: meta[k] for k in ("tokenizer", "vocab_size", "eot_token",
-                                                  "compact_vocab") if k in meta}
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
-                                               (cfg.beta1, cfg.beta2), device_type)
-    scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
-    iter_num, best_val_loss = 0, math.inf
+def _train(run, ckpt):
+    """The loop, nanoGPT's shape: evaluate and checkpoint every eval_interval iterations, else one
+    optimizer step, and a progress line every log_interval."""
+    cfg = run.cfg
+    run.build_model_and_optimizer()
     if ckpt is not None:
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-        states = ckpt["rng"]
-        _set_rng_states(states[rank % len(states)], rng, device)
-        changed = [f"{k}={v!r} (was {ckpt['train_config'].get(k)!r})" for k, v in asdict(cfg).items()
-                   if k != "init_from" and ckpt["train_config"].get(k) != v]
-        log(f"resuming from {ckpt_path} at iter {iter_num}"
-            + (f"; changed: {', '.join(changed)}" if changed else ""))
-        if master:  # drop log records from after the checkpoint (a crash between the two)
-            records = [r for r in _read_log(log_path) if r["iter"] <= iter_num]
-            with open(log_path + ".tmp", "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r) + "\n" for r in records)
-            os.replace(log_path + ".tmp", log_path)
-        del ckpt
-    elif master and os.path.exists(log_path):
-        os.remove(log_path)  # a run from scratch starts a fresh log
-    start_iter = iter_num
-
-    model = torch.compile(raw_model) if cfg.compile else raw_model
-    eval_model = model
-    if world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: PLC0415
-        # The buffers (RoPE tables) are constants: no need to send them at every forward.
-        no_sync_buffers = ({"forward_sync_buffers": False}
-                           if "forward_sync_buffers" in inspect.signature(DDP).parameters
-                           else {"broadcast_buffers": False})  # PyTorch before 2.13
-        model = DDP(model, device_ids=[device] if device_type == "cuda" else None, **no_sync_buffers)
-
-    def evaluate():
-        kw = dict(block_size=block_size, batch_size=cfg.batch_size, eval_iters=cfg.eval_iters,
-                  device=device, ctx=ctx, rank=rank, world_size=world_size)
-        return (estimate_loss(eval_model, train_data, seed=cfg.seed + 1, **kw),
-                estimate_loss(eval_model, val_data, seed=cfg.seed + 2, **kw))
-
-    def sync():
-        if device_type == "cuda":
-            torch.cuda.synchronize()
-
-    summary = {"arch": cfg.arch, "params": raw_model.get_num_params(), "out_dir": cfg.out_dir}
-    run_start = time.time()
-    train_time, train_tokens = 0.0, 0  # this process's run, for the summary
-    t_seg, seg_iters = time.time(), 0  # since the last evaluation, for log.jsonl
-    t_log, iters_since_log, loss_sum = time.time(), 0, 0.0
-    mfu = -1.0
+        run.resume_from(ckpt)
+    else:
+        run.start_a_fresh_log()
+    run.wrap_model()  # torch.compile, DistributedDataParallel
+    run.start_clock()
     while True:
-        lr = get_lr(iter_num, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-
-        # -- evaluate, log, checkpoint ----------------------------------------------------------
-        if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
-            sync()
-            seg_time = time.time() - t_seg  # training time since the last evaluation
-            train_time += seg_time
-            train_loss, val_loss = evaluate()
-            best_val_loss = min(best_val_loss, val_loss)
-            record = {"iter": iter_num, "train_loss": train_loss, "val_loss": val_loss,
-                      "val_ppl": math.exp(min(val_loss, 700)), "val_bpb": bits_per_byte(val_loss, meta),
-                      "lr": lr, "tokens": iter_num * tokens_per_iter,
-                      "tokens_per_sec": seg_iters * tokens_per_iter / seg_time if seg_iters else None,
-                      "elapsed_s": round(time.time() - run_start, 3)}
-            if device_type == "cuda" and mfu > 0:
-                record["mfu"] = mfu
-            log(f"eval iter {iter_num}: train loss {train_loss:.4f} | val loss {val_loss:.4f} | "
-                f"val ppl {record['val_ppl']:.2f} | val bpb {record['val_bpb']:.4f}"
-                + (" (best)" if val_loss == best_val_loss else ""))
-            summary.update(iters=iter_num, tokens=iter_num * tokens_per_iter, train_loss=train_loss,
-                           val_loss=val_loss, val_ppl=record["val_ppl"], val_bpb=record["val_bpb"],
-                           best_val_loss=best_val_loss, best_val_bpb=bits_per_byte(best_val_loss, meta))
-            # The checkpoint is the resume point, so it is written at every evaluation (always,
-            # not only when val improves); best_val_loss rides along. A resumed run re-evaluates
-            # where it starts but does not log or save that point again.
-            states = _rng_states(rng, device)
-            if world_size > 1:
-                gathered = [None] * world_size
-                torch.distributed.all_gather_object(gathered, states)
-                states = gathered
-            else:
-                states = [states]
-            if master and not (iter_num == start_iter and cfg.init_from == "resume"):
-                with open(log_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")
-                save_checkpoint(ckpt_path, {
-                    **checkpoint_payload(raw_model), "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(), "train_config": asdict(cfg),
-                    "iter_num": iter_num, "best_val_loss": best_val_loss, "rng": states})
-            seg_iters = 0
-            t_seg = t_log = time.time()
-        if iter_num >= cfg.max_iters:
+        run.set_learning_rate()
+        if run.iter_num % cfg.eval_interval == 0 or run.iter_num == cfg.max_iters:
+            run.evaluate_and_checkpoint()
+        if run.iter_num >= cfg.max_iters:
             break
+        run.optimizer_step()
+        if run.iter_num % cfg.log_interval == 0 or run.iter_num == cfg.max_iters:
+            run.report_progress()
+    run.report_done()
+    return run.summary
 
-        # -- one optimizer step: grad_accum micro-batches, this process's share of them -------------
-        offsets = random_offsets(rng, len(train_data), block_size, (cfg.grad_accum, cfg.batch_size))
+
+@dataclass
+class Processes:
+    """This process's place in the run: the only one, or one of world_size under torchrun."""
+    distributed: bool = False
+    rank: int = 0
+    local_rank: Optional[int] = None
+    world_size: int = 1
+
+    @classmethod
+    def from_environment(cls):
+        if int(os.environ.get("RANK", -1)) == -1:
+            return cls()
+        return cls(True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]),
+                   int(os.environ["WORLD_SIZE"]))
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+class Run:
+    """One training run: its settings, data, model and optimizer, and the counters the loop in
+    _train() advances. Each method is one step of that loop."""
+
+    def __init__(self, cfg, model_config, train_data, val_data, meta, procs):
+        self.cfg, self.model_config, self.meta, self.procs = cfg, model_config, meta, procs
+        self.train_data, self.val_data = train_data, val_data
+        self.device, self.device_type = cfg.device, torch.device(cfg.device).type
+        self.block_size = model_config["block_size"]
+        self.accum = cfg.grad_accum // procs.world_size  # this process's micro-steps per iteration
+        self.tokens_per_iter = cfg.batch_size * cfg.grad_accum * self.block_size
+        self.ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+        self.log_path = os.path.join(cfg.out_dir, "log.jsonl")
+        self.log = print if procs.master else (lambda *a, **k: None)
+        self.iter_num, self.best_val_loss, self.lr = 0, math.inf, None
+        self.start_iter = 0  # where this process started: a resumed run's checkpoint iteration
+        self.log(f"arch {cfg.arch} | device {self.device} ({procs.world_size} "
+                 f"process{'es' if procs.world_size > 1 else ''}) | dtype {cfg.dtype} | compile "
+                 f"{cfg.compile} | {self.tokens_per_iter:,} tokens/iter "
+                 f"({cfg.batch_size} x {cfg.grad_accum} x {self.block_size})")
+        if procs.master:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+        if self.device_type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                        "float16": torch.float16}[cfg.dtype]
+        self.ctx = (nullcontext() if self.ptdtype == torch.float32
+                    else torch.autocast(self.device_type, dtype=self.ptdtype))
+
+    # -- setup --------------------------------------------------------------------------------
+
+    def build_model_and_optimizer(self):
+        cfg = self.cfg
+        # The same batch generator on every process: each draws the whole iteration's batch and
+        # takes its own micro-steps, so N processes see exactly the data one process would.
+        torch.manual_seed(cfg.seed + self.procs.rank)  # the init (DDP broadcasts rank 0's), dropout
+        self.rng = np.random.default_rng(cfg.seed)
+        self.raw_model = build_model(cfg.arch, **self.model_config).to(self.device)
+        self.log(self.raw_model.describe_parameters())
+        # The ids' meaning travels with the checkpoint, so sample.py can print text without the data.
+        self.raw_model.vocabulary = {k: self.meta[k] for k in ("tokenizer", "vocab_size", "eot_token",
+                                                               "compact_vocab") if k in self.meta}
+        self.optimizer = self.raw_model.configure_optimizers(
+            cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), self.device_type)
+        self.scaler = torch.amp.GradScaler(self.device_type, enabled=self.ptdtype == torch.float16)
+        self.summary = {"arch": cfg.arch, "params": self.raw_model.get_num_params(),
+                        "out_dir": cfg.out_dir}
+
+    def resume_from(self, ckpt):
+        self.raw_model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.iter_num, self.best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        self.start_iter = self.iter_num
+        states = ckpt["rng"]
+        _set_rng_states(states[self.procs.rank % len(states)], self.rng, self.device)
+        changed = [f"{k}={v!r} (was {ckpt['train_config'].get(k)!r})"
+                   for k, v in asdict(self.cfg).items()
+                   if k != "init_from" and ckpt["train_config"].get(k) != v]
+        self.log(f"resuming from {self.ckpt_path} at iter {self.iter_num}"
+                 + (f"; changed: {', '.join(changed)}" if changed else ""))
+        if self.procs.master:  # drop log records from after the checkpoint (a crash between the two)
+            records = [r for r in _read_log(self.log_path) if r["iter"] <= self.iter_num]
+            with open(self.log_path + ".tmp", "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+            os.replace(self.log_path + ".tmp", self.log_path)
+
+    def start_a_fresh_log(self):
+        if self.procs.master and os.path.exists(self.log_path):
+            os.remove(self.log_path)
+
+    def wrap_model(self):
+        self.model = torch.compile(self.raw_model) if self.cfg.compile else self.raw_model
+        self.eval_model = self.model  # evaluation needs no gradient all-reduce
+        if self.procs.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: PLC0415
+            # The buffers (RoPE tables) are constants: no need to send them at every forward.
+            no_sync_buffers = ({"forward_sync_buffers": False}
+                               if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                               else {"broadcast_buffers": False})  # PyTorch before 2.13
+            self.model = DDP(self.model, device_ids=[self.device] if self.device_type == "cuda" else None,
+                             **no_sync_buffers)
+
+    def start_clock(self):
+        self.run_start = time.time()
+        self.train_time, self.train_tokens = 0.0, 0  # this process's run, for the summary
+        self.t_seg, self.seg_iters = time.time(), 0  # since the last evaluation, for log.jsonl
+        self.t_log, self.iters_since_log, self.loss_sum = time.time(), 0, 0.0
+        self.mfu = -1.0
+
+    # -- the steps of the loop ------------------------------------------------------------------
+
+    def set_learning_rate(self):
+        self.lr = get_lr(self.iter_num, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+
+    def evaluate_and_checkpoint(self):
+        cfg, meta, procs = self.cfg, self.meta, self.procs
+        self._sync()
+        seg_time = time.time() - self.t_seg  # training time since the last evaluation
+        self.train_time += seg_time
+        kw = dict(block_size=self.block_size, batch_size=cfg.batch_size, eval_iters=cfg.eval_iters,
+                  device=self.device, ctx=self.ctx, rank=procs.rank, world_size=procs.world_size)
+        train_loss = estimate_loss(self.eval_model, self.train_data, seed=cfg.seed + 1, **kw)
+        val_loss = estimate_loss(self.eval_model, self.val_data, seed=cfg.seed + 2, **kw)
+        self.best_val_loss = min(self.best_val_loss, val_loss)
+        tokens = self.iter_num * self.tokens_per_iter
+        record = {"iter": self.iter_num, "train_loss": train_loss, "val_loss": val_loss,
+                  "val_ppl": math.exp(min(val_loss, 700)), "val_bpb": bits_per_byte(val_loss, meta),
+                  "lr": self.lr, "tokens": tokens,
+                  "tokens_per_sec": (self.seg_iters * self.tokens_per_iter / seg_time
+                                     if self.seg_iters else None),
+                  "elapsed_s": round(time.time() - self.run_start, 3)}
+        if self.device_type == "cuda" and self.mfu > 0:
+            record["mfu"] = self.mfu
+        self.log(f"eval iter {self.iter_num}: train loss {train_loss:.4f} | val loss {val_loss:.4f} | "
+                 f"val ppl {record['val_ppl']:.2f} | val bpb {record['val_bpb']:.4f}"
+                 + (" (best)" if val_loss == self.best_val_loss else ""))
+        self.summary.update(iters=self.iter_num, tokens=tokens, train_loss=train_loss,
+                            val_loss=val_loss, val_ppl=record["val_ppl"], val_bpb=record["val_bpb"],
+                            best_val_loss=self.best_val_loss,
+                            best_val_bpb=bits_per_byte(self.best_val_loss, meta))
+        # The checkpoint is the resume point, so it is written at every evaluation (always, not
+        # only when val improves); best_val_loss rides along. A resumed run re-evaluates where it
+        # starts but does not log or save that point again.
+        states = _rng_states(self.rng, self.device)
+        if procs.world_size > 1:  # every process's, so each resumes its own
+            gathered = [None] * procs.world_size
+            torch.distributed.all_gather_object(gathered, states)
+            states = gathered
+        else:
+            states = [states]
+        if procs.master and not (self.iter_num == self.start_iter and cfg.init_from == "resume"):
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            save_checkpoint(self.ckpt_path, {
+                **checkpoint_payload(self.raw_model), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "train_config": asdict(cfg),
+                "iter_num": self.iter_num, "best_val_loss": self.best_val_loss, "rng": states})
+        self.seg_iters = 0
+        self.t_seg = self.t_log = time.time()
+
+    def optimizer_step(self):
+        """grad_accum micro-batches, this process's share of them, then one AdamW step."""
+        cfg, rank, accum, model = self.cfg, self.procs.rank, self.accum, self.model
+        offsets = random_offsets(self.rng, len(self.train_data), self.block_size,
+                                 (cfg.grad_accum, cfg.batch_size))
         mine = offsets[rank * accum:(rank + 1) * accum]
-        x, y = get_batch(train_data, mine[0], block_size, device)
+        x, y = get_batch(self.train_data, mine[0], self.block_size, self.device)
         for micro in range(accum):
             last = micro == accum - 1
             # Under DDP the gradients are all-reduced once, after the last micro-step.
-            with (model.no_sync() if world_size > 1 and not last else nullcontext()):
-                with ctx:
+            with (model.no_sync() if self.procs.world_size > 1 and not last else nullcontext()):
+                with self.ctx:
                     _, loss = model(x, y)
                     loss = loss / accum
                 if not last:  # fetch the next micro-batch while this one runs on the GPU
-                    x, y = get_batch(train_data, mine[micro + 1], block_size, device)
-                scaler.scale(loss).backward()
-            loss_sum += loss.detach().float()
+                    x, y = get_batch(self.train_data, mine[micro + 1], self.block_size, self.device)
+                self.scaler.scale(loss).backward()
+            self.loss_sum += loss.detach().float()
         if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        iter_num += 1
-        iters_since_log += 1
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.iter_num += 1
+        self.iters_since_log += 1
+        self.seg_iters += 1
+        self.train_tokens += self.tokens_per_iter
 
-        # -- progress ---------------------------------------------------------------------------
-        if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
-            if world_size > 1:  # the mean over all processes, not rank 0's share
-                torch.distributed.all_reduce(loss_sum)
-                loss_sum /= world_size
-            mean_loss = (loss_sum / iters_since_log).item()  # waits for the GPU
-            dt = (time.time() - t_log) / iters_since_log
-            if device_type == "cuda":
-                step_mfu = raw_model.estimate_mfu(cfg.batch_size * accum, dt)
-                mfu = step_mfu if mfu < 0 else 0.9 * mfu + 0.1 * step_mfu
-            log(f"iter {iter_num}/{cfg.max_iters} | loss {mean_loss:.4f} | lr {lr:.2e} | "
-                f"{tokens_per_iter / dt:,.0f} tok/s | {dt * 1000:.1f} ms/iter"
-                + (f" | mfu {mfu * 100:.1f}%" if device_type == "cuda" else ""))
-            t_log, iters_since_log, loss_sum = time.time(), 0, 0.0
-        seg_iters += 1
-        train_tokens += tokens_per_iter
+    def report_progress(self):
+        """The mean loss since the last line, speed, and the time left at this speed."""
+        cfg = self.cfg
+        if self.procs.world_size > 1:  # the mean over all processes, not rank 0's share
+            torch.distributed.all_reduce(self.loss_sum)
+            self.loss_sum /= self.procs.world_size
+        mean_loss = (self.loss_sum / self.iters_since_log).item()  # waits for the GPU
+        dt = (time.time() - self.t_log) / self.iters_since_log
+        if self.device_type == "cuda":
+            step_mfu = self.raw_model.estimate_mfu(cfg.batch_size * self.accum, dt)
+            self.mfu = step_mfu if self.mfu < 0 else 0.9 * self.mfu + 0.1 * step_mfu
+        eta = (cfg.max_iters - self.iter_num) * dt  # evaluations still to come not included
+        self.log(f"iter {self.iter_num}/{cfg.max_iters} | loss {mean_loss:.4f} | lr {self.lr:.2e} | "
+                 f"{self.tokens_per_iter / dt:,.0f} tok/s | {dt * 1000:.1f} ms/iter | "
+                 f"eta {format_duration(eta)}"
+                 + (f" | mfu {self.mfu * 100:.1f}%" if self.device_type == "cuda" else ""))
+        self.t_log, self.iters_since_log, self.loss_sum = time.time(), 0, 0.0
 
-    summary["tokens_per_sec"] = train_tokens / train_time if train_time else None
-    log(f"done: {summary['iters']} iters | val loss {summary['val_loss']:.4f} (best "
-        f"{summary['best_val_loss']:.4f}) | val bpb {summary['val_bpb']:.4f} | "
-        + (f"{summary['tokens_per_sec']:,.0f} tok/s | " if summary["tokens_per_sec"] else "")
-        + f"{time.time() - run_start:.0f} s | {ckpt_path}")
-    return summary
+    def report_done(self):
+        s = self.summary
+        s["tokens_per_sec"] = self.train_tokens / self.train_time if self.train_time else None
+        self.log(f"done: {s['iters']} iters | val loss {s['val_loss']:.4f} (best "
+                 f"{s['best_val_loss']:.4f}) | val bpb {s['val_bpb']:.4f} | "
+                 + (f"{s['tokens_per_sec']:,.0f} tok/s | " if s["tokens_per_sec"] else "")
+                 + f"{time.time() - self.run_start:.0f} s | {self.ckpt_path}")
+
+    def _sync(self):
+        if self.device_type == "cuda":
+            torch.cuda.synchronize()
+
+
+def format_duration(seconds):
+    """12s, 3m05s, 2h07m: short enough for the progress line."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 # -----------------------------------------------------------------------------
@@ -583,19 +681,72 @@ def default_config():
     return os.path.join(HERE, "config", name)
 
 
-def usage():
-    lines = [__doc__.strip(), "", "TrainConfig fields (default):"]
-    lines += [f"  --{f.name}={'auto' if f.default is None else f.default}" for f in fields(TrainConfig)]
-    lines += ["", f"{get_arch('prism')[0].__name__} fields (default; vocab_size comes from meta.json; "
-              "the baselines' fields are in baselines.py):"]
-    lines += [f"  --{f.name}={f.default}" for f in fields(get_arch("prism")[0]) if f.name != "vocab_size"]
+def default_checkpoint():
+    """The checkpoint `python train.py` (no config file) writes on this machine: the default
+    config's out_dir/ckpt.pt, relative to where it runs. sample.py and analyze_heads.py start there."""
+    out_dir = read_config_file(default_config()).get("out_dir", TrainConfig.out_dir)
+    return os.path.join(out_dir, "ckpt.pt")
+
+
+def field_descriptions(cls):
+    """{field name: the comment on its line in the source}: a setting is described once, where
+    it is defined, and --help reads it from there."""
+    source = inspect.getsource(cls)
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+                if tok.type == tokenize.COMMENT}
+    names = {f.name for f in fields(cls)}
+    described = {}
+    for line_no, line in enumerate(source.splitlines(), start=1):
+        match = re.match(r"\s+(\w+)\s*:", line)
+        if match and match.group(1) in names:
+            described[match.group(1)] = comments.get(line_no, "")
+    return described
+
+
+def _shown(value, typ):
+    if value is None:  # how the command line spells it: auto for a switch, none for a choice
+        return "auto" if bool in typing.get_args(typ) else "none"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def usage(argv=()):
+    """The docstring, then one line per setting: --name=DEFAULT, its description, and the value
+    the default config gives it where that differs. The arch's fields are those of --arch if
+    given, else of the default config's arch."""
+    config = default_config()
+    config_name = os.path.join("config", os.path.basename(config))
+    arch_args = [a for a in argv if a.startswith("--arch=")][-1:]
+    try:
+        cfg, model_args = parse_args([config, *arch_args])
+    except TrainError:  # an unknown arch: show the default config's
+        cfg, model_args = parse_args([config])
+    config_cls = _arch_config(cfg.arch)
+    sections = [(TrainConfig, asdict(cfg), "TrainConfig fields"),
+                (config_cls, model_settings(cfg, model_args),
+                 f"{config_cls.__name__} fields (arch {cfg.arch}; --arch=NAME --help for another; "
+                 "vocab_size comes from meta.json)")]
+    lines = [__doc__.strip(), "",
+             f"Settings: --name=DEFAULT, what it is, and [{config_name}: VALUE] where the config "
+             "that `python train.py` picks here sets another value."]
+    for cls, config_values, title in sections:
+        lines += ["", f"{title}:"]
+        types_, descriptions = _field_types(cls), field_descriptions(cls)
+        for f in fields(cls):
+            if f.name == "vocab_size":
+                continue
+            flag = f"--{f.name}={_shown(f.default, types_[f.name])}"
+            line = f"  {flag:<30} {descriptions[f.name]}"
+            if f.name in config_values and config_values[f.name] != f.default:
+                line += f"  [{config_name}: {_shown(config_values[f.name], types_[f.name])}]"
+            lines.append(line)
     return "\n".join(lines)
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a in ("-h", "--help") for a in argv):
-        print(usage())
+        print(usage(argv))
         return None
     master = int(os.environ.get("RANK", 0)) == 0
     if not any(not a.startswith("--") for a in argv):
@@ -606,6 +757,7 @@ def main(argv=None):
         argv = [config, *argv]
     elif master:
         print(f"config: {', '.join(a for a in argv if not a.startswith('--'))}")
+    cfg, started = None, time.time()
     try:
         cfg, model_args = parse_args(argv)
         return train(cfg, model_args)
@@ -614,9 +766,22 @@ def main(argv=None):
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         if master:
-            print("interrupted: continue with --init_from=resume (from the last checkpoint)",
-                  file=sys.stderr)
+            print(interrupted_message(cfg, started), file=sys.stderr)
         raise SystemExit(130) from None
+
+
+def interrupted_message(cfg, started):
+    """What to do after Ctrl-C: resume from a checkpoint this run can continue from (one it wrote,
+    or the one it resumed from), or, before there is one, start again."""
+    if cfg is None:
+        return "interrupted"
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    resumable = os.path.isfile(ckpt_path) and (cfg.init_from == "resume"
+                                               or os.path.getmtime(ckpt_path) >= started)
+    if resumable:
+        return f"interrupted: continue with --init_from=resume (from the last checkpoint, {ckpt_path})"
+    return (f"interrupted before the first checkpoint: nothing to resume yet ({ckpt_path} not "
+            "written); run the same command again to start over")
 
 
 if __name__ == "__main__":

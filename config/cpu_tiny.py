@@ -5,14 +5,12 @@
 # the time goes into the 50,257-way output layer, so the model is narrow and the budget small:
 # 150 iterations of 8 x 128 tokens (154K tokens, about half an epoch of ../shared/data's sample).
 # Measured numbers: docs/RESULTS.md, "Training".
+# The sizes come from the preset (baselines.PRESETS), which holds them for every arch at PRISM's
+# parameter count, so `python train.py --arch=gpt2` (or gemma3) trains the matched baseline.
+# A model field given here or on the command line (--n_layer=2) overrides the preset's.
 out_dir = "out/cpu_tiny"
 arch = "prism"
-
-n_layer = 4
-n_embd = 64
-n_head = 4
-head_dim = 32
-block_size = 128
+preset = "cpu-tiny"
 
 batch_size = 8
 grad_accum = 1

@@ -6,6 +6,7 @@ tiktoken downloads its files itself and the tests fall back to generated stories
 """
 import os
 import random
+import shlex
 import sys
 from pathlib import Path
 
@@ -51,3 +52,29 @@ def compact_data(stories, tmp_path_factory):
     out = tmp_path_factory.mktemp("compact_data")
     prepare_tinystories.tokenize_files(*stories, out_dir=out, vocab_size=512, progress=False)
     return out
+
+
+class _CreatesAFile:
+    """Unpickling this runs a shell command, as a malicious checkpoint would: it creates a file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {shlex.quote(self.marker)}",))
+
+
+@pytest.fixture
+def unsafe_ckpt(tmp_path):
+    """(path, marker): a checkpoint-shaped torch.save file whose loading would create `marker`."""
+    import torch  # noqa: PLC0415
+
+    path, marker = tmp_path / "unsafe.pt", tmp_path / "code_ran"
+    torch.save({"arch": "prism", "model_config": {}, "model": {}, "iter_num": 0,
+                "vocabulary": _CreatesAFile(marker)}, path)
+    return path, marker
+
+
+def unsafe_message(path):
+    return (f"error: {path} is not a safe checkpoint: it contains code/objects other than tensors "
+            "and plain data; refusing to load")

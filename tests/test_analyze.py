@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import analyze_heads as ah
-from model import build_model, checkpoint_payload
+from baselines import build_model, checkpoint_payload
+from conftest import unsafe_message
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY = dict(vocab_size=64, block_size=32, n_layer=2, n_embd=32, n_head=4, head_dim=16)
@@ -37,11 +38,41 @@ def test_attention_metrics_on_hand_built_maps():
     attn[:, 0, torch.arange(1, T), torch.arange(T - 1)] = 1       # previous token only
     attn[:, 1] = torch.eye(T)                                       # itself only
     attn[:, 2] = torch.ones(T, T).tril() / torch.arange(1, T + 1)[:, None]  # uniform, causal
-    dist, ent, n = ah.attention_sums(attn)
+    s = ah.attention_sums(attn)
+    n = s["n_queries"]
     assert n == 2 * (T - 1)
     i = np.arange(1, T)
-    np.testing.assert_allclose((dist / n).numpy(), [1.0, 0.0, np.mean(i / 2)], atol=1e-12)
-    np.testing.assert_allclose((ent / n).numpy(), [0.0, 0.0, np.mean(np.log(i + 1))], atol=1e-6)
+    np.testing.assert_allclose((s["distance"] / n).numpy(), [1.0, 0.0, np.mean(i / 2)], atol=1e-12)
+    np.testing.assert_allclose((s["entropy"] / n).numpy(), [0.0, 0.0, np.mean(np.log(i + 1))],
+                               atol=1e-6)
+    np.testing.assert_allclose((s["self_mass"] / n).numpy(), [0.0, 1.0, np.mean(1 / (i + 1))],
+                               atol=1e-12)
+
+
+def test_self_attention_and_distance_without_self_in_a_model(monkeypatch):
+    """Every query puts half its mass on itself and half on the token 4 back (or on token 0 when
+    closer): self_attention 0.5, and the distance without self is twice the plain mean distance."""
+    T = 32
+    attn = torch.zeros(T, T)
+    for i in range(T):
+        attn[i, i] += 0.5
+        attn[i, max(i - 4, 0)] += 0.5
+    model = tiny_prism()
+    real = model.analyze
+
+    def analyze(x, y):
+        logits, loss, layers = real(x, y)
+        for rec in layers:
+            rec["attn"] = attn.expand_as(rec["attn"]).clone()
+        return logits, loss, layers
+
+    monkeypatch.setattr(model, "analyze", analyze)
+    res = ah.analyze_model(model, random_batches(64, 2, T=T), num_batches=2, progress=False)
+    dist = np.mean([0.5 * min(i, 4) for i in range(1, T)])
+    for h in res["heads"]:
+        assert h["self_attention"] == pytest.approx(0.5)
+        assert h["mean_distance"] == pytest.approx(dist)
+        assert h["mean_distance_no_self"] == pytest.approx(2 * dist)
 
 
 # -- head spectrum and centroid -------------------------------------------------------------
@@ -332,3 +363,137 @@ def test_cli_errors(case, gpt2_ckpt, gpt2_data, tmp_path, capsys):
     assert rc == 1
     errors = [line for line in err.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and errors[0].startswith("error: ") and err.endswith(errors[0] + "\n")
+
+
+def test_cli_refuses_a_checkpoint_carrying_code(unsafe_ckpt, gpt2_data, tmp_path, capsys):
+    path, marker = unsafe_ckpt
+    rc = ah.main([f"--ckpt={path}", f"--data_dir={gpt2_data}", f"--out_dir={tmp_path / 'o'}",
+                  "--num_batches=1", "--no_progress"])
+    assert rc == 1 and capsys.readouterr().err == unsafe_message(path) + "\n"
+    assert not marker.exists() and not (tmp_path / "o").exists()
+
+
+# -- signal vs noise contrasts and their tests ----------------------------------------------
+
+
+def synthetic_heads(rng, split=0.0, layer_effect=(0.0, 0.0, 0.0, 0.0), heads=8):
+    """heads.json-like heads: per layer, half signal then half noise; log mean distance and log
+    centroid_in_band are layer effect + split for signal heads (− split for the centroid) + N(0, 1)
+    head noise, so `split` is the designed effect in standard deviations of the heads."""
+    out = []
+    for layer, offset in enumerate(layer_effect):
+        for h in range(heads):
+            signal = h < heads // 2
+            noise = rng.standard_normal(3)
+            out.append(dict(layer=layer, head=h, group="signal" if signal else "noise",
+                            mean_distance=math.exp(offset + split * signal + noise[0]),
+                            mean_distance_no_self=math.exp(offset + split * signal + noise[1]),
+                            centroid_in_band=math.exp(offset - split * signal + noise[2]),
+                            self_attention=0.1))
+    return out
+
+
+def test_a_layer_effect_cancels_in_the_contrasts_but_reads_as_bimodality():
+    base = synthetic_heads(np.random.default_rng(0))
+    shifted = synthetic_heads(np.random.default_rng(0), layer_effect=(0, 0, 0, 6.0))
+    for a, b in zip(ah.layer_contrasts(base), ah.layer_contrasts(shifted)):
+        for c in ah.CONTRASTS:
+            assert a[c] == pytest.approx(b[c], abs=1e-9)
+    # the pooled 2-means score, by contrast, calls the shifted layer a second mode
+    score, _, _ = ah.bimodality([math.log(h["mean_distance"]) for h in shifted])
+    assert score > ah.bimodality_null(len(shifted))["p95"]
+
+
+def rejection_rate(test, draws, make):
+    rng = np.random.default_rng(123)
+    return np.mean([test(make(rng)) <= 0.05 for _ in range(draws)])
+
+
+@pytest.mark.parametrize("contrast", ["log_distance", "log_centroid_in_band"])
+def test_label_permutation_test_has_power_and_stays_quiet(contrast):
+    def p(heads):
+        return ah.label_permutation_test(heads, contrast, draws=299)["p"]
+
+    # 32 heads (4 layers of 4 signal + 4 noise), the designed split 1 SD: found most of the time
+    assert rejection_rate(p, 40, lambda r: synthetic_heads(r, split=1.0)) > 0.6
+    # no split, with or without a layer effect: about the test's level
+    assert rejection_rate(p, 80, lambda r: synthetic_heads(r)) < 0.13
+    assert rejection_rate(p, 80, lambda r: synthetic_heads(r, layer_effect=(0, 0, 0, 6.0))) < 0.13
+
+
+def seeds(rng, n=8, **kw):
+    return [dict(heads=synthetic_heads(rng, **kw)) for _ in range(n)]
+
+
+def across_seed_p(layer="all", contrast="log_distance", control=None):
+    def p(results):
+        treated = results if control is None else results[0]
+        ctrl = None if control is None else results[1]
+        row = next(r for r in ah.contrast_test(treated, ctrl)
+                   if r["layer"] == layer and r["contrast"] == contrast)
+        return row["p"]
+    return p
+
+
+def test_across_seed_test_has_power_and_stays_quiet():
+    # 8 seeds (the exact two-sided test's smallest p is 2/2^8), designed split 1 SD per head
+    assert rejection_rate(across_seed_p(), 40, lambda r: seeds(r, split=1.0)) > 0.8
+    assert rejection_rate(across_seed_p(layer=2), 40, lambda r: seeds(r, split=1.0)) > 0.5
+    assert rejection_rate(across_seed_p(), 200, lambda r: seeds(r)) < 0.1
+    assert rejection_rate(across_seed_p(), 200,
+                          lambda r: seeds(r, layer_effect=(0, 0, 0, 6.0))) < 0.1
+
+
+def test_across_seed_test_against_a_control_is_paired():
+    # trained (split 1 SD) against untrained (no split) seeds: the difference is found ...
+    make = lambda r: (seeds(r, split=1.0), seeds(r))  # noqa: E731
+    assert rejection_rate(across_seed_p(control=True), 40, make) > 0.8
+    # ... and two variants with the same split are not told apart
+    same = lambda r: (seeds(r, split=1.0), seeds(r, split=1.0))  # noqa: E731
+    assert rejection_rate(across_seed_p(control=True), 150, same) < 0.1
+    rows = ah.contrast_test(*make(np.random.default_rng(0)))
+    row = next(r for r in rows if r["layer"] == "all" and r["contrast"] == "log_centroid_in_band")
+    assert row["n"] == 8 and row["lo"] < row["mean"] < row["hi"] < 0  # signal lower in its band
+    with pytest.raises(ValueError, match="pair them by seed"):
+        ah.contrast_test(seeds(np.random.default_rng(0)), seeds(np.random.default_rng(0), n=3))
+
+
+# -- MCR² diagnostics: what the normalised rate does ----------------------------------------
+
+
+def test_normalised_rate_is_scale_free_and_negative_for_an_ideal_overcomplete_dictionary():
+    torch.manual_seed(0)
+    d, p, n = 64, 16, 2048
+    for K, sign in ((4, 1), (8, -1)):   # ρ = 1 (a complete orthonormal split) and ρ = 2
+        if K == 4:
+            U = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64)).Q.T.reshape(K, p, d)
+        else:
+            U = torch.linalg.qr(torch.randn(K, d, p, dtype=torch.float64)).Q.transpose(1, 2)
+        # ideal data: every token lies in one subspace of the dictionary
+        Z = torch.einsum("np,npd->nd", torch.randn(n, p, dtype=torch.float64), U[torch.arange(n) % K])
+        Z = Z / Z.norm(dim=1, keepdim=True) * math.sqrt(d)
+        out = ah.mcr2_diagnostics(Z, U, 0.5)
+        scaled = ah.mcr2_diagnostics(Z, 3 * U, 0.5)
+        assert scaled["Rc_orth"] == pytest.approx(out["Rc_orth"], rel=1e-9)
+        assert scaled["Rc"] > out["Rc"] + 10  # the raw rate grows with the scale of U
+        assert sign * out["dR_orth"] > 0      # ρ = 2: ΔR < 0 even though the data are ideal
+
+
+def test_neumann_radius_is_far_above_one_at_paper_scale():
+    # PRISM-50M at initialisation: U ~ N(0, 0.02²), d = 512, p = 64, LayerNorm-scale tokens
+    g = torch.Generator().manual_seed(0)
+    U = 0.02 * torch.randn(2, 64, 512, generator=g, dtype=torch.float64)
+    Z = torch.randn(1024, 512, generator=g, dtype=torch.float64)
+    radius = ah.mcr2_diagnostics(Z, U, 0.5)["neumann_radius"]
+    assert radius > 40  # p·d·0.02²/ε² ≈ 52 times the random-matrix edge: the series diverges
+
+
+def test_pooled_bimodality_misses_a_designed_split_that_the_label_test_finds():
+    rng = np.random.default_rng(0)
+    null = ah.bimodality_null(32)["p95"]
+    split = [synthetic_heads(rng, split=2.0) for _ in range(100)]
+    pooled = np.mean([ah.bimodality([math.log(h["mean_distance"]) for h in hs])[0] > null
+                      for hs in split])
+    labelled = np.mean([ah.label_permutation_test(hs, "log_distance", draws=199)["p"] <= 0.05
+                        for hs in split[:30]])
+    assert pooled < 0.3 and labelled > 0.9  # 2 SD apart: ~10% against ~100%

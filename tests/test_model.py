@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
-from model import (Prism, PrismConfig, build_model, checkpoint_payload, filter_logits,
-                   load_model)
+from baselines import CheckpointError, build_model, checkpoint_payload, load_model
+from conftest import unsafe_message
+from model import Prism, PrismConfig, filter_logits
 
 
 def tiny(**overrides):
@@ -30,8 +31,10 @@ def test_default_config_is_the_paper_model():
     assert 45e6 < model.get_num_params() < 55e6
 
 
-def test_parameter_report_splits_the_count():
+def test_parameter_report_splits_the_count(capsys):
     model = tiny()
+    assert capsys.readouterr().out == ""  # building prints nothing: each caller decides where
+    assert model.describe_parameters().startswith(f"prism: {model.get_num_params() / 1e6:.2f}M parameters (")
     report = model.parameter_report()
     assert report["total"] == model.get_num_params()
     assert report["embedding"] == model.transformer.wte.weight.numel()  # tied lm_head counted once
@@ -81,6 +84,16 @@ def test_rope_frequencies_of_the_two_groups():
     assert torch.equal(tiny(rope_ratio=1.0).rope_frequencies(), tiny().rope_frequencies()[:1].expand(4, 8))
 
 
+def test_split_bands_are_disjoint_halves_of_one_ladder():
+    freqs = tiny(rope_bands="split").rope_frequencies()
+    signal, noise = freqs[:2], freqs[2:]
+    ladder = 10000.0 ** (-torch.arange(16, dtype=torch.float64) / 16)   # θ^(−i/p), p = 16 rungs
+    assert torch.allclose(torch.cat([noise[0], signal[0]]), ladder, rtol=1e-15)
+    assert noise.min() > signal.max()   # disjoint: every noise pair is faster than every signal one
+    # the same range as the standard ladder θ^(−2i/p), to one rung of the denser one
+    assert ladder.min() == pytest.approx(float(tiny().rope_frequencies()[0].min()) * 10000 ** (-1 / 16))
+
+
 def test_attention_scores_depend_only_on_relative_position():
     # Layer 0 sees token identities only: shifting the sequence right must shift its scores.
     model = tiny()
@@ -126,7 +139,7 @@ def test_tied_and_decoupled_both_train(tie):
 
 @pytest.mark.parametrize("overrides", [
     {}, {"tie_dictionary": True}, {"qkv_sharing": "qk"}, {"qkv_sharing": "none"},
-    {"rope_ratio": 1.0}, {"bias": True},
+    {"rope_ratio": 1.0}, {"rope_bands": "split"}, {"bias": True},
 ])
 def test_fast_path_equals_analysis_path(overrides):
     model = tiny(**overrides)
@@ -211,12 +224,25 @@ def test_checkpoint_round_trip(tmp_path):
     assert torch.equal(loaded(idx)[0], model.eval()(idx)[0])
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         load_model(tmp_path / "missing.pt")
-    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="not a readable checkpoint"):
+    (tmp_path / "bad.pt").write_text("garbage")
+    with pytest.raises(CheckpointError, match="bad.pt is not a PyTorch checkpoint file$"):
         load_model(tmp_path / "bad.pt")
+    (tmp_path / "cut.pt").write_bytes(path.read_bytes()[:500])
+    with pytest.raises(CheckpointError, match="cut.pt is not a PyTorch checkpoint file, or a damaged"):
+        load_model(tmp_path / "cut.pt")
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a prism-nano checkpoint"):
         load_model(tmp_path / "other.pt")
+
+
+def test_a_checkpoint_carrying_code_is_refused_before_the_code_runs(unsafe_ckpt):
+    path, marker = unsafe_ckpt
+    with pytest.raises(CheckpointError) as refused:
+        load_model(path)
+    assert f"error: {refused.value}" == unsafe_message(path)
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # the payload is real: an unrestricted load runs it
+    assert marker.exists()
 
 
 def test_flops_per_token_counts_this_attention():
@@ -227,3 +253,68 @@ def test_flops_per_token_counts_this_attention():
     # MFU is that many FLOPs per token, over block_size tokens per sequence, against the peak.
     assert model.estimate_mfu(4, 1.0, peak_flops=1e12) == pytest.approx(
         model.flops_per_token() * c.block_size * 4 / 1e12)
+
+
+# -- the derivation of docs/PRISM.md §2, executable ----------------------------------------
+
+
+def derivation_case(seed=0, n=48, d=24, K=3, p=8):
+    g = torch.Generator().manual_seed(seed)
+    Z = torch.randn(n, d, generator=g, dtype=torch.float64)
+    U = torch.randn(K, p, d, generator=g, dtype=torch.float64) / math.sqrt(d)
+    return Z, U
+
+
+def test_closed_form_gradient_of_the_compressed_rate_equals_autograd():
+    from model import compressed_coding_rate, compressed_rate_gradient
+
+    Z, U = derivation_case()
+    for eps in (0.5, 2.0):
+        Zr = Z.clone().requires_grad_(True)
+        compressed_coding_rate(Zr, U, eps).backward()
+        assert torch.allclose(compressed_rate_gradient(Z, U, eps), Zr.grad, rtol=0, atol=1e-12)
+
+
+def test_second_order_series_matches_the_descent_direction_to_order_beta_squared():
+    from model import compressed_rate_gradient, neumann_descent_direction, neumann_radius
+
+    Z, U = derivation_case()
+    errors = []
+    for eps in (40.0, 80.0):   # β = p/(nε²) falls 4x; both well inside the series' radius
+        assert neumann_radius(Z, U, eps) < 0.05
+        exact = -compressed_rate_gradient(Z, U, eps)
+        errors.append(float((neumann_descent_direction(Z, U, eps) - exact).norm() / exact.norm()))
+    assert errors[0] / errors[1] == pytest.approx(16, rel=0.05)   # relative error ∝ β²
+    assert errors[0] < 1e-3
+
+
+def test_softmax_in_place_of_the_inverse_points_away_from_descent():
+    """Replacing (I + βG)⁻¹ itself by a softmax would make the step Z − η U·SA: on random tokens
+    +U·SA has a negative cosine with −∇R^c, which is why §2 puts the softmax in the series term."""
+    from model import compressed_rate_gradient
+
+    Z, U = derivation_case()
+    n, p = Z.shape[0], U.shape[1]
+    mssa = sum(((Z @ Uk.T) @ (Z @ Uk.T).T / math.sqrt(p)).masked_fill(
+        torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf")).softmax(-1) @ (Z @ Uk.T) @ Uk
+        for Uk in U)
+    descent = -compressed_rate_gradient(Z, U, 0.5)
+    assert torch.nn.functional.cosine_similarity(descent.flatten(), mssa.flatten(), dim=0) < -0.3
+
+
+@pytest.mark.parametrize("head_dim, inside, above, long_signal, long_noise", [
+    (32, 14, 2, 10, 8),   # docs/PRISM.md §4 and model.py's π-RoPE comment, at T = 128
+    (64, 28, 4, 21, 17),
+])
+def test_pi_rope_band_facts(head_dim, inside, above, long_signal, long_noise):
+    from model import band_facts
+
+    f = band_facts(head_dim, ratio=math.pi, context=128)
+    assert (f["noise_inside_signal_band"], f["noise_above_signal_band"]) == (inside, above)
+    assert f["fastest_noise"] == math.pi and f["noise_at_or_past_nyquist"] == 1   # ω = π: parity
+    assert (f["signal_longer_than_context"], f["noise_longer_than_context"]) == (long_signal, long_noise)
+    # no exact re-alignment within 512 tokens for π, nor for the rational ratio 3, and near
+    # re-alignments about as close for both (π's is not the farther one)
+    three = band_facts(head_dim, ratio=3.0, context=128)
+    assert 0 < f["closest_realignment"] < 1e-4 and 0 < three["closest_realignment"] < 1e-4
+    assert band_facts(head_dim, ratio=1.0)["closest_realignment"] == 0   # π-off: same frequencies

@@ -53,13 +53,9 @@ def error_line(capsys):
     return err[-1]
 
 
-def assert_no_output(out_dir):
-    """No train.bin / val.bin / meta.json and no temporary files left in out_dir."""
-    out_dir = Path(out_dir)
-    if not out_dir.exists():
-        return
-    left = sorted(p.name for p in out_dir.iterdir() if p.is_file())
-    assert left == [], f"left behind in {out_dir}: {left}"
+def assert_nothing_left(out_dir):
+    """A failed run that created out_dir (and its raw/ folder) removed them again."""
+    assert not Path(out_dir).exists(), f"left behind: {out_dir} {sorted(Path(out_dir).rglob('*'))}"
 
 
 # -----------------------------------------------------------------------------
@@ -119,7 +115,7 @@ def test_compact_vocabulary_size_is_checked(stories, tmp_path, capsys):
     assert run_main(["--train_file", train, "--val_file", val, "--out_dir", tmp_path / "o",
                      "--vocab_size", 60000, "--no_progress"]) == 1
     assert "--vocab_size must be in [2, 50256]" in error_line(capsys)
-    assert_no_output(tmp_path / "o")
+    assert_nothing_left(tmp_path / "o")
 
 
 def test_split_off_val_every_kth_story(stories, tmp_path):
@@ -339,8 +335,7 @@ def test_download_404_fails_at_once(mirror, tmp_path, capsys):
     line = error_line(capsys)
     assert line.startswith("error: ") and "HTTP 404" in line and f"{mirror.url}/{V2_VAL}" in line
     assert len(mirror.log) == 1  # not retried
-    assert_no_output(out)
-    assert_no_output(out / "raw")
+    assert_nothing_left(out)
 
 
 def test_download_fails_after_retries(mirror, tmp_path, capsys):
@@ -353,8 +348,7 @@ def test_download_fails_after_retries(mirror, tmp_path, capsys):
     assert line.startswith("error: download failed after 3 attempts")
     assert "HTTP 503" in line and f"{mirror.url}/{V2_VAL}" in line
     assert len(mirror.log) == 3
-    assert_no_output(out)
-    assert_no_output(out / "raw")
+    assert_nothing_left(out)
 
 
 def test_download_connection_refused_fails_after_retries(tmp_path, capsys):
@@ -368,7 +362,7 @@ def test_download_connection_refused_fails_after_retries(tmp_path, capsys):
     assert run_main(argv) == 1
     line = error_line(capsys)
     assert line.startswith("error: download failed after 2 attempts") and f":{port}/" in line
-    assert_no_output(out)
+    assert_nothing_left(out)
 
 
 # -----------------------------------------------------------------------------
@@ -380,7 +374,7 @@ def test_missing_file(tmp_path, capsys):
     assert run_main(["--train_file", missing, "--out_dir", tmp_path / "out"]) == 1
     line = error_line(capsys)
     assert line.startswith("error: ") and str(missing) in line and "no such file" in line
-    assert_no_output(tmp_path / "out")
+    assert_nothing_left(tmp_path / "out")
 
 
 def test_empty_file(tmp_path, capsys):
@@ -389,7 +383,7 @@ def test_empty_file(tmp_path, capsys):
     assert run_main(["--train_file", empty, "--out_dir", tmp_path / "out"]) == 1
     line = error_line(capsys)
     assert line.startswith("error: ") and str(empty) in line and "empty" in line
-    assert_no_output(tmp_path / "out")
+    assert_nothing_left(tmp_path / "out")
 
 
 def test_file_without_stories(stories, tmp_path, capsys):
@@ -400,7 +394,7 @@ def test_file_without_stories(stories, tmp_path, capsys):
                      "--no_progress"]) == 1
     line = error_line(capsys)
     assert line.startswith("error: ") and str(blank) in line and "no stories" in line
-    assert_no_output(out)
+    assert_nothing_left(out)
 
 
 def test_single_story_cannot_be_split(tmp_path, capsys):
@@ -408,7 +402,7 @@ def test_single_story_cannot_be_split(tmp_path, capsys):
     one.write_text("Once upon a time there was one story.\n<|endoftext|>\n", encoding="utf-8")
     assert run_main(["--train_file", one, "--out_dir", tmp_path / "out", "--no_progress"]) == 1
     assert "need at least 2" in error_line(capsys)
-    assert_no_output(tmp_path / "out")
+    assert_nothing_left(tmp_path / "out")
 
 
 def test_not_utf8_says_where(stories, tmp_path, capsys):
@@ -423,7 +417,7 @@ def test_not_utf8_says_where(stories, tmp_path, capsys):
     line = error_line(capsys)
     assert line.startswith("error: ") and str(path) in line
     assert f"byte offset {offset}" in line and f"line {line_no}" in line
-    assert_no_output(out)
+    assert_nothing_left(out)
 
 
 @pytest.mark.parametrize("read_bytes", [1, 3, 1 << 20])
@@ -445,7 +439,7 @@ def test_missing_separator_is_refused(tmp_path, monkeypatch, capsys):
     path.write_text("word " * 10_000, encoding="utf-8")
     assert run_main(["--train_file", path, "--out_dir", tmp_path / "out", "--no_progress"]) == 1
     assert "no <|endoftext|> separator" in error_line(capsys)
-    assert_no_output(tmp_path / "out")
+    assert_nothing_left(tmp_path / "out")
 
 
 def test_ctrl_c_midway_cleans_up(stories, tmp_path, monkeypatch, capsys):
@@ -497,4 +491,16 @@ def test_sigint_with_worker_pool(big_text, tmp_path):
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1].startswith("interrupted")
     assert "Traceback" not in err
-    assert_no_output(out)
+    assert_nothing_left(out)
+
+
+def test_a_failed_run_keeps_a_folder_that_was_there_before(stories, tmp_path, capsys):
+    one = tmp_path / "one.txt"  # fails in the tokenizing, once the output folder is made
+    one.write_text("Once upon a time there was one story.\n<|endoftext|>\n", encoding="utf-8")
+    for existing, content in ((tmp_path / "was_empty", []), (tmp_path / "had_files", ["notes.txt"])):
+        existing.mkdir()
+        for name in content:
+            (existing / name).write_text("keep me")
+        assert run_main(["--train_file", one, "--out_dir", existing / "sub", "--no_progress"]) == 1
+        assert "need at least 2" in error_line(capsys)
+        assert sorted(p.name for p in existing.iterdir()) == content  # only sub/ went away

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import sample
-from model import build_model, checkpoint_payload
+from baselines import build_model, checkpoint_payload
+from conftest import unsafe_message
 
 REPO = sample.Path(sample.__file__).resolve().parent
 TINY = dict(vocab_size=50257, block_size=32, n_layer=1, n_embd=32, n_head=2, head_dim=16)
@@ -58,7 +59,7 @@ def test_end_to_end(ckpt, capsys):
     assert len(samples) == 3 and samples[-1] == ""
     assert all(s.startswith("Once upon a time") and len(s) > len("Once upon a time")
                for s in samples[:2])
-    assert "parameters" not in out   # the model's size line goes to stderr, not into the samples
+    assert "parameters" not in out and "M parameters (" in err   # the size line goes to stderr
     assert run_main(capsys, *args)[1] == out   # same seed, same samples
     assert run_main(capsys, *args[:-1], "--seed=8")[1] != out
 
@@ -170,6 +171,16 @@ def test_bad_inputs(case, ckpt, tmp_path, capsys):
     assert lines[-1].startswith("error: ") and sum("error" in x.lower() for x in lines) == 1, err
 
 
+def test_unsafe_or_foreign_checkpoint_is_refused_in_one_line(unsafe_ckpt, tmp_path, capsys):
+    path, marker = unsafe_ckpt
+    rc, out, err = run_main(capsys, f"--ckpt={path}", "--max_new_tokens=2")
+    assert rc == 1 and out == "" and err == unsafe_message(path) + "\n"
+    assert not marker.exists()
+    (tmp_path / "notes.pt").write_text("garbage")
+    rc, out, err = run_main(capsys, f"--ckpt={tmp_path / 'notes.pt'}", "--max_new_tokens=2")
+    assert rc == 1 and err == f"error: {tmp_path / 'notes.pt'} is not a PyTorch checkpoint file\n"
+
+
 @pytest.fixture(scope="module")
 def compact(tmp_path_factory, tokenizer):
     """A compact vocabulary as prepare_tinystories.py --vocab_size writes it, and a model on it."""
@@ -208,7 +219,7 @@ def test_checkpoint_from_train_py_carries_its_compact_vocabulary(compact_data, t
                             eval_interval=2, eval_iters=1, batch_size=2, warmup_iters=1)
     train.train(cfg, dict(n_layer=1, n_embd=32, n_head=2, head_dim=16, block_size=32))
     meta = sample.json.loads((compact_data / "meta.json").read_text())
-    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["vocabulary"]["compact_vocab"] \
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["vocabulary"]["compact_vocab"] \
         == meta["compact_vocab"]
     capsys.readouterr()
     rc, out, err = run_main(capsys, f"--ckpt={tmp_path / 'ckpt.pt'}", "--prompt=Once upon a time",
