@@ -36,6 +36,7 @@ class GPT2Config:
     n_head: int = 8               # heads of d / n_head dimensions each
     dropout: float = 0.0          # dropout rate on the embedding, attention and MLP outputs
     bias: bool = False            # biases in Linear and LayerNorm
+    mlp_hidden: int = 0           # GELU MLP width (model.MLP); 0 = 4·n_embd
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_embd", "n_head"):
@@ -288,8 +289,6 @@ def load_model(path, device="cpu"):
 # -----------------------------------------------------------------------------
 # What the comparison runs: size presets and PRISM's ablations, all as config values.
 
-ARCHS_COMPARED = ("prism", "gpt2", "gemma3")
-
 # Sizes at which every arch has PRISM's parameter count within ±5% (check_preset says so). The
 # shipped training configs name one (train.py's `preset`), so that every arch trains from them.
 PRESETS = {
@@ -321,7 +320,9 @@ PRESETS = {
     },
 }
 
-# name -> (arch, overrides of the preset's sizes). PRISM's ablations change one constraint each.
+# name -> (arch, overrides of the preset's sizes). PRISM's ablations change one constraint each;
+# variant_args then gives each PRISM-arch variant the MLP width that brings it back to PRISM's
+# parameter count, so "does this constraint help?" is asked at the same size.
 VARIANTS = {
     "prism": ("prism", {}),
     "gpt2": ("gpt2", {}),
@@ -332,7 +333,9 @@ VARIANTS = {
     "prism-tied": ("prism", {"tie_dictionary": True}),             # back-project with U itself
     "prism-qk": ("prism", {"qkv_sharing": "qk"}),                  # q = k, a value of its own
     "prism-separate": ("prism", {"qkv_sharing": "none"}),          # q, k, v apart, π-RoPE kept
-    "rope-attention": ("prism", {"qkv_sharing": "none", "rope_ratio": 1.0}),  # plain RoPE attention
+    # Plain RoPE attention as a standard transformer has it: q, k, v apart, one frequency band,
+    # H·p = d.
+    "rope-attention": ("prism", {"qkv_sharing": "none", "rope_ratio": 1.0, "overcompleteness": 1}),
 }
 
 
@@ -344,8 +347,8 @@ def preset_sizes(preset, arch):
     return dict(PRESETS[preset][arch], block_size=PRESETS[preset]["block_size"])
 
 
-def variant_args(preset, variant, vocab_size):
-    """(arch, model_args) of a variant at a size preset."""
+def _preset_args(preset, variant, vocab_size):
+    """(arch, model_args) of a variant at a size preset, before its size is matched."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
     arch, overrides = VARIANTS[variant]
@@ -356,19 +359,46 @@ def variant_args(preset, variant, vocab_size):
     return arch, {**args, **overrides}
 
 
+def variant_args(preset, variant, vocab_size):
+    """(arch, model_args) of a variant at a size preset. A PRISM-arch variant's MLP width is the
+    one whose parameter count is nearest PRISM's (parameters are linear in the width: n_layer
+    layers of d×h + h×d weights, plus h + d biases with bias=True); 4d, the default, stays unset."""
+    arch, args = _preset_args(preset, variant, vocab_size)
+    if arch != "prism" or variant == "prism" or "mlp_hidden" in VARIANTS[variant][1]:
+        return arch, args
+    target = count_params(*_preset_args(preset, "prism", vocab_size))
+    d = args["n_embd"]
+    per_unit = args["n_layer"] * (2 * d + (1 if args.get("bias") else 0))
+    hidden = 4 * d + round((target - count_params(arch, args)) / per_unit)
+    if hidden < 1:
+        raise ValueError(f"preset {preset!r}: no MLP width brings {variant} down to PRISM's "
+                         f"{target:,} parameters")
+    if hidden != 4 * d:
+        args["mlp_hidden"] = hidden
+    return arch, args
+
+
 def count_params(arch, model_args):
     """Parameter count of a model without allocating its weights."""
+    return model_size(arch, model_args)[0]
+
+
+def model_size(arch, model_args):
+    """(parameters, training FLOPs per token) of a model, without allocating its weights."""
     with torch.device("meta"):
-        return build_model(arch, **model_args).get_num_params()
+        model = build_model(arch, **model_args)
+        return model.get_num_params(), model.flops_per_token()
 
 
-def check_preset(preset, vocab_size, tolerance=0.05):
-    """{arch: params} at a preset; ValueError if an arch is more than `tolerance` off PRISM."""
-    params = {arch: count_params(*variant_args(preset, arch, vocab_size)) for arch in ARCHS_COMPARED}
-    for arch, n in params.items():
-        if abs(n / params["prism"] - 1) > tolerance:
-            raise ValueError(f"preset {preset!r}: {arch} has {n:,} parameters, "
-                             f"{100 * (n / params['prism'] - 1):+.1f}% off PRISM's "
-                             f"{params['prism']:,} (allowed ±{100 * tolerance:.0f}%)")
+def check_preset(preset, vocab_size, tolerance=0.05, variants=None):
+    """{variant: params} at a preset (every variant of VARIANTS, or those given); ValueError if one
+    is more than `tolerance` off PRISM."""
+    variants = list(VARIANTS) if variants is None else variants
+    prism = count_params(*variant_args(preset, "prism", vocab_size))
+    params = {v: count_params(*variant_args(preset, v, vocab_size)) for v in variants}
+    for v, n in params.items():
+        if abs(n / prism - 1) > tolerance:
+            raise ValueError(f"preset {preset!r}: {v} has {n:,} parameters, "
+                             f"{100 * (n / prism - 1):+.1f}% off PRISM's "
+                             f"{prism:,} (allowed ±{100 * tolerance:.0f}%)")
     return params
-

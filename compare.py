@@ -1,21 +1,40 @@
 """
-The fair comparison (PRISM.md §7): PRISM against GPT-2 and Gemma 3 style models of the same
-parameter count, and PRISM's ablations, on the same data, in the same order, with the same
-optimizer, schedule and token budget; then the table, the loss curves and the head analysis.
+The comparison (PRISM.md §7, issue 11): PRISM against GPT-2, Gemma 3 and plain RoPE attention of
+the same parameter count, and PRISM's ablations, under a protocol whose answer can decide.
 
-    python compare.py --data_dir=data/sample4k --preset=cpu-small --tokens=2000000 --seeds=1,2,3
-    python compare.py --data_dir=data/sample4k --preset=cpu-small --archs=prism,prism-pi-off --dry_run
+    python prepare_tinystories.py --train_file=../shared/data/tinystories-sample-train.txt \\
+        --val_file=../shared/data/tinystories-sample-val.txt --vocab_size=4096 \\
+        --report_fraction=0.5 --out_dir=data/sample4k
+    python compare.py --data_dir=data/sample4k --preset=cpu-small --dry_run     # the whole plan
+    python compare.py --data_dir=data/sample4k --preset=cpu-small               # the study
+    python compare.py --preset=cpu-small --report_only          # the tables again, from records
 
-Every run is train.py's train() and every head analysis is analyze_heads.py: nothing here trains
-or evaluates on its own. For each variant (baselines.VARIANTS) it
-  1. picks a learning rate: the best final val loss of a short sweep over --lrs at the first seed
-     (--sweep_tokens each), or --lr for all;
-  2. trains one run per seed with that rate; a seed fixes both the initialisation and the data
-     order, so every variant sees the same batches;
-  3. analyses the heads of PRISM and its π-off ablation (bimodality, signal vs noise distance).
-Runs live under --out_dir/<preset>/...; a run with a summary.json is done and is not redone, one
-with only a checkpoint resumes. The results go to --results (a section of its own, replaced when
-compare.py runs again for the same preset) and the curves to docs/compare_<preset>.png.
+The protocol. Every run is train.py's train() and every head analysis is analyze_heads.py.
+  1. Arms: variants of baselines.VARIANTS, each within ±5% of PRISM's parameters (checked); the
+     table gives each one's training FLOPs per token beside its parameters.
+  2. Splits: train.bin trains; val.bin is the selection split (it picks the learning rate and is
+     the curve train.py logs); test.bin, the report split (prepare_tinystories.py
+     --report_fraction), is scored once per run, on all its windows (train.evaluate_split).
+  3. Learning rate, per arm: a grid ×2 apart (--lrs), each rate trained at the first seed for the
+     full budget and scored on the whole selection split. While the best rate is the grid's
+     lowest or highest, the grid grows by ×2 on that side (--max_extensions at most; the table
+     says so). The chosen rate's first-seed run is also the arm's first-seed run: the choice saw
+     only the selection split, the reported numbers are on the report split.
+  4. Seeds: a seed fixes the initialisation and the data order, so every arm sees the same
+     batches and arms are compared seed by seed.
+  5. Statistics (stats.py): per arm, the per-seed difference of its report-split loss from
+     PRISM's; mean, Student-t 95% interval, exact sign-flip p, Holm-corrected over the arms. The
+     sign-flip test cannot go below 2/2^n for n seeds: the dry run says what the seeds allow.
+  6. Heads: prism and prism-pi-off are analysed after training and at their initialisation (the
+     model train.py builds for that seed, saved by a run of 0 iterations); the per-layer
+     signal-minus-noise contrasts of analyze_heads.py are tested across seeds.
+  7. Records: each finished run leaves summary.json, log.jsonl (its curve) and, for the head arms,
+     heads.json under --records/<preset>/<variant>/lr<lr>/seed<seed>/ (untrained:
+     .../<variant>/init/seed<seed>/): small files meant to be committed. A record is a finished
+     run (one made with another budget or data is refused); checkpoints stay in --out_dir, where
+     an unfinished run resumes. --report_only re-makes the tables and the figure from the records
+     alone. Runs are independent: processes with disjoint --archs can share one records folder.
+The report goes between this preset's markers in --results, the curves to --figure.
 """
 
 import argparse
@@ -24,11 +43,20 @@ import math
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
-from baselines import PRESETS, VARIANTS, check_preset, count_params, variant_args
+import stats
+from baselines import PRESETS, VARIANTS, check_preset, model_size, variant_args
 
-PAIRED_FOR_HEADS = ("prism", "prism-pi-off")  # the claim: regimes with π-RoPE, weaker without
+STUDY_ARMS = ("prism", "prism-pi-off", "prism-complete", "gpt2", "gemma3", "rope-attention")
+HEAD_ARMS = ("prism", "prism-pi-off")  # the claim: head regimes with π-RoPE, weaker without
+REFERENCE = "prism"                    # every arm's difference is taken from it
+# What makes two runs the same run: a record whose values differ is another study's.
+BUDGET_KEYS = ("iters", "batch_size", "block_size", "warmup_iters", "min_lr_ratio", "evals",
+               "eval_iters", "analysis_batches")
+DATA_KEYS = ("tokenizer", "vocab_size", "train_tokens", "val_tokens", "val_bytes", "test_tokens",
+             "test_bytes")
 
 
 class CompareError(Exception):
@@ -37,166 +65,527 @@ class CompareError(Exception):
 
 def build_parser():
     p = argparse.ArgumentParser(
-        description="Train every arch and ablation on the same data, seeds, optimizer and "
-                    "schedule, then write the comparison table, loss curves and head analysis.",
+        description="Train every arm on the same data, seeds, optimizer and schedule under a "
+                    "learning-rate grid chosen on a selection split, score each run on the whole "
+                    "report split, and write the paired statistics, the grid, the head contrasts "
+                    "and the curves (see the module docstring for the protocol).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data_dir", default="data/tinystories", help="prepared data (meta.json, *.bin)")
+    p.add_argument("--data_dir", default="data/tinystories",
+                   help="prepared data with test.bin (prepare_tinystories.py --report_fraction)")
     p.add_argument("--preset", default="cpu-small", choices=sorted(PRESETS), help="model sizes")
-    p.add_argument("--tokens", type=int, default=2_000_000, help="training tokens per run")
-    p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds, one run each")
-    p.add_argument("--archs", default=",".join(VARIANTS),
-                   help="comma-separated variants of baselines.VARIANTS")
+    p.add_argument("--archs", default=",".join(STUDY_ARMS),
+                   help=f"comma-separated variants of baselines.VARIANTS ({', '.join(VARIANTS)})")
+    p.add_argument("--seeds", default="1,2,3,4,5,6,7,8",
+                   help="comma-separated seeds; the first one also runs the learning-rate grid")
+    p.add_argument("--epochs", type=float, default=4.0,
+                   help="training tokens per run, in passes over train.bin")
     p.add_argument("--batch_size", type=int, default=16, help="sequences per iteration")
-    p.add_argument("--lr", type=float, default=None, help="one learning rate for all: no sweep")
-    p.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="learning rates the sweep tries")
-    p.add_argument("--sweep_tokens", type=int, default=0,
-                   help="tokens per sweep run; 0 = a quarter of --tokens")
-    p.add_argument("--evals", type=int, default=10, help="evaluations along each run (the curve)")
-    p.add_argument("--eval_iters", type=int, default=20, help="batches per evaluation")
+    p.add_argument("--lrs", default="1e-3,2e-3,4e-3,8e-3,1.6e-2",
+                   help="the learning-rate grid, rates x2 apart (one rate: no grid)")
+    p.add_argument("--max_extensions", type=int, default=3,
+                   help="rates a grid may grow by while its best rate is at an edge")
+    p.add_argument("--evals", type=int, default=8, help="evaluations along each run (the curve)")
+    p.add_argument("--eval_iters", type=int, default=10, help="batches per curve evaluation")
     p.add_argument("--analysis_batches", type=int, default=8, help="batches analyze_heads reads")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... or auto")
-    p.add_argument("--out_dir", default="runs/compare", help="where the runs go")
+    p.add_argument("--out_dir", default="runs/compare", help="checkpoints (not committed)")
+    p.add_argument("--records", default="results", help="the small records of finished runs "
+                                                          "(committed)")
     p.add_argument("--results", default="docs/RESULTS.md", help="markdown file to write into")
+    p.add_argument("--figure", default=None,
+                   help="the curve figure; default: compare_<preset>.png beside --results")
+    p.add_argument("--time_steps", type=int, default=3,
+                   help="training steps the dry run times per arm for its estimate (0: none)")
     p.add_argument("--dry_run", action="store_true",
-                   help="check the plan (data, sizes, budgets, paths) and print it; train nothing")
+                   help="check the plan and print it (arms, sizes, grid, seeds, budget, runs, "
+                        "time); train nothing")
+    p.add_argument("--report_only", action="store_true",
+                   help="re-make the tables and figure from --records; train nothing, and stop "
+                        "at the first missing record")
     return p
 
 
-def _floats(text, name):
+# -----------------------------------------------------------------------------
+# The plan
+
+
+def _numbers(text, name, kind=float):
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        return [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise CompareError(f"--{name} must be comma-separated numbers, got {text!r}") from None
 
 
-def make_plan(args):
-    """Everything the comparison will do, checked before anything trains."""
+def fingerprint(meta):
+    """The data fields a record must agree on (its split sizes and tokenizer)."""
+    return {k: meta.get(k) for k in DATA_KEYS} | {
+        "compact_vocab": (meta.get("compact_vocab") or {}).get("size")}
+
+
+def load_data_fingerprint(args):
+    """The data's fingerprint: from meta.json, or (--report_only without the data) a record's."""
     meta_path = Path(args.data_dir) / "meta.json"
-    if not meta_path.is_file():
-        raise CompareError(f"no meta.json in {args.data_dir}: run prepare_tinystories.py first")
-    meta = json.loads(meta_path.read_text())
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if "test_tokens" not in meta:
+            raise CompareError(f"{args.data_dir} has no report split (test.bin): prepare it with "
+                               f"prepare_tinystories.py --report_fraction=0.5")
+        return fingerprint(meta)
+    if args.report_only:
+        for path in sorted((Path(args.records) / args.preset).glob("*/*/seed*/summary.json")):
+            return json.loads(path.read_text())["data"]
+        raise CompareError(f"no records under {Path(args.records) / args.preset} and no data in "
+                           f"{args.data_dir}")
+    raise CompareError(f"no meta.json in {args.data_dir}: run prepare_tinystories.py first")
+
+
+def make_plan(args):
+    """Everything the study will do, checked before anything trains."""
+    data = load_data_fingerprint(args)
+    variants = [v for v in args.archs.split(",") if v]
     try:
-        check_preset(args.preset, meta["vocab_size"])
-        variants = [v for v in args.archs.split(",") if v]
         for v in variants:
-            variant_args(args.preset, v, meta["vocab_size"])
+            variant_args(args.preset, v, data["vocab_size"])
+        check_preset(args.preset, data["vocab_size"], variants=variants)
     except ValueError as e:
         raise CompareError(str(e)) from None
-    seeds = [int(s) for s in _floats(args.seeds, "seeds")]
-    lrs = [args.lr] if args.lr else _floats(args.lrs, "lrs")
-    if not seeds or not lrs or not variants:
+    seeds = _numbers(args.seeds, "seeds", int)
+    grid = sorted(_numbers(args.lrs, "lrs"))
+    if not seeds or not grid or not variants:
         raise CompareError("need at least one seed, one learning rate and one arch")
+    if len(set(seeds)) != len(seeds) or len(set(variants)) != len(variants):
+        raise CompareError("--seeds and --archs must not repeat an entry")
+    if any(not math.isclose(b / a, 2, rel_tol=1e-6) for a, b in zip(grid, grid[1:])):
+        raise CompareError(f"--lrs must be x2 apart (the grid grows by x2 at its edges), got {grid}")
     block_size = PRESETS[args.preset]["block_size"]
     tokens_per_iter = args.batch_size * block_size
-    iters = args.tokens // tokens_per_iter
-    sweep_iters = (args.sweep_tokens or args.tokens // 4) // tokens_per_iter
-    if iters < args.evals or (len(lrs) > 1 and sweep_iters < 1):
-        raise CompareError(f"--tokens={args.tokens:,} is {iters} iterations of {tokens_per_iter:,} "
-                           f"tokens: too few for {args.evals} evaluations (and a sweep)")
-    for split in ("train", "val"):
-        n = meta[f"{split}_tokens"]
-        if n <= block_size + 1:
-            raise CompareError(f"{split}.bin has {n} tokens, too few for block_size {block_size}")
-    root = Path(args.out_dir) / args.preset
-    return dict(meta=meta, variants=variants, seeds=seeds, lrs=lrs, iters=iters,
-                sweep_iters=sweep_iters, tokens_per_iter=tokens_per_iter, root=root,
-                params={v: count_params(*variant_args(args.preset, v, meta["vocab_size"]))
-                        for v in variants})
+    iters = round(args.epochs * data["train_tokens"] / tokens_per_iter)
+    if iters < args.evals:
+        raise CompareError(f"--epochs={args.epochs:g} is {iters} iterations of "
+                           f"{tokens_per_iter:,} tokens: too few for {args.evals} evaluations")
+    for split in ("train", "val", "test"):
+        if data[f"{split}_tokens"] <= block_size + 1:
+            raise CompareError(f"{split}.bin has {data[f'{split}_tokens']} tokens, too few for "
+                               f"block_size {block_size}")
+    budget = dict(iters=iters, batch_size=args.batch_size, block_size=block_size,
+                  warmup_iters=max(1, iters // 20), min_lr_ratio=0.1, evals=args.evals,
+                  eval_iters=args.eval_iters, analysis_batches=args.analysis_batches)
+    sizes = {v: model_size(*variant_args(args.preset, v, data["vocab_size"])) for v in variants}
+    return dict(preset=args.preset, data=data, variants=variants, seeds=seeds, grid=grid, budget=budget,
+                tokens_per_iter=tokens_per_iter, epochs=iters * tokens_per_iter / data["train_tokens"],
+                records=Path(args.records) / args.preset, runs=Path(args.out_dir) / args.preset,
+                params={v: n for v, (n, _) in sizes.items()},
+                flops={v: f for v, (_, f) in sizes.items()})
 
 
-def run_once(args, plan, variant, lr, seed, iters, run_dir):
-    """train.train() for one run, unless it is done already; returns its summary."""
-    import train  # noqa: PLC0415 — torch and the training loop only when something trains
+def compared_arms(plan):
+    return [v for v in plan["variants"] if v != REFERENCE] if REFERENCE in plan["variants"] else []
 
-    done = run_dir / "summary.json"
-    if done.is_file():
-        summary = json.loads(done.read_text())
-        if summary["iters"] != iters:
-            raise CompareError(f"{run_dir} holds a finished run of {summary['iters']} iterations, "
-                               f"not {iters}: give this budget another --out_dir")
-        return summary
-    arch, model_args = variant_args(args.preset, variant, plan["meta"]["vocab_size"])
-    model_args.pop("vocab_size")  # train.py takes it from meta.json
-    cfg = train.TrainConfig(
-        data_dir=args.data_dir, out_dir=str(run_dir), arch=arch, batch_size=args.batch_size,
-        max_iters=iters, learning_rate=lr, min_lr=lr / 10, warmup_iters=max(1, iters // 20),
-        eval_interval=max(1, iters // args.evals), eval_iters=args.eval_iters,
-        log_interval=max(1, iters // args.evals), seed=seed, device=args.device,
-        init_from="resume" if (run_dir / "ckpt.pt").is_file() else "scratch")
-    print(f"\n== {variant} | lr {lr:g} | seed {seed} | {iters} iters -> {run_dir}", flush=True)
-    summary = dict(train.train(cfg, model_args), variant=variant, lr=lr, seed=seed)
-    done.write_text(json.dumps(summary, indent=2))
+
+def smallest_adjusted_p(n_seeds, n_arms):
+    """The smallest Holm-adjusted p any arm can get: the exact test's floor 2/2^n, times the
+    family size (Holm multiplies the smallest p by m)."""
+    return min(1.0, max(1, n_arms) * stats.min_sign_flip_pvalue(n_seeds))
+
+
+# -----------------------------------------------------------------------------
+# The learning-rate grid
+
+
+def choose_lr(grid, score, max_extensions):
+    """(best rate, {rate: score}, rates added, still at an edge?) for a grid ×2 apart.
+
+    `score(lr)` is the loss of a rate (lower is better; NaN counts as the worst). While the best
+    rate is the lowest or highest of the grid, the rate ×2 beyond it is added and scored, at most
+    max_extensions times; a one-rate grid is a fixed rate and never grows."""
+    lrs = sorted(grid)
+    scores = {lr: score(lr) for lr in lrs}
+
+    def best():
+        return min(lrs, key=lambda lr: math.inf if math.isnan(scores[lr]) else scores[lr])
+
+    added = []
+    while len(lrs) > 1 and best() in (lrs[0], lrs[-1]) and len(added) < max_extensions:
+        lr = lrs[0] / 2 if best() == lrs[0] else lrs[-1] * 2
+        scores[lr] = score(lr)
+        lrs = sorted(scores)
+        added.append(lr)
+    return best(), scores, added, len(lrs) > 1 and best() in (lrs[0], lrs[-1])
+
+
+# -----------------------------------------------------------------------------
+# Runs and their records
+
+
+def record_dir(plan, variant, lr, seed):
+    return plan["records"] / variant / f"lr{lr:g}" / f"seed{seed}"
+
+
+def init_dir(plan, variant, seed):
+    return plan["records"] / variant / "init" / f"seed{seed}"
+
+
+def _write_json(path, obj, indent=1):
+    """Written to a temporary name, then renamed: a record is whole or absent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=indent) + "\n")
+    os.replace(tmp, path)
+
+
+def read_record(plan, rec, variant, seed, lr=None):
+    """A finished run's summary, checked to be this study's run; None where there is none."""
+    path = rec / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    want = dict(variant=variant, seed=seed, preset=plan["preset"], data=plan["data"],
+                budget=plan["budget"],
+                model_args=variant_args(plan["preset"], variant, plan["data"]["vocab_size"])[1])
+    if lr is not None:
+        want["lr"] = lr
+    differ = [k for k, v in want.items() if summary.get(k) != v]
+    if differ:
+        raise CompareError(f"{path} is a record of another study (its {', '.join(differ)} "
+                           f"differ{'s' if len(differ) == 1 else ''}): give this one another "
+                           f"--records folder")
     return summary
 
 
-def pick_learning_rates(args, plan):
-    """{variant: lr}: the sweep's best final val loss at the first seed (or the one given)."""
-    if len(plan["lrs"]) == 1:
-        return {v: plan["lrs"][0] for v in plan["variants"]}, {}
-    sweep = {}
-    for v in plan["variants"]:
-        sweep[v] = {lr: run_once(args, plan, v, lr, plan["seeds"][0], plan["sweep_iters"],
-                                 plan["root"] / "sweep" / v / f"lr{lr:g}")["val_loss"]
-                    for lr in plan["lrs"]}
-    return {v: min(losses, key=losses.get) for v, losses in sweep.items()}, sweep
+def _train_config(args, plan, variant, lr, seed, run_dir, iters):
+    import train  # noqa: PLC0415 — torch and the training loop only when something trains
+
+    b = plan["budget"]
+    arch, model_args = variant_args(args.preset, variant, plan["data"]["vocab_size"])
+    model_args.pop("vocab_size")  # train.py takes it from meta.json
+    cfg = train.TrainConfig(
+        data_dir=args.data_dir, out_dir=str(run_dir), arch=arch, batch_size=b["batch_size"],
+        max_iters=iters, learning_rate=lr, min_lr=lr * b["min_lr_ratio"],
+        warmup_iters=min(b["warmup_iters"], iters), eval_interval=max(1, iters // b["evals"]),
+        eval_iters=b["eval_iters"], log_interval=max(1, iters // b["evals"]), seed=seed,
+        device=args.device, init_from="scratch")
+    ckpt = run_dir / "ckpt.pt"
+    if ckpt.is_file():  # an unfinished run of this study resumes; anything else is refused
+        import torch  # noqa: PLC0415
+
+        saved = torch.load(ckpt, map_location="cpu", weights_only=False)["train_config"]
+        differ = [k for k in ("max_iters", "learning_rate", "batch_size", "seed", "data_dir",
+                              "arch", "warmup_iters", "eval_interval", "eval_iters")
+                  if saved.get(k) != getattr(cfg, k)]
+        if differ:
+            raise CompareError(f"{ckpt} was written with other settings ({', '.join(differ)}): "
+                               f"remove it or give this study another --out_dir")
+        cfg.init_from = "resume"
+    return cfg, model_args
 
 
-def analyze(args, run_dir):
-    """analyze_heads.py on a run's checkpoint; its heads.json."""
+def run_once(args, plan, variant, lr, seed):
+    """The record of one run (train.train() unless it is recorded already)."""
+    rec = record_dir(plan, variant, lr, seed)
+    summary = read_record(plan, rec, variant, seed, lr)
+    if summary is not None:
+        return summary
+    if args.report_only:
+        raise CompareError(f"no record {rec / 'summary.json'}: the study is not finished "
+                           f"(run it without --report_only)")
+    import numpy as np  # noqa: PLC0415
+
+    import train  # noqa: PLC0415
+    from baselines import load_model  # noqa: PLC0415
+
+    run_dir = plan["runs"] / variant / f"lr{lr:g}" / f"seed{seed}"
+    cfg, model_args = _train_config(args, plan, variant, lr, seed, run_dir, plan["budget"]["iters"])
+    print(f"\n== {variant} | lr {lr:g} | seed {seed} | {cfg.max_iters} iters -> {run_dir}",
+          flush=True)
+    result = train.train(cfg, model_args)
+    # The final scores: every window of the selection split (it chooses the rate) and of the
+    # report split (it is reported), on the final weights.
+    device = train.resolve_system(cfg).device
+    model = load_model(run_dir / "ckpt.pt", device)
+    scores = {}
+    for split in ("val", "test"):
+        data = np.memmap(Path(args.data_dir) / f"{split}.bin", dtype=np.uint16, mode="r")
+        scores[split] = train.evaluate_split(model, data, plan["budget"]["block_size"],
+                                             plan["budget"]["batch_size"], device)
+    d = plan["data"]
+    rec.mkdir(parents=True, exist_ok=True)
+    (rec / "log.jsonl").write_text((run_dir / "log.jsonl").read_text())
+    if variant in HEAD_ARMS:
+        _write_json(rec / "heads.json", analyze(args, run_dir / "ckpt.pt", run_dir / "analysis"),
+                    indent=None)
+    summary = dict(variant=variant, preset=args.preset, lr=lr, seed=seed, budget=plan["budget"],
+                   data=d, model_args=variant_args(args.preset, variant, d["vocab_size"])[1],
+                   params=result["params"], tokens=result["tokens"],
+                   selection_loss=scores["val"], report_loss=scores["test"],
+                   report_bpb=scores["test"] / math.log(2) * d["test_tokens"] / d["test_bytes"],
+                   curve_val_loss=result["val_loss"], train_loss=result["train_loss"],
+                   tokens_per_sec=result["tokens_per_sec"])
+    _write_json(rec / "summary.json", summary)  # last: it marks the record finished
+    return summary
+
+
+def init_heads(args, plan, variant, seed):
+    """heads.json of a variant's untrained model at a seed: train.py's initialisation, saved by a
+    run of 0 iterations (same seed, same build, so the same weights the trained run started from)."""
+    rec = init_dir(plan, variant, seed)
+    if read_record(plan, rec, variant, seed) is not None:
+        return json.loads((rec / "heads.json").read_text())
+    if args.report_only:
+        raise CompareError(f"no record {rec / 'summary.json'}: the study is not finished")
+    import train  # noqa: PLC0415
+
+    run_dir = plan["runs"] / variant / "init" / f"seed{seed}"
+    cfg, model_args = _train_config(args, plan, variant, plan["grid"][0], seed, run_dir, 0)
+    cfg.init_from = "scratch"
+    train.train(cfg, model_args)
+    heads = analyze(args, run_dir / "ckpt.pt", run_dir / "analysis")
+    _write_json(rec / "heads.json", heads, indent=None)
+    _write_json(rec / "summary.json", dict(
+        variant=variant, preset=args.preset, seed=seed, iters=0, data=plan["data"],
+        budget=plan["budget"],
+        model_args=variant_args(args.preset, variant, plan["data"]["vocab_size"])[1]))
+    return heads
+
+
+def analyze(args, ckpt, out):
+    """analyze_heads.py on a checkpoint, on the report split; its heads.json."""
     import analyze_heads  # noqa: PLC0415
 
-    out = run_dir / "analysis"
-    if not (out / "heads.json").is_file():
-        status = analyze_heads.main([f"--ckpt={run_dir / 'ckpt.pt'}", f"--data_dir={args.data_dir}",
-                                     f"--out_dir={out}", f"--num_batches={args.analysis_batches}",
-                                     f"--device={args.device}", "--no_progress"])
-        if status:
-            raise CompareError(f"analyze_heads.py failed on {run_dir / 'ckpt.pt'} (see above)")
+    status = analyze_heads.main([f"--ckpt={ckpt}", f"--data_dir={args.data_dir}", "--split=test",
+                                 f"--out_dir={out}", f"--num_batches={args.analysis_batches}",
+                                 f"--device={args.device}", "--no_progress"])
+    if status:
+        raise CompareError(f"analyze_heads.py failed on {ckpt} (see above)")
     return json.loads((out / "heads.json").read_text())
 
 
-def mean_spread(values):
-    """'mean ± sample std' (just the mean for one value), and the mean."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return "n/a", None
-    m = statistics.fmean(values)
-    return (f"{m:.4g} ± {statistics.stdev(values):.2g}" if len(values) > 1 else f"{m:.4g}"), m
-
-
-def read_curve(run_dir):
-    """(tokens, val_loss) along a run, from its log.jsonl."""
+def read_curve(rec):
+    """(iteration, selection-split loss) along a run, from its recorded log.jsonl."""
     points = []
-    for line in (run_dir / "log.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("val_loss") is not None:
-            points.append((rec["iter"], rec["val_loss"]))
+    for line in (rec / "log.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r.get("val_loss") is not None:
+            points.append((r["iter"], r["val_loss"]))
     return points
 
 
-def plot_curves(curves, tokens_per_iter, path, title):
+# -----------------------------------------------------------------------------
+# The study
+
+
+def run_study(args, plan):
+    """{variant: {lr, grid: {lr: loss}, added, at_edge, runs: [summary per seed], curves,
+    heads, init_heads}}: trains what is not recorded (nothing with --report_only)."""
+    out = {}
+    first = plan["seeds"][0]
+    for v in plan["variants"]:
+        lr, grid, added, at_edge = choose_lr(
+            plan["grid"], lambda lr, v=v: run_once(args, plan, v, lr, first)["selection_loss"],
+            args.max_extensions)
+        runs = [run_once(args, plan, v, lr, s) for s in plan["seeds"]]
+        recs = [record_dir(plan, v, lr, s) for s in plan["seeds"]]
+        out[v] = dict(lr=lr, grid=grid, added=added, at_edge=at_edge, runs=runs,
+                      curves=[read_curve(r) for r in recs])
+        if v in HEAD_ARMS:
+            out[v]["heads"] = [json.loads((r / "heads.json").read_text()) for r in recs]
+            out[v]["init_heads"] = [init_heads(args, plan, v, s) for s in plan["seeds"]]
+    return out
+
+
+def curve_at(curve, it):
+    """The curve's loss at the evaluation nearest iteration `it`, and that iteration."""
+    i, loss = min(curve, key=lambda p: abs(p[0] - it))
+    return loss, i
+
+
+def rankings(plan, study):
+    """Rank of each arm (1 = lowest mean selection-split loss) half-way and at the end of the
+    budget, from the recorded curves; and the epochs those points are at."""
+    iters = plan["budget"]["iters"]
+    out = {}
+    for name, it in (("half", iters / 2), ("end", iters)):
+        means, at = {}, None
+        for v, s in study.items():
+            pts = [curve_at(c, it) for c in s["curves"]]
+            means[v] = statistics.fmean(loss for loss, _ in pts)
+            at = pts[0][1]
+        order = sorted(means, key=means.get)
+        out[name] = dict(rank={v: order.index(v) + 1 for v in means},
+                         epoch=at * plan["tokens_per_iter"] / plan["data"]["train_tokens"])
+    return out
+
+
+def paired_differences(plan, study):
+    """{arm: paired_summary of its report loss minus PRISM's, seed by seed, + Holm's p}."""
+    arms = compared_arms(plan)
+    ref = {r["seed"]: r["report_loss"] for r in study[REFERENCE]["runs"]} if arms else {}
+    out = {}
+    for v in arms:
+        diffs = [r["report_loss"] - ref[r["seed"]] for r in study[v]["runs"] if r["seed"] in ref]
+        out[v] = stats.paired_summary(diffs)
+    for v, p in zip(arms, stats.holm([out[v]["p"] for v in arms])):
+        out[v]["p_holm"] = p
+    return out
+
+
+def head_contrasts(study):
+    """[(title, contrast_test rows)]: PRISM and its π-off ablation, each against its untrained
+    self and against 0, and against each other; paired by seed."""
+    import analyze_heads  # noqa: PLC0415
+
+    tests = []
+    for v in HEAD_ARMS:
+        if v in study:
+            tests.append((f"{v} trained (against 0)", study[v]["heads"], None))
+            tests.append((f"{v} trained − {v} untrained", study[v]["heads"], study[v]["init_heads"]))
+    if all(v in study for v in HEAD_ARMS):
+        a, b = HEAD_ARMS
+        tests.append((f"{a} − {b}, both trained", study[a]["heads"], study[b]["heads"]))
+    rows = [(title, analyze_heads.contrast_test(t, c)) for title, t, c in tests]
+    return [(title, r) for title, r in rows if r]
+
+
+# -----------------------------------------------------------------------------
+# Report
+
+
+def _fmt(x, spec=".4f"):
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def _mean_sd(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    m = statistics.fmean(values)
+    return f"{m:.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{m:.4f}"
+
+
+def study_command(args):
+    """The command that runs (or resumes) this study, without the machine's own paths."""
+    keys = ("preset", "archs", "seeds", "epochs", "batch_size", "lrs", "max_extensions", "evals",
+            "eval_iters", "analysis_batches", "records")
+    return " ".join(["python compare.py --data_dir=DATA",
+                     *(f"--{k}={getattr(args, k)}" for k in keys)])
+
+
+def lr_note(s):
+    if not s["added"] and not s["at_edge"]:
+        return f"{s['lr']:g}"
+    note = f"extended by {', '.join(f'{x:g}' for x in s['added'])}" if s["added"] else ""
+    if s["at_edge"]:
+        note += ("; " if note else "") + "still at the grid's edge"
+    return f"{s['lr']:g} ({note})"
+
+
+def report(args, plan, study, figure):
+    d, b = plan["data"], plan["budget"]
+    n, arms = len(plan["seeds"]), compared_arms(plan)
+    diffs = paired_differences(plan, study)
+    ranks = rankings(plan, study)
+    same = ranks["half"]["rank"] == ranks["end"]["rank"]
+    lines = [
+        f"## Comparison at preset `{args.preset}`", "",
+        f"Study: `{study_command(args)}` (records in `{plan['records']}`; `--report_only` "
+        f"re-makes this section from them).", "",
+        f"Data: {d['train_tokens']:,} train tokens; selection split (val.bin) "
+        f"{d['val_tokens']:,} tokens, report split (test.bin) {d['test_tokens']:,} tokens; "
+        f"vocabulary {d['vocab_size']:,}. Every run: {b['iters']} iterations of "
+        f"{plan['tokens_per_iter']:,} tokens ({b['iters'] * plan['tokens_per_iter']:,} tokens, "
+        f"{plan['epochs']:.2f} epochs), AdamW, linear warmup over {b['warmup_iters']} "
+        f"iterations, cosine to lr/10; seeds {', '.join(map(str, plan['seeds']))} (a seed fixes the initialisation and "
+        f"the data order). The learning rate of each arm is the grid's best on the whole "
+        f"selection split at seed {plan['seeds'][0]}; the losses below are on every window of the "
+        f"report split, mean ± sample sd over seeds.", "",
+        f"Δ vs {REFERENCE}: the mean over seeds of (arm − {REFERENCE}) report loss, paired by "
+        f"seed, with its Student-t 95% interval; p: exact two-sided sign-flip test over the "
+        f"{n} seeds, Holm-corrected over the {len(arms)} arms. With {n} seeds no p can be below "
+        f"{stats.min_sign_flip_pvalue(n):.4g} and no Holm-adjusted p below "
+        f"{smallest_adjusted_p(n, len(arms)):.4g}. FLOPs/token: training FLOPs per token, 6 per "
+        f"weight plus the attention scores and mixing (12·L·H·p·T), the latter in brackets.", "",
+        f"| variant | params | FLOPs/token (attention) | lr | report loss | bits/byte | "
+        f"Δ vs {REFERENCE} [95% CI] | p (Holm) | rank, epoch {ranks['half']['epoch']:.2f} | "
+        f"rank, epoch {ranks['end']['epoch']:.2f} |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for v in plan["variants"]:
+        s, rs = study[v], study[v]["runs"]
+        f = plan["flops"][v]
+        attn = f - 6 * plan["params"][v]
+        if v in diffs:
+            ds = diffs[v]
+            delta = (f"{ds['mean']:+.4f} [{_fmt(ds['lo'], '+.4f')}, {_fmt(ds['hi'], '+.4f')}]")
+            p = f"{ds['p_holm']:.3g}"
+        else:
+            delta, p = ("—", "—") if v == REFERENCE else ("n/a", "n/a")
+        lines.append(
+            f"| {v} | {plan['params'][v]:,} | {f / 1e6:.2f}M ({attn / 1e6:.2f}M) | {lr_note(s)} | "
+            f"{_mean_sd([r['report_loss'] for r in rs])} | "
+            f"{_mean_sd([r['report_bpb'] for r in rs])} | {delta} | {p} | "
+            f"{ranks['half']['rank'][v]} | {ranks['end']['rank'][v]} |")
+    lines += ["", f"Ranking by the mean selection-split loss of the curves (train.py's periodic "
+                  f"evaluation) at epoch {ranks['half']['epoch']:.2f} "
+                  f"{'equals' if same else 'differs from'} the ranking at epoch "
+                  f"{ranks['end']['epoch']:.2f}."]
+    all_lrs = sorted({lr for s in study.values() for lr in s["grid"]})
+    lines += ["", f"Learning-rate grid: loss on the whole selection split at seed "
+                  f"{plan['seeds'][0]}, full budget; **bold** = chosen; rates beyond --lrs were "
+                  f"added because the best was at an edge (at most {args.max_extensions}).", "",
+              "| variant | " + " | ".join(f"{lr:g}" for lr in all_lrs) + " | note |",
+              "|---|" + "---:|" * len(all_lrs) + "---|"]
+    for v, s in study.items():
+        cells = [("**{:.4f}**" if lr == s["lr"] else "{:.4f}").format(s["grid"][lr])
+                 if lr in s["grid"] else "" for lr in all_lrs]
+        note = lr_note(s).partition(" (")[2].rstrip(")") or "interior"
+        lines.append(f"| {v} | " + " | ".join(cells) + f" | {note} |")
+    contrasts = head_contrasts(study) if any(v in study for v in HEAD_ARMS) else []
+    if contrasts:
+        lines += ["", f"Head specialisation (analyze_heads.py on the report split; per layer, the "
+                      f"signal-heads mean minus the noise-heads mean of each measure; below, "
+                      f"the mean over seeds of that contrast, or of its paired difference, with "
+                      f"its 95% interval and exact sign-flip p over the {n} seeds, uncorrected):"]
+        for title, rows in contrasts:
+            names = list(dict.fromkeys(r["contrast"] for r in rows))
+            layers = list(dict.fromkeys(r["layer"] for r in rows))
+            cell = {(r["layer"], r["contrast"]): r for r in rows}
+            lines += ["", f"*{title}*", "", "| layer | " + " | ".join(names) + " |",
+                      "|---|" + "---:|" * len(names)]
+            for layer in layers:
+                row = []
+                for c in names:
+                    r = cell.get((layer, c))
+                    row.append("n/a" if r is None or r.get("mean") is None else
+                               f"{r['mean']:+.3g} [{_fmt(r.get('lo'), '+.3g')}, "
+                               f"{_fmt(r.get('hi'), '+.3g')}], p {_fmt(r.get('p'), '.3g')}")
+                lines.append(f"| {layer} | " + " | ".join(row) + " |")
+    lines += ["", f"![selection-split loss]({os.path.relpath(figure, Path(args.results).parent)})",
+              ""]
+    return "\n".join(lines)
+
+
+def plot_curves(plan, study, path, title):
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
+    per_epoch = plan["tokens_per_iter"] / plan["data"]["train_tokens"]
     fig, ax = plt.subplots(figsize=(8, 5))
-    for variant, runs in curves.items():
-        iters = sorted({it for run in runs for it, _ in run})
-        per_iter = [[dict(run).get(it) for run in runs] for it in iters]
-        keep = [(it, [v for v in vs if v is not None]) for it, vs in zip(iters, per_iter)]
-        keep = [(it, vs) for it, vs in keep if vs]
-        xs = [it * tokens_per_iter / 1e6 for it, _ in keep]
-        line, = ax.plot(xs, [statistics.fmean(vs) for _, vs in keep], label=variant,
-                        linestyle="-" if variant in ("prism", "gpt2", "gemma3") else "--")
-        ax.fill_between(xs, [min(vs) for _, vs in keep], [max(vs) for _, vs in keep],
+    lows = []
+    for v, s in study.items():
+        iters = sorted({it for c in s["curves"] for it, _ in c})
+        vals = [[dict(c)[it] for c in s["curves"] if it in dict(c)] for it in iters]
+        xs = [it * per_epoch for it in iters]
+        line, = ax.plot(xs, [statistics.fmean(x) for x in vals], label=f"{v} (lr {s['lr']:g})",
+                        linestyle="-" if VARIANTS[v][0] != "prism" or v == "prism" else "--")
+        ax.fill_between(xs, [min(x) for x in vals], [max(x) for x in vals],
                         color=line.get_color(), alpha=0.15)
-    ax.set_xlabel("training tokens (millions)")
-    ax.set_ylabel("validation loss (nats/token)")
+        lows += [x for vs in vals[len(vals) // 3:] for x in vs]
+    ax.set_xlabel("epochs of train.bin")
+    ax.set_ylabel("selection-split loss (nats/token)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    lows = [v for runs in curves.values() for run in runs for _, v in run[len(run) // 3:]]
     if lows:  # the early, steep part would squash the differences that matter
         ax.set_ylim(min(lows) - 0.05, max(lows) + 0.05)
     fig.tight_layout()
@@ -219,76 +608,115 @@ def write_section(path, preset, body):
     path.write_text(text)
 
 
-def report(args, plan, lrs, sweep, runs, heads, figure):
-    meta = plan["meta"]
-    lines = [
-        f"## Comparison at preset `{args.preset}`",
-        "",
-        f"Command: `{args.command}`",
-        "",
-        f"Data: `{args.data_dir}` ({meta['train_tokens']:,} train / {meta['val_tokens']:,} val "
-        f"tokens, vocabulary {meta['vocab_size']:,}). Every run: {plan['iters']} iterations of "
-        f"{plan['tokens_per_iter']:,} tokens ({plan['iters'] * plan['tokens_per_iter']:,} tokens), "
-        f"AdamW, warmup + cosine to lr/10, seeds {', '.join(map(str, plan['seeds']))} "
-        f"(a seed fixes the initialisation and the data order). Values are mean ± sample standard "
-        f"deviation over seeds; tokens/s is the training throughput on this machine.",
-        "",
-        "| variant | params | lr | val loss | perplexity | bits/byte | tokens/s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
+# -----------------------------------------------------------------------------
+# The dry run
+
+
+def time_step(args, plan, variant, steps):
+    """Seconds per training step and per evaluation batch of a variant, timed here on random
+    tokens (after one untimed step): AdamW, the real model, batch size and block size."""
+    import torch  # noqa: PLC0415
+
+    from baselines import build_model  # noqa: PLC0415
+
+    arch, model_args = variant_args(args.preset, variant, plan["data"]["vocab_size"])
+    torch.manual_seed(0)
+    model = build_model(arch, **model_args)
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    x = torch.randint(0, plan["data"]["vocab_size"],
+                      (plan["budget"]["batch_size"], plan["budget"]["block_size"] + 1))
+
+    def step():
+        loss = model(x[:, :-1], x[:, 1:])[1]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    train_s = (time.perf_counter() - t0) / steps
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model(x[:, :-1], x[:, 1:])
+    return train_s, time.perf_counter() - t0
+
+
+def dry_run(args, plan):
+    b, d, n = plan["budget"], plan["data"], len(plan["seeds"])
+    arms = compared_arms(plan)
+    grid = plan["grid"]
+    grid_runs = len(grid) * len(plan["variants"])
+    seed_runs = (n - 1) * len(plan["variants"])
+    init_runs = n * len([v for v in plan["variants"] if v in HEAD_ARMS])
+    print(f"arms ({len(plan['variants'])}; every one within ±5% of {REFERENCE}'s parameters, "
+          f"checked):")
+    print(f"  {'variant':16s} {'params':>11s} {'FLOPs/token':>12s} {'(attention)':>12s}")
     for v in plan["variants"]:
-        rs = runs[v]
-        loss, _ = mean_spread([r["val_loss"] for r in rs])
-        ppl, _ = mean_spread([math.exp(r["val_loss"]) for r in rs])
-        bpb, _ = mean_spread([r["val_bpb"] for r in rs])
-        _, tps = mean_spread([r.get("tokens_per_sec") for r in rs])
-        lines.append(f"| {v} | {plan['params'][v]:,} | {lrs[v]:g} | {loss} | {ppl} | {bpb} | "
-                     + (f"{tps:,.0f} |" if tps else "n/a |"))
-    if sweep:
-        lines += ["", f"Learning-rate sweep (final val loss at seed {plan['seeds'][0]}, "
-                      f"{plan['sweep_iters']} iterations each):", "",
-                  "| variant | " + " | ".join(f"lr {lr:g}" for lr in plan["lrs"]) + " |",
-                  "|---|" + "---:|" * len(plan["lrs"])]
-        for v, losses in sweep.items():
-            lines.append(f"| {v} | " + " | ".join(f"{losses[lr]:.4f}" for lr in plan["lrs"]) + " |")
-    if heads:
-        lines += ["", "Head analysis (analyze_heads.py on each seed's final checkpoint; mean "
-                      "attention distance in tokens by designed head group):", "",
-                  "| variant | bimodality | signal-head distance | noise-head distance |",
-                  "|---|---:|---:|---:|"]
-        for v, results in heads.items():
-            bim, _ = mean_spread([h.get("bimodality") for h in results])
-            dist = {g: mean_spread([h["summary"].get(f"group={g}", {}).get("mean_distance")
-                                    for h in results])[0] for g in ("signal", "noise")}
-            lines.append(f"| {v} | {bim} | {dist['signal']} | {dist['noise']} |")
-    lines += ["", f"![validation loss]({os.path.relpath(figure, Path(args.results).parent)})", ""]
-    return "\n".join(lines)
+        f = plan["flops"][v]
+        print(f"  {v:16s} {plan['params'][v]:>11,} {f / 1e6:>11.2f}M "
+              f"{(f - 6 * plan['params'][v]) / 1e6:>11.2f}M")
+    print(f"learning-rate grid: {', '.join(f'{lr:g}' for lr in grid)} (x2 apart"
+          + (", grows by x2 while the best is at an edge, by at most "
+             f"{args.max_extensions} more rates" if len(grid) > 1 else ", one rate: no grid")
+          + f"), each at seed {plan['seeds'][0]} for the full budget, scored on the whole "
+          f"selection split (val.bin, {d['val_tokens']:,} tokens)"
+          + ("" if len(grid) >= 5 else "; fewer than 5 rates: not the issue-11 protocol"))
+    print(f"seeds: {', '.join(map(str, plan['seeds']))} ({n}); the chosen rate's seed-"
+          f"{plan['seeds'][0]} run is reused")
+    print(f"per run: {b['iters']} iterations x {plan['tokens_per_iter']:,} tokens = "
+          f"{b['iters'] * plan['tokens_per_iter']:,} tokens ({plan['epochs']:.2f} epochs of "
+          f"{d['train_tokens']:,}), {b['evals']} curve evaluations of {b['eval_iters']} batches, "
+          f"final score on every window of the report split (test.bin, {d['test_tokens']:,} "
+          f"tokens)")
+    print(f"runs: {grid_runs} grid + {seed_runs} more seeds = {grid_runs + seed_runs} trainings "
+          f"(+ any grid extensions), and {init_runs} untrained checkpoints for the head analysis "
+          f"of {', '.join(v for v in plan['variants'] if v in HEAD_ARMS) or 'none'}")
+    min_p = smallest_adjusted_p(n, len(arms))
+    print(f"statistics: {len(arms)} arms against {REFERENCE}; with {n} seeds the exact sign-flip "
+          f"p is at least {stats.min_sign_flip_pvalue(n):.4g} and the Holm-adjusted p at least "
+          f"{min_p:.4g}" + (" — below 0.05: the study can decide" if min_p < 0.05 else
+                            " — NOT below 0.05: add seeds, or no arm can be called different"))
+    print(f"records: {plan['records']}/<variant>/lr<lr>/seed<seed>/ (summary.json, log.jsonl, "
+          f"heads.json); checkpoints: {plan['runs']}/")
+    if args.time_steps > 0:
+        total = 0.0
+        for v in plan["variants"]:
+            train_s, eval_s = time_step(args, plan, v, args.time_steps)
+            final_batches = sum(math.ceil((d[f"{s}_tokens"] - 1) // b["block_size"]
+                                          / b["batch_size"]) for s in ("val", "test"))
+            run_s = (b["iters"] * train_s
+                     + eval_s * ((b["evals"] + 1) * 2 * b["eval_iters"] + final_batches))
+            total += run_s * (len(grid) + n - 1)
+            print(f"  {v:16s} {train_s * 1000:7.0f} ms/step -> {run_s / 60:6.1f} min per run")
+        done = sum(1 for v in plan["variants"] for p in (plan["records"] / v).glob(
+            "lr*/seed*/summary.json"))
+        print(f"estimated time: {total / 3600:.1f} h in one process (timed {args.time_steps} "
+              f"steps of each arm here, {os.environ.get('OMP_NUM_THREADS', 'default')} "
+              f"OMP threads: steps x iterations + evaluation batches at one forward each; head "
+              f"analyses and grid extensions not counted; {done} runs already recorded). Runs are "
+              f"independent: k processes with disjoint --archs take about 1/k of it.")
+    print("dry run: the plan checks out; nothing trained")
+
+
+# -----------------------------------------------------------------------------
 
 
 def run(args):
     plan = make_plan(args)
-    print(f"plan: preset {args.preset}, {len(plan['variants'])} variants x "
-          f"{len(plan['seeds'])} seeds, {plan['iters']} iters x {plan['tokens_per_iter']:,} tokens"
-          + (f", lr sweep over {plan['lrs']} ({plan['sweep_iters']} iters each)"
-             if len(plan["lrs"]) > 1 else f", lr {plan['lrs'][0]:g}"))
-    for v in plan["variants"]:
-        print(f"  {v:16s} {plan['params'][v]:>12,} params -> {plan['root'] / v}")
     if args.dry_run:
-        print("dry run: the plan checks out; nothing trained")
+        dry_run(args, plan)
         return plan
-    lrs, sweep = pick_learning_rates(args, plan)
-    runs, curves, heads = {}, {}, {}
-    for v in plan["variants"]:
-        dirs = [plan["root"] / v / f"seed{s}" for s in plan["seeds"]]
-        runs[v] = [run_once(args, plan, v, lrs[v], s, plan["iters"], d)
-                   for s, d in zip(plan["seeds"], dirs)]
-        curves[v] = [read_curve(d) for d in dirs]
-        if v in PAIRED_FOR_HEADS:
-            heads[v] = [analyze(args, d) for d in dirs]
-    figure = Path(args.results).parent / f"compare_{args.preset}.png"
-    plot_curves(curves, plan["tokens_per_iter"], figure,
-                f"{args.preset}: validation loss, mean over seeds (band: min to max)")
-    write_section(args.results, args.preset, report(args, plan, lrs, sweep, runs, heads, figure))
+    print(f"{'report from the records of' if args.report_only else 'study'}: preset "
+          f"{args.preset}, {len(plan['variants'])} arms x {len(plan['seeds'])} "
+          f"seeds, {plan['budget']['iters']} iters x {plan['tokens_per_iter']:,} tokens, grid "
+          f"{', '.join(f'{lr:g}' for lr in plan['grid'])} -> {plan['records']}", flush=True)
+    study = run_study(args, plan)
+    figure = Path(args.figure or Path(args.results).parent / f"compare_{args.preset}.png")
+    plot_curves(plan, study, figure, f"{args.preset}: selection-split loss at each arm's chosen "
+                                     f"rate, mean over seeds (band: min to max)")
+    write_section(args.results, args.preset, report(args, plan, study, figure))
     print(f"wrote {args.results} and {figure}")
     return plan
 
@@ -296,7 +724,9 @@ def run(args):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    args.command = " ".join(["python compare.py", *argv])
+    if args.dry_run and args.report_only:
+        print("error: --dry_run and --report_only exclude each other", file=sys.stderr)
+        raise SystemExit(1)
     try:
         run(args)
     except CompareError as e:

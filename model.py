@@ -128,6 +128,7 @@ class PrismConfig:
     qkv_sharing: str = "qkv"     # "qkv": q = k = v = Z U_k (PRISM); "qk": own value; "none": q, k, v apart
     dropout: float = 0.0         # dropout rate on the embedding, attention and MLP outputs
     bias: bool = False           # biases in Linear and LayerNorm
+    mlp_hidden: int = 0          # MLP width; 0 = 4·n_embd (the ablations match PRISM's size with it)
 
     def __post_init__(self):
         if self.signal_heads == -1:
@@ -336,8 +337,9 @@ def explicit_attention(q, k, v, record, window=None):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        hidden = config.mlp_hidden or 4 * config.n_embd
+        self.fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):

@@ -28,6 +28,13 @@ an HTTP Range request; an interrupted run resumes the same way. A 404 (or other 
 --base_url points at a mirror: files are fetched from {base_url}/{file name}, so any folder holding
 files of those names served by `python -m http.server --bind 127.0.0.1` works.
 
+--report_fraction=F (default 0: none) moves the share F of the validation stories to a third
+file, test.bin: validation story j (0-based, file order, after any split off the train file) goes
+there iff floor((j + 1)·F) > floor(j·F), so whole stories, spread evenly (F = 0.5: every second
+one). val.bin is then the selection split (learning rates, early stopping) and test.bin the
+report split, scored once at the end; meta.json gains test_tokens / test_stories / test_bytes and
+report_split (the rule).
+
 Local text instead of a download: --train_file and/or --val_file (each replaces its download).
 With only --train_file, every k-th story (k = round(1 / --val_fraction)) goes to val: story i
 (0-based, file order) is a validation story iff i % k == 0, so val always has at least one story.
@@ -64,6 +71,7 @@ import functools
 import hashlib
 import http.client
 import json
+import math
 import multiprocessing
 import os
 import signal
@@ -329,14 +337,24 @@ def apply_compact_vocabulary(meta, bins, size):
     }
 
 
+def is_report_story(j, report_fraction):
+    """Whether validation story j (0-based, file order) goes to the report split: the j for which
+    floor((j + 1)·f) steps up, so every prefix of the stories holds floor(n·f) report stories,
+    spread evenly (f = 0.5: every second story, starting with the second)."""
+    return math.floor((j + 1) * report_fraction) > math.floor(j * report_fraction)
+
+
 def tokenize_files(train_file, val_file=None, out_dir="data/tinystories", val_fraction=0.01,
                    workers=1, batch_chars=BATCH_CHARS, progress=True, sources_extra=None,
-                   vocab_size=None):
+                   vocab_size=None, report_fraction=0.0):
     """Tokenize the text files into out_dir/{train,val}.bin and write out_dir/meta.json.
 
     vocab_size K (optional) keeps the K most frequent training tokens and maps the rest to one
     unknown token (apply_compact_vocabulary). With val_file None, whole stories are split off
-    train_file (story i goes to val iff i % k == 0, k = round(1 / val_fraction)). Returns the meta
+    train_file (story i goes to val iff i % k == 0, k = round(1 / val_fraction)). report_fraction
+    f > 0 moves that share of the validation stories, whole and by is_report_story, to test.bin:
+    val.bin is then the selection split (learning rates, early stopping), test.bin the report
+    split (the numbers one reports). Returns the meta
     dict written to meta.json, plus input_bytes (text bytes read, for throughput; not in the file). Raises PrepareError on bad
     input; on any failure (KeyboardInterrupt included) no temporary file is left and the outputs
     of an earlier run are untouched."""
@@ -345,17 +363,29 @@ def tokenize_files(train_file, val_file=None, out_dir="data/tinystories", val_fr
         check_text_file(val_file, "val file")
     elif not 0 < val_fraction <= 0.5:
         raise PrepareError(f"--val_fraction must be in (0, 0.5], got {val_fraction}")
+    if not 0 <= report_fraction < 1:
+        raise PrepareError(f"--report_fraction must be in [0, 1), got {report_fraction}")
+    splits = ("train", "val", "test") if report_fraction else ("train", "val")
     info = tokenizer_info()
     os.makedirs(out_dir, exist_ok=True)
-    final = {name: os.path.join(out_dir, name) for name in ("train.bin", "val.bin", "meta.json")}
+    final = {name: os.path.join(out_dir, name)
+             for name in (*(f"{s}.bin" for s in splits), "meta.json")}
     tmp = {name: _tmp_name(path) for name, path in final.items()}
     hashers = {"train": hashlib.sha256(), "val": hashlib.sha256()}
-    stats = {s: {"tokens": 0, "stories": 0, "bytes": 0} for s in ("train", "val")}
+    stats = {s: {"tokens": 0, "stories": 0, "bytes": 0} for s in splits}
     in_files = [train_file] if val_file is None else [val_file, train_file]
     in_bytes = sum(os.path.getsize(p) for p in in_files)
     k = None
 
-    def tagged():  # (split, story) in file order; val first when it is its own (small) file
+    def tagged():
+        j = 0
+        for split, story in tagged_train_val():
+            if split == "val" and report_fraction:
+                split = "test" if is_report_story(j, report_fraction) else "val"
+                j += 1
+            yield split, story
+
+    def tagged_train_val():  # (split, story) in file order; val first when it is its own file
         nonlocal k
         if val_file is not None:
             yield from (("val", s) for s in iter_stories(val_file, hashers["val"], bar.update))
@@ -371,7 +401,7 @@ def tokenize_files(train_file, val_file=None, out_dir="data/tinystories", val_fr
     try:
         if workers > 1:  # before any progress bar starts its monitor thread
             pool = multiprocessing.Pool(workers, initializer=_worker_init)
-        outs = {"train": open(tmp["train.bin"], "wb"), "val": open(tmp["val.bin"], "wb")}
+        outs = {s: open(tmp[f"{s}.bin"], "wb") for s in splits}
         with tqdm(total=in_bytes, unit="B", unit_scale=True, unit_divisor=1024,
                   desc="tokenizing", disable=not progress) as bar:
             for split, (ids, n_stories, n_bytes) in encode_batches(
@@ -385,6 +415,11 @@ def tokenize_files(train_file, val_file=None, out_dir="data/tinystories", val_fr
         if val_file is None and stats["train"]["stories"] == 0:
             raise PrepareError(f"{train_file}: only {stats['val']['stories']} story, need at "
                                "least 2 to split off a validation set (or pass --val_file)")
+        if report_fraction and not (stats["val"]["stories"] and stats["test"]["stories"]):
+            raise PrepareError(f"{stats['val']['stories'] + stats['test']['stories']} validation "
+                               f"stories cannot be split {1 - report_fraction:g} : "
+                               f"{report_fraction:g} into a selection and a report split "
+                               "with a story in each")
 
         def source(path, split):
             src = {"path": os.path.abspath(path), "bytes": os.path.getsize(path),
@@ -393,31 +428,42 @@ def tokenize_files(train_file, val_file=None, out_dir="data/tinystories", val_fr
             return src
 
         meta = dict(info)
-        for split in ("train", "val"):
+        for split in splits:
             for key in ("tokens", "stories", "bytes"):
                 meta[f"{split}_{key}"] = stats[split][key]
-        meta["bytes_definition"] = ("train_bytes/val_bytes: UTF-8 bytes of each story after "
+        meta["bytes_definition"] = ("train_bytes/val_bytes/test_bytes: UTF-8 bytes of each story after "
                                     "str.strip(), summed; separators and surrounding whitespace "
                                     "excluded")
-        meta["format"] = (f"train.bin/val.bin: raw little-endian {info['dtype']} token ids, "
+        meta["format"] = (f"{'/'.join(f'{s}.bin' for s in splits)}: raw little-endian {info['dtype']} token ids, "
                           f"no header; each story encoded with tiktoken {info['tokenizer']!r} "
                           f"encode_ordinary and followed by eot_token")
         meta["sources"] = {"train": source(train_file, "train"),
                            "val": source(val_file if val_file is not None else train_file,
                                          "val" if val_file is not None else "train")}
+        if report_fraction:
+            meta["sources"]["test"] = meta["sources"]["val"]
+            meta["report_split"] = {
+                "report_fraction": report_fraction,
+                "rule": "validation story j (0-based, file order) goes to test.bin iff "
+                        "floor((j + 1) * report_fraction) > floor(j * report_fraction); the rest "
+                        "stay in val.bin",
+                "use": "val.bin = selection split (learning rates, early stopping); "
+                       "test.bin = report split (the numbers reported)"}
         meta["split"] = None if val_file is not None else {
             "from": "train", "val_fraction": val_fraction, "k": k,
             "rule": "story i (0-based, file order) goes to val iff i % k == 0"}
         if vocab_size:
-            apply_compact_vocabulary(meta, {"train": tmp["train.bin"], "val": tmp["val.bin"]},
-                                     vocab_size)
+            apply_compact_vocabulary(meta, {s: tmp[f"{s}.bin"] for s in splits}, vocab_size)
         with open(tmp["meta.json"], "w") as f:
             json.dump(meta, f, indent=2)
             f.write("\n")
         # commit: drop a stale meta.json first; meta.json, renamed last, vouches for the .bins
         if os.path.exists(final["meta.json"]):
             os.remove(final["meta.json"])
-        for name in ("train.bin", "val.bin", "meta.json"):
+        stale_test = os.path.join(out_dir, "test.bin")
+        if "test.bin" not in final and os.path.exists(stale_test):  # from an earlier split
+            os.remove(stale_test)
+        for name in final:  # meta.json is the last key
             os.replace(tmp[name], final[name])
         meta["input_bytes"] = in_bytes
         return meta
@@ -599,6 +645,11 @@ def parse_args(argv=None):
     p.add_argument("--val_fraction", type=float, default=0.01,
                    help="with --train_file only: every k-th story, k = round(1/VAL_FRACTION), "
                         "starting with the first, goes to val (default: %(default)s)")
+    p.add_argument("--report_fraction", type=float, default=0.0,
+                   help="move this share of the validation stories (whole stories, spread "
+                        "evenly, deterministic) to test.bin, the report split; val.bin keeps the "
+                        "rest as the selection split. compare.py needs it (0.5 there). "
+                        "Default: no report split")
     p.add_argument("--vocab_size", type=int, default=None,
                    help="a compact vocabulary for small experiments: keep the K most frequent "
                         "training tokens, map every other one to a single unknown token (ids "
@@ -621,6 +672,8 @@ def parse_args(argv=None):
         p.error("--retries and --retry_wait must be >= 0, --timeout > 0")
     if not 0 < args.val_fraction <= 0.5:
         p.error("--val_fraction must be in (0, 0.5]")
+    if not 0 <= args.report_fraction < 1:
+        p.error("--report_fraction must be in [0, 1)")
     return args
 
 
@@ -643,12 +696,16 @@ def run(args):
         val_file = got["val"][0] if "val" in got else val_file
     t0, c0 = time.time(), os.times()
     meta = tokenize_files(train_file, val_file, args.out_dir, args.val_fraction, args.workers,
-                          progress=progress, sources_extra=extra, vocab_size=args.vocab_size)
+                          progress=progress, sources_extra=extra, vocab_size=args.vocab_size,
+                          report_fraction=args.report_fraction)
     t1, c1 = time.time(), os.times()  # worker processes are joined by now: their CPU counts
     cpu = sum(c1[i] - c0[i] for i in range(4))  # user + system, self + children
     mb, dt = meta["input_bytes"] / 1e6, max(t1 - t0, 1e-9)
     print(f"train: {meta['train_stories']:,} stories, {meta['train_tokens']:,} tokens; "
-          f"val: {meta['val_stories']:,} stories, {meta['val_tokens']:,} tokens -> {args.out_dir}")
+          f"val: {meta['val_stories']:,} stories, {meta['val_tokens']:,} tokens"
+          + (f"; test (report split): {meta['test_stories']:,} stories, "
+             f"{meta['test_tokens']:,} tokens" if "test_tokens" in meta else "")
+          + f" -> {args.out_dir}")
     if "compact_vocab" in meta:
         cv = meta["compact_vocab"]
         print(f"compact vocabulary of {cv['size']:,} tokens + unknown: covers "

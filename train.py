@@ -311,6 +311,27 @@ def estimate_loss(model, data, block_size, batch_size, eval_iters, device, seed=
     return total / eval_iters
 
 
+@torch.no_grad()
+def evaluate_split(model, data, block_size, batch_size, device, ctx=nullcontext()):
+    """Mean loss per token over ALL non-overlapping windows of `data` (window w covers tokens
+    w·block_size … (w+1)·block_size, its targets shifted by one; the tail shorter than a window is
+    left out): the whole split, no sampling noise, the same number at every call."""
+    n_windows = (len(data) - 1) // block_size
+    if n_windows < 1:
+        raise TrainError(f"a split of {len(data)} tokens holds no window of {block_size + 1}")
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for start in range(0, n_windows, batch_size):
+        offsets = np.arange(start, min(start + batch_size, n_windows)) * block_size
+        x, y = get_batch(data, offsets, block_size, device)
+        with ctx:
+            _, loss = model(x, y)
+        total += loss.item() * len(offsets)  # every window has block_size targets
+    model.train(was_training)
+    return total / n_windows
+
+
 def bits_per_byte(loss, meta):
     """Nats per token -> bits per byte of the original text, from meta.json's token and byte counts."""
     return loss / math.log(2) * meta["val_tokens"] / meta["val_bytes"]

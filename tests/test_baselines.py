@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from analyze_heads import analyze_model
-from baselines import (ARCHS_COMPARED, PRESETS, VARIANTS, Gemma3Config, GPT2Config, build_model,
-                       check_preset, checkpoint_payload, count_params, load_model, variant_args)
+from baselines import (PRESETS, VARIANTS, Gemma3Config, GPT2Config, build_model, check_preset,
+                       checkpoint_payload, count_params, load_model, model_size, variant_args)
 
 TINY = {
     "gpt2": dict(n_layer=2, n_embd=32, n_head=4),
@@ -18,11 +18,40 @@ def tiny(arch):
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-@pytest.mark.parametrize("vocab_size", [50257, 4097])
-def test_presets_match_parameter_counts(preset, vocab_size):
+@pytest.mark.parametrize("vocab_size", [50257, 4097, 513])
+def test_every_variant_matches_prism_parameter_count(preset, vocab_size):
     params = check_preset(preset, vocab_size)
-    assert set(params) == set(ARCHS_COMPARED)
-    assert all(abs(n / params["prism"] - 1) <= 0.05 for n in params.values())
+    assert set(params) == set(VARIANTS)
+    for variant in VARIANTS:
+        n = count_params(*variant_args(preset, variant, vocab_size))
+        assert n == params[variant] and abs(n / params["prism"] - 1) <= 0.05, variant
+
+
+def test_ablations_that_remove_weights_get_them_back_in_the_mlp():
+    d = PRESETS["cpu-small"]["prism"]["n_embd"]
+    prism = count_params(*variant_args("cpu-small", "prism", 4097))
+    for variant, wider in (("prism-complete", True), ("prism-tied", True), ("prism-qk", False),
+                           ("prism-separate", False)):
+        arch, args = variant_args("cpu-small", variant, 4097)
+        assert (args["mlp_hidden"] > 4 * d) == wider
+        # the width is the best integer: one unit more or less moves the count further from PRISM's
+        n = count_params(arch, args)
+        for step in (-1, 1):
+            assert abs(count_params(arch, dict(args, mlp_hidden=args["mlp_hidden"] + step)) - prism) \
+                >= abs(n - prism)
+    # constraints that change no weight count keep the 4d MLP
+    assert "mlp_hidden" not in variant_args("cpu-small", "prism-pi-off", 4097)[1]
+    arch, args = variant_args("cpu-small", "rope-attention", 4097)
+    assert args["n_head"] * args["head_dim"] == args["n_embd"] and args["qkv_sharing"] == "none"
+
+
+def test_model_size_reports_the_attention_work_beside_the_parameters():
+    # At the same parameter count, PRISM at ρ = 2 forms scores over twice the dimensions of
+    # plain attention at H·p = d: the 12·L·H·p·T term doubles.
+    args = {v: variant_args("cpu-small", v, 4097) for v in ("prism", "rope-attention")}
+    (n_p, f_p), (n_r, f_r) = (model_size(*args[v]) for v in ("prism", "rope-attention"))
+    assert n_p == n_r
+    assert (f_p - 6 * n_p) == pytest.approx(2 * (f_r - 6 * n_r))
 
 
 def test_mismatched_preset_stops_with_a_message(monkeypatch):

@@ -1,9 +1,24 @@
 import json
+import math
 
+import numpy as np
 import pytest
 
+import analyze_heads
 import compare
+import stats
 from baselines import PRESETS, count_params, variant_args
+
+
+@pytest.fixture(scope="session")
+def report_data(stories, tmp_path_factory):
+    """The compact-vocabulary data with the validation stories split into selection and report."""
+    import prepare_tinystories
+
+    out = tmp_path_factory.mktemp("report_data")
+    prepare_tinystories.tokenize_files(*stories, out_dir=out, vocab_size=512, progress=False,
+                                       report_fraction=0.5)
+    return out
 
 
 def run_compare(capsys, *argv):
@@ -14,65 +29,253 @@ def run_compare(capsys, *argv):
     return 0, capsys.readouterr()
 
 
-def test_dry_run_checks_the_plan_and_trains_nothing(compact_data, tmp_path, capsys):
-    code, out = run_compare(capsys, f"--data_dir={compact_data}", "--preset=cpu-small",
-                            "--tokens=400000", "--seeds=1,2,3", f"--out_dir={tmp_path / 'runs'}",
-                            f"--results={tmp_path / 'R.md'}", "--dry_run")
-    assert code == 0
-    assert "10 variants x 3 seeds, 195 iters x 2,048 tokens" in out.out
-    assert "lr sweep over [0.001, 0.003, 0.01] (48 iters each)" in out.out
-    assert "prism-pi-off" in out.out and "nothing trained" in out.out
-    assert not (tmp_path / "runs").exists() and not (tmp_path / "R.md").exists()
+# -----------------------------------------------------------------------------
+# The plan
+
+
+def test_dry_run_shows_the_whole_plan_and_trains_nothing(report_data, tmp_path, capsys):
+    code, out = run_compare(capsys, f"--data_dir={report_data}", "--preset=cpu-small",
+                            f"--out_dir={tmp_path / 'runs'}", f"--records={tmp_path / 'rec'}",
+                            f"--results={tmp_path / 'R.md'}", "--time_steps=1", "--dry_run")
+    assert code == 0, out.err
+    meta = json.loads((report_data / "meta.json").read_text())
+    iters = round(4 * meta["train_tokens"] / 2048)
+    text = out.out
+    for arm in compare.STUDY_ARMS:  # every arm with its size and work
+        params = count_params(*variant_args("cpu-small", arm, 513))
+        assert f"{arm:16s} {params:>11,}" in text and f"{arm:16s}" in text.split("estimated")[0]
+    assert "learning-rate grid: 0.001, 0.002, 0.004, 0.008, 0.016 (x2 apart" in text
+    assert "seeds: 1, 2, 3, 4, 5, 6, 7, 8 (8)" in text
+    assert f"per run: {iters} iterations x 2,048 tokens = {iters * 2048:,} tokens (4.00 epochs" in text
+    assert "runs: 30 grid + 42 more seeds = 72 trainings" in text
+    assert "Holm-adjusted p at least 0.03906 — below 0.05" in text
+    assert "ms/step" in text and "estimated time:" in text and " h in one process" in text
+    assert f"records: {tmp_path / 'rec' / 'cpu-small'}/<variant>/lr<lr>/seed<seed>/" in text
+    assert "nothing trained" in text
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "rec").exists()
+    assert not (tmp_path / "R.md").exists()
+
+
+def test_dry_run_warns_when_the_seeds_cannot_reach_significance(report_data, tmp_path, capsys):
+    code, out = run_compare(capsys, f"--data_dir={report_data}", "--seeds=1,2,3,4,5",
+                            "--time_steps=0", "--dry_run", f"--records={tmp_path}")
+    assert code == 0 and "Holm-adjusted p at least 0.3125 — NOT below 0.05" in out.out
+
+
+def test_smallest_attainable_adjusted_p():
+    assert compare.smallest_adjusted_p(8, 5) == pytest.approx(5 * 2 / 2 ** 8)  # 0.039: can decide
+    assert compare.smallest_adjusted_p(7, 5) > 0.05 > compare.smallest_adjusted_p(6, 1)
+    assert compare.smallest_adjusted_p(5, 1) == 0.0625  # 5 seeds never reach 0.05
 
 
 @pytest.mark.parametrize("argv,words", [
     (["--archs=prism,llama"], "unknown variant 'llama'"),
-    (["--tokens=1000"], "too few for 10 evaluations"),
+    (["--epochs=0.001"], "too few for 8 evaluations"),
     (["--seeds=a,b"], "--seeds must be comma-separated numbers"),
+    (["--lrs=1e-3,3e-3"], "--lrs must be x2 apart"),
+    (["--seeds=1,1"], "must not repeat"),
 ])
-def test_bad_plans_are_one_clear_error(compact_data, tmp_path, capsys, argv, words):
-    code, out = run_compare(capsys, f"--data_dir={compact_data}", f"--out_dir={tmp_path}",
-                            "--dry_run", *argv)
+def test_bad_plans_are_one_clear_error(report_data, tmp_path, capsys, argv, words):
+    code, out = run_compare(capsys, f"--data_dir={report_data}", f"--out_dir={tmp_path}",
+                            "--time_steps=0", "--dry_run", *argv)
     assert code == 1 and words in out.err and out.err.startswith("error: ")
 
 
-def test_missing_data_and_mismatched_sizes_stop_the_comparison(compact_data, tmp_path, capsys,
-                                                                monkeypatch):
+def test_data_without_a_report_split_and_mismatched_sizes_stop_the_study(
+        compact_data, report_data, tmp_path, capsys, monkeypatch):
     code, out = run_compare(capsys, f"--data_dir={tmp_path / 'none'}", "--dry_run")
     assert code == 1 and "no meta.json" in out.err
+    code, out = run_compare(capsys, f"--data_dir={compact_data}", "--dry_run")
+    assert code == 1 and "no report split" in out.err and "--report_fraction" in out.err
     monkeypatch.setitem(PRESETS["cpu-small"], "gemma3", dict(PRESETS["cpu-small"]["gemma3"],
                                                              mlp_hidden=2048))
-    code, out = run_compare(capsys, f"--data_dir={compact_data}", "--dry_run")
+    code, out = run_compare(capsys, f"--data_dir={report_data}", "--dry_run", "--time_steps=0")
     assert code == 1 and "gemma3 has" in out.err and "off PRISM's" in out.err
 
 
-def test_a_small_comparison_writes_table_curves_and_heads_and_resumes(compact_data, tmp_path,
-                                                                     capsys, monkeypatch):
-    argv = [f"--data_dir={compact_data}", "--preset=cpu-small", "--tokens=8192", "--seeds=2",
-            "--archs=prism,prism-pi-off", "--lr=3e-3", "--evals=2", "--eval_iters=1",
-            "--analysis_batches=1", f"--out_dir={tmp_path / 'runs'}",
-            f"--results={tmp_path / 'docs' / 'RESULTS.md'}"]
-    code, _ = run_compare(capsys, *argv)
-    assert code == 0
-    results = (tmp_path / "docs" / "RESULTS.md").read_text()
+# -----------------------------------------------------------------------------
+# The learning-rate grid, on a stub loss
+
+
+def stub_loss(best, calls):
+    def score(lr):
+        calls.append(lr)
+        return (math.log2(lr / best)) ** 2  # a bowl in log lr, lowest at `best`
+    return score
+
+
+def test_grid_with_an_interior_best_does_not_grow():
+    calls = []
+    best, scores, added, at_edge = compare.choose_lr([1, 2, 4, 8, 16], stub_loss(4, calls), 3)
+    assert (best, added, at_edge) == (4, [], False) and calls == [1, 2, 4, 8, 16]
+
+
+@pytest.mark.parametrize("true_best,want_added", [(0.25, [0.5, 0.25, 0.125]), (64, [32, 64, 128])])
+def test_grid_grows_by_x2_past_the_edge_until_the_best_is_inside(true_best, want_added):
+    calls = []
+    best, scores, added, at_edge = compare.choose_lr([1, 2, 4, 8, 16], stub_loss(true_best, calls),
+                                                     5)
+    assert best == true_best and added == want_added and not at_edge
+    assert sorted(scores) == sorted([1, 2, 4, 8, 16, *want_added])
+    assert len(calls) == len(set(calls))  # no rate is trained twice
+
+
+def test_grid_growth_stops_at_its_limit_and_says_it_is_still_at_the_edge():
+    best, _, added, at_edge = compare.choose_lr([1, 2, 4, 8, 16], stub_loss(1024, []), 2)
+    assert (best, added, at_edge) == (64, [32, 64], True)
+
+
+def test_a_diverged_rate_never_wins_and_one_rate_is_no_grid():
+    best, _, added, _ = compare.choose_lr([1, 2, 4], lambda lr: math.nan if lr == 4 else 3 - lr, 3)
+    assert (best, added) == (2, [])
+    assert compare.choose_lr([3e-3], stub_loss(1, []), 3)[1:] == ({3e-3: pytest.approx(
+        math.log2(3e-3) ** 2)}, [], False)
+
+
+# -----------------------------------------------------------------------------
+# Paired statistics on synthetic per-seed losses
+
+
+def fake_study(shifts, seeds, noise=0.01, base=3.0):
+    """Per-seed report losses: base + a seed effect every arm shares (pairing removes it) + the
+    arm's shift + noise of mean exactly 0 (±noise, ±2·noise, ...), so the mean difference is the
+    shift."""
+    seed_effect = np.random.default_rng(0).normal(0, 0.2, len(seeds))
+    wobble = noise * np.array([(k // 2 + 1) * (-1) ** k for k in range(len(seeds))])
+    wobble -= wobble.mean()
+    study = {}
+    for arm, shift in shifts.items():
+        eps = wobble if arm != "prism" else np.zeros(len(seeds))
+        study[arm] = {"runs": [{"seed": s, "report_loss": base + e + shift + n}
+                               for s, e, n in zip(seeds, seed_effect, eps)]}
+    return study
+
+
+def test_paired_differences_recover_a_known_shift_and_holm_scales_as_defined():
+    seeds = list(range(1, 9))
+    shifts = {"prism": 0.0, "big": 0.3, "small": -0.05, "none": 0.0}
+    study = fake_study(shifts, seeds)
+    plan = {"variants": list(shifts)}
+    diffs = compare.paired_differences(plan, study)
+    assert set(diffs) == {"big", "small", "none"}
+    for arm in ("big", "small"):
+        d = diffs[arm]
+        assert d["n"] == 8 and d["mean"] == pytest.approx(shifts[arm])
+        assert d["lo"] < shifts[arm] < d["hi"] and d["hi"] - d["lo"] < 0.05
+        assert d["p"] == pytest.approx(2 / 2 ** 8)  # every seed the same sign: the exact floor
+    raw = [diffs[a]["p"] for a in ("big", "small", "none")]
+    # Holm: sorted ascending, the i-th smallest times (m − i), kept non-decreasing, capped at 1
+    order = sorted(range(3), key=lambda i: raw[i])
+    running, want = 0.0, [None] * 3
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (3 - rank) * raw[i]))
+        want[i] = running
+    assert [diffs[a]["p_holm"] for a in ("big", "small", "none")] == pytest.approx(want)
+    # the two real shifts tie at the floor: both get m·p (the second's 2p is raised to the first's)
+    assert diffs["big"]["p_holm"] == diffs["small"]["p_holm"] == pytest.approx(3 * 2 / 2 ** 8)
+    assert diffs["big"]["p_holm"] < 0.05
+    assert diffs["none"]["p_holm"] >= diffs["small"]["p_holm"]
+
+
+def test_paired_differences_pair_by_seed_not_by_position():
+    study = fake_study({"prism": 0.0, "arm": 0.1}, [1, 2, 3, 4, 5, 6])
+    study["arm"]["runs"].reverse()
+    d = compare.paired_differences({"variants": ["prism", "arm"]}, study)["arm"]
+    assert d["lo"] < 0.1 < d["hi"] and d["sd"] < 0.05  # seed effects cancel only when paired
+
+
+# -----------------------------------------------------------------------------
+# Head contrasts: compare hands analyze_heads.contrast_test the right pairs
+
+
+def test_head_contrasts_pair_trained_untrained_and_the_two_arms(monkeypatch):
+    calls = []
+
+    def contrast_test(treated, control=None):
+        calls.append((treated, control))
+        return [{"layer": 0, "contrast": "log_distance", "n": len(treated), "mean": 0.5,
+                 "lo": 0.1, "hi": 0.9, "p": 0.0078}]
+
+    monkeypatch.setattr(analyze_heads, "contrast_test", contrast_test)
+    heads = {v: {"heads": [{"arm": v, "seed": s} for s in (1, 2)],
+                 "init_heads": [{"arm": v, "init": True, "seed": s} for s in (1, 2)]}
+             for v in ("prism", "prism-pi-off")}
+    out = compare.head_contrasts(heads)
+    assert [t for t, _ in out] == [
+        "prism trained (against 0)", "prism trained − prism untrained",
+        "prism-pi-off trained (against 0)", "prism-pi-off trained − prism-pi-off untrained",
+        "prism − prism-pi-off, both trained"]
+    assert calls[1] == (heads["prism"]["heads"], heads["prism"]["init_heads"])
+    assert calls[4] == (heads["prism"]["heads"], heads["prism-pi-off"]["heads"])
+    assert calls[0][1] is None
+
+
+# -----------------------------------------------------------------------------
+# End to end: a tiny study, its records, resuming and the report from records alone
+
+
+def test_a_tiny_study_leaves_records_resumes_and_reports_from_records_alone(
+        report_data, tmp_path, capsys, monkeypatch):
+    records, results = tmp_path / "results", tmp_path / "docs" / "RESULTS.md"
+    argv = [f"--data_dir={report_data}", "--preset=cpu-small", "--epochs=0.015", "--seeds=2,3",
+            "--archs=prism,gpt2", "--lrs=1e-3,2e-3", "--max_extensions=0", "--evals=2",
+            "--eval_iters=1", "--analysis_batches=1", f"--out_dir={tmp_path / 'runs'}",
+            f"--records={records}", f"--results={results}"]
+    code, out = run_compare(capsys, *argv)
+    assert code == 0, out.err
+    section = results.read_text()
     params = count_params(*variant_args("cpu-small", "prism", 513))
-    assert f"| prism | {params:,} | 0.003 |" in results and "| prism-pi-off |" in results
-    assert f"Command: `python compare.py {' '.join(argv)}`" in results
-    assert "bimodality" in results
-    png = (tmp_path / "docs" / "compare_cpu-small.png").read_bytes()
-    assert png.startswith(b"\x89PNG\r\n\x1a\n")
-    run = tmp_path / "runs" / "cpu-small" / "prism" / "seed2"
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["seed"] == 2 and summary["iters"] == 4 and summary["lr"] == 3e-3
-    assert json.loads((run / "analysis" / "heads.json").read_text())["bimodality"] is not None
-    # A second call finds every run done and trains nothing.
+    assert f"| prism | {params:,} |" in section and "| gpt2 |" in section
+    assert "still at the grid's edge" in section  # two rates, no growth allowed
+    assert "Holm-corrected over the 1 arms" in section
+    # the head contrasts of analyze_heads, per layer, trained against untrained
+    assert "*prism trained − prism untrained*" in section and "log_distance_no_self" in section
+    assert "| 3 | " in section  # the last of cpu-small's 4 layers
+    assert (tmp_path / "docs" / "compare_cpu-small.png").read_bytes().startswith(b"\x89PNG")
+    # The records: a summary and a curve per run, heads for the head arm, trained and untrained;
+    # no checkpoint.
+    rec = records / "cpu-small"
+    grid_best = json.loads((rec / "prism" / "lr0.001" / "seed2" / "summary.json").read_text())
+    chosen = "lr0.001" if grid_best["selection_loss"] <= json.loads(
+        (rec / "prism" / "lr0.002" / "seed2" / "summary.json").read_text())["selection_loss"] \
+        else "lr0.002"
+    for seed in (2, 3):
+        run = rec / "prism" / chosen / f"seed{seed}"
+        s = json.loads((run / "summary.json").read_text())
+        assert s["seed"] == seed and s["budget"]["iters"] == 2 and s["report_loss"] > 0
+        assert (run / "log.jsonl").is_file() and (run / "heads.json").is_file()
+        assert (rec / "prism" / "init" / f"seed{seed}" / "heads.json").is_file()
+    assert not (rec / "gpt2" / "lr0.001" / "seed2" / "heads.json").exists()
+    assert not list(records.rglob("*.pt"))
+    # The untrained checkpoint is the model the seed's trained runs started from: train.py's
+    # initialisation for that seed.
+    import torch
+
+    from baselines import build_model
+
+    init = torch.load(tmp_path / "runs" / "cpu-small" / "prism" / "init" / "seed3" / "ckpt.pt",
+                      weights_only=True)
+    assert init["iter_num"] == 0
+    torch.manual_seed(3)
+    fresh = build_model("prism", **init["model_config"]).state_dict()
+    assert all(torch.equal(fresh[k], v) for k, v in init["model"].items())
+    assert not (rec / "prism" / ("lr0.002" if chosen == "lr0.001" else "lr0.001") / "seed3").exists()
+    # Again, and from the records alone (no data folder, no checkpoints): nothing trains and the
+    # section comes out the same.
     import train
 
-    monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("a finished run was redone"))
+    monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("a recorded run was redone"))
     code, _ = run_compare(capsys, *argv)
-    assert code == 0
-    assert results.count("<!-- compare.py cpu-small -->") == 1
-    # Another budget in the same folder would silently reuse these runs: refused instead.
-    code, out = run_compare(capsys, *[a.replace("--tokens=8192", "--tokens=16384") for a in argv])
-    assert code == 1 and "finished run of 4 iterations, not 8" in out.err
-    assert (tmp_path / "docs" / "RESULTS.md").read_text().count("<!-- compare.py cpu-small -->") == 1
+    assert code == 0 and results.read_text() == section
+    results.unlink()
+    alone = [a for a in argv if not a.startswith(("--data_dir", "--out_dir"))]
+    code, out = run_compare(capsys, *alone, f"--data_dir={tmp_path / 'gone'}",
+                            f"--out_dir={tmp_path / 'gone'}", "--report_only")
+    assert code == 0, out.err
+    assert results.read_text() == section
+    # A record made with another budget is refused, not silently reused.
+    code, out = run_compare(capsys, *[a.replace("--epochs=0.015", "--epochs=0.03") for a in argv])
+    assert code == 1 and "record of another study (its budget differs)" in out.err
+    # --report_only with a run missing stops at it.
+    code, out = run_compare(capsys, *alone, "--seeds=2,3,4", "--report_only")
+    assert code == 1 and "no record" in out.err and "seed4" in out.err

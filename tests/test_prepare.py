@@ -136,6 +136,54 @@ def test_split_off_val_every_kth_story(stories, tmp_path):
         assert meta["sources"][split]["sha256"] == sha256(train)
 
 
+@pytest.mark.parametrize("vocab_size", [None, 500])
+def test_report_fraction_splits_validation_by_whole_stories(stories, tmp_path, vocab_size):
+    train, val = stories
+    out = tmp_path / "out"
+    argv = ["--train_file", train, "--val_file", val, "--out_dir", out, "--workers", 1,
+            "--report_fraction", 0.5, "--no_progress"]
+    assert run_main(argv + (["--vocab_size", vocab_size] if vocab_size else [])) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    ref_stories, ref_ids, ref_bytes = reference(Path(val).read_text(encoding="utf-8"))
+    want = {"test": ref_stories[1::2], "val": ref_stories[0::2]}  # every second story reports
+    for split, ss in want.items():
+        _, ids, n_bytes = reference(SEP.join(ss))
+        got = np.memmap(out / f"{split}.bin", dtype=np.uint16, mode="r")
+        if vocab_size:
+            got = np.array(meta["compact_vocab"]["gpt2_ids"] + [-1])[got]
+            ids = np.where(np.isin(ids, meta["compact_vocab"]["gpt2_ids"]), ids.astype(np.int64), -1)
+        assert np.array_equal(got, ids)
+        assert (meta[f"{split}_stories"], meta[f"{split}_tokens"], meta[f"{split}_bytes"]) == \
+            (len(ss), len(ids), n_bytes)
+    assert meta["val_tokens"] + meta["test_tokens"] == len(ref_ids)
+    assert meta["val_bytes"] + meta["test_bytes"] == ref_bytes
+    assert meta["report_split"]["report_fraction"] == 0.5
+    if vocab_size:
+        assert "test_coverage" in meta["compact_vocab"]
+    # Prepared again without a report split, the folder holds no stale test.bin.
+    assert run_main(argv[:-3] + ["--no_progress"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)
+    assert "test_tokens" not in json.loads((out / "meta.json").read_text())
+
+
+def test_report_stories_are_spread_evenly_and_deterministic():
+    for f in (0.5, 0.3, 0.25, 0.9):
+        picks = [pt.is_report_story(j, f) for j in range(200)]
+        for n in range(1, 201):
+            assert sum(picks[:n]) == int(n * f + 1e-9)  # floor(n·f) in every prefix
+
+
+def test_report_split_needs_a_story_on_each_side(tmp_path, capsys):
+    one = tmp_path / "val.txt"
+    one.write_text("Just one story.\n" + SEP + "\n", encoding="utf-8")
+    train = tmp_path / "train.txt"
+    train.write_text(("A story.\n" + SEP + "\n") * 3, encoding="utf-8")
+    assert run_main(["--train_file", train, "--val_file", one, "--out_dir", tmp_path / "o",
+                     "--report_fraction", 0.5, "--no_progress"]) == 1
+    assert "cannot be split" in error_line(capsys)
+    assert_nothing_left(tmp_path / "o")
+
+
 def test_reader_handles_chunk_boundaries(tmp_path):
     """Separators, CRLF and multi-byte characters cut across reads come out the same."""
     text = ("  Héllo wörld 🙂\r\n<|endoftext|>\r\n\n<|endoftext|>\nSecond — story\n"

@@ -137,6 +137,22 @@ def test_batches_are_random_windows_of_the_token_file():
     assert torch.equal(x[:, 0], torch.from_numpy(offsets[0])) and torch.equal(y, x + 1)
 
 
+def test_evaluate_split_reads_every_window_once_and_weighs_them_equally():
+    seen = []
+
+    class Stub(torch.nn.Module):  # loss = mean target id: the split's mean is known exactly
+        def forward(self, x, y):
+            seen.extend(x[:, 0].tolist())
+            return None, y.double().mean()
+
+    data = np.arange(1000, dtype=np.uint16)
+    loss = T.evaluate_split(Stub(), data, block_size=16, batch_size=5, device="cpu")
+    assert seen == [16 * w for w in range(62)]  # (1000 − 1) // 16 non-overlapping windows
+    assert loss == pytest.approx(np.arange(1, 62 * 16 + 1).mean())  # a short last batch counts less
+    with pytest.raises(T.TrainError, match="no window"):
+        T.evaluate_split(Stub(), data[:16], block_size=16, batch_size=5, device="cpu")
+
+
 def test_interrupted_and_resumed_run_equals_uninterrupted(data_dir, tmp_path, monkeypatch):
     common = dict(max_iters=20, eval_interval=5, grad_accum=2, batch_size=2)
     _, straight = tiny_run(data_dir, tmp_path / "straight", **common)
