@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from model import (Block, LanguageModel, Prism, PrismConfig, _check, apply_rotary, causal_mask,
-                   explicit_attention, rotary_frequencies, rotary_tables)
+from model import (Block, KVCache, LanguageModel, Prism, PrismConfig, _check, apply_rotary,
+                   causal_mask, explicit_attention, rotary_frequencies, rotary_tables)
 
 # -----------------------------------------------------------------------------
 # GPT-2
@@ -57,13 +57,15 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, record=None):
+    def forward(self, x, record=None, cache=None):
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2)
                    for t in self.c_attn(x).split(C, dim=2))
+        if cache is not None:
+            k, v = cache.extend(k, v)
         if record is None:
-            y = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+            y = F.scaled_dot_product_attention(  # one new query sees every cached key: no mask
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=T > 1)
         else:
             y = explicit_attention(q, k, v, record)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
@@ -78,8 +80,8 @@ class GPT2(LanguageModel):
                     nn.LayerNorm(config.n_embd, bias=config.bias),
                     wpe=nn.Embedding(config.block_size, config.n_embd))
 
-    def embed(self, idx):
-        pos = torch.arange(idx.shape[1], device=idx.device)
+    def embed(self, idx, start=0):
+        pos = torch.arange(start, start + idx.shape[1], device=idx.device)
         return self.transformer.wte(idx) + self.transformer.wpe(pos)
 
 
@@ -134,18 +136,21 @@ class GemmaAttention(nn.Module):
         mask = causal_mask(config.block_size, "cpu", self.window)
         self.register_buffer("mask", mask, persistent=False)
 
-    def forward(self, x, record=None):
+    def forward(self, x, record=None, cache=None):
         B, T, _ = x.shape
         q, k, v = self.qkv(x).view(B, T, 3 * self.n_head, self.head_dim).transpose(1, 2).split(
             self.n_head, dim=1)
-        cos, sin = self.rope_cos[:, :T], self.rope_sin[:, :T]
+        start = 0 if cache is None else cache.length  # absolute position of x[:, 0]
+        cos, sin = self.rope_cos[:, start:start + T], self.rope_sin[:, start:start + T]
         q = apply_rotary(self.q_norm(q), cos, sin)
         k = apply_rotary(self.k_norm(k), cos, sin)
+        if cache is not None:  # normed, rotated keys; a local layer's cache holds its window
+            k, v = cache.extend(k, v)
         if record is not None:
             y = explicit_attention(q, k, v, record, self.window)
-        elif self.window is None:
+        elif self.window is None or T == 1:  # one new query sees every (cached) key it may
             y = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=T > 1)
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=self.mask[:T, :T],
@@ -177,14 +182,14 @@ class GemmaBlock(nn.Module):
         self.post_mlp_norm = nn.RMSNorm(config.n_embd, eps=1e-6)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, record=None):
+    def forward(self, x, record=None, cache=None):
         z = self.pre_attn_norm(x)
         if record is not None:
             before = len(record)
             x = x + self.dropout(self.post_attn_norm(self.attn(z, record)))
             record[before]["z"] = z
         else:
-            x = x + self.dropout(self.post_attn_norm(self.attn(z)))
+            x = x + self.dropout(self.post_attn_norm(self.attn(z, cache=cache)))
         return x + self.dropout(self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x))))
 
 
@@ -196,8 +201,11 @@ class Gemma3(LanguageModel):
         self._build(config, [GemmaBlock(config, layer) for layer in range(config.n_layer)],
                     nn.RMSNorm(config.n_embd, eps=1e-6))
 
-    def embed(self, idx):
+    def embed(self, idx, start=0):
         return self.transformer.wte(idx) * math.sqrt(self.config.n_embd)
+
+    def new_cache(self):
+        return [KVCache(block.attn.window) for block in self.transformer.h]
 
     def rope_frequencies(self, layer=0):
         return self.config.rope_frequencies(layer)

@@ -27,11 +27,14 @@ measured in a fresh Python subprocess (`python -c "import bench; bench.worker(..
 its own. The CPU peak includes Python, torch and the interpreter (base_mem_mb, the RSS just before
 the model is built, says how much); the table shows both.
 
-MFU (GPU only): model.estimate_mfu(batch_size, step) against --peak_tflops (default: H100 SXM
-dense bf16, 989). On every device the table also shows the achieved model FLOP rate,
-flops_per_token() · tokens / step (6 FLOPs per weight plus the attention matmuls), and each arch's
-step time and FLOPs relative to --ref (gpt2 by default) at the same T: a time ratio above the
-FLOP ratio is implementation overhead, the FLOP ratio itself is the architecture.
+MFU (GPU only): model.estimate_mfu(batch_size, step) against the GPU's own dense peak for the
+compute dtype (model.GPU_PEAK_TFLOPS; float32 counts as TF32, which bench.py enables), or
+--peak_tflops; a GPU that the table does not know gets no MFU ("-"), with a warning. The record
+keeps the peak used (peak_tflops) and the GPU's name (gpu). On every device the table also shows
+the achieved model FLOP rate, flops_per_token() · tokens / step (6 FLOPs per weight plus the
+attention matmuls), and each arch's step time and FLOPs relative to --ref (gpt2 by default) at the
+same T: a time ratio above the FLOP ratio is implementation overhead, the FLOP ratio itself is the
+architecture.
 
 The prepare step's throughput is its own line: prepare_tinystories.tokenize_files (one worker,
 into a temporary folder) on --prepare_file, in MB of text per second (tiktoken must find its GPT-2
@@ -149,9 +152,9 @@ def build_parser():
                         "(default: forward + backward only)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads per measurement (default: 0 = torch's default)")
-    p.add_argument("--peak_tflops", type=float, default=989.0,
-                   help="device peak for MFU in TFLOP/s (default: %(default)s, H100 SXM dense "
-                        "bf16); MFU is reported on CUDA only")
+    p.add_argument("--peak_tflops", type=float, default=None,
+                   help="device peak for MFU in TFLOP/s (default: the GPU's dense peak for the "
+                        "dtype, from model.GPU_PEAK_TFLOPS); MFU is reported on CUDA only")
     p.add_argument("--ref", default=None,
                    help="arch the others are compared against at each T "
                         "(default: gpt2 if benchmarked, else the first arch)")
@@ -233,6 +236,7 @@ def measure(cfg):
 
     import baselines
     from baselines import build_model
+    from model import current_gpu_peak_flops
 
     device, device_type, dtype = _resolve_device_dtype(cfg["device"], cfg["dtype"])
     if cfg.get("threads"):
@@ -286,14 +290,19 @@ def measure(cfg):
     else:
         peak_mem = _max_rss_mb()
     dt = statistics.median(wall)
+    peak_flops = None
+    if device_type == "cuda":
+        peak_flops = (cfg["peak_tflops"] * 1e12 if cfg.get("peak_tflops")
+                      else current_gpu_peak_flops("tf32" if dtype == "float32" else dtype))
     record = {
         "kind": "train_step", "arch": cfg["arch"], "model_arch": arch, "preset": cfg["preset"],
         "block_size": T, "batch_size": B, "vocab_size": cfg["vocab_size"], "params": params,
         "step_ms": 1000 * dt, "tokens_per_sec": B * T / dt, "peak_mem_mb": peak_mem,
         "base_mem_mb": base_mem,
-        "mfu": (model.estimate_mfu(B, dt, peak_flops=cfg["peak_tflops"] * 1e12)
-                if device_type == "cuda" else None),
-        "flops_per_token": flops_per_token, "peak_tflops": cfg["peak_tflops"],
+        "mfu": model.estimate_mfu(B, dt, peak_flops=peak_flops) if peak_flops else None,
+        "flops_per_token": flops_per_token,
+        "peak_tflops": peak_flops / 1e12 if peak_flops else None,
+        "gpu": torch.cuda.get_device_name(device) if device_type == "cuda" else None,
         "achieved_tflops": flops_per_token * B * T / dt / 1e12,
         "step_ms_all": [1000 * t for t in wall], "cpu_ms_median": 1000 * statistics.median(cpu),
         "device": device, "dtype": dtype, "compile": bool(cfg.get("compile")),

@@ -18,6 +18,8 @@ subspace k of the dictionary (the model stores U_kᵀ as rows of a Linear weight
 
 import inspect
 import math
+import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -307,10 +309,11 @@ class PrismAttention(nn.Module):
         inner = self.n_head * self.head_dim
         return self.dictionary.weight[:inner].view(self.n_head, self.head_dim, -1)
 
-    def forward(self, x, record=None):
+    def forward(self, x, record=None, cache=None):
         B, T, _ = x.shape
         heads = self.dictionary(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_proj·H, T, p)
-        cos, sin = self.rope_cos[:, :T], self.rope_sin[:, :T]
+        start = 0 if cache is None else cache.length  # absolute position of x[:, 0]
+        cos, sin = self.rope_cos[:, start:start + T], self.rope_sin[:, start:start + T]
         norm = self.subspace_norm or (lambda t: t)
         if self.qkv_sharing == "none":
             q, k, v = heads.split(self.n_head, dim=1)
@@ -322,16 +325,22 @@ class PrismAttention(nn.Module):
             v = apply_rotary(v, cos, sin)
         if self.log_temperature is not None:
             q = q * self.log_temperature.exp()[:, None, None]
+        if cache is not None:
+            # Even with q = k = v the cache keeps two tensors, the rotated key and W: keeping W
+            # alone would mean rotating every past position again for every new token, about
+            # as much memory traffic as the attention itself, where the key costs one more
+            # (H, T, p) tensor per layer.
+            k, v = cache.extend(k, v)
         mask = None
         if self.sink_logit is not None:  # the sink: a zero key and value in front of the tokens
             zeros = q.new_zeros(B, self.n_head, 1, self.head_dim)
             k, v = torch.cat((zeros, k), dim=2), torch.cat((zeros, v), dim=2)
-            mask = self_masked_bias(T, self.sink_logit, q.dtype)
+            mask = self_masked_bias(T, k.shape[-2] - 1, self.sink_logit, q.dtype)
         if record is not None:
             y = explicit_attention(q, k, v, record, attn_mask=mask)
         elif mask is None:
-            y = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+            y = F.scaled_dot_product_attention(  # one new query sees every cached key: no mask
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=T > 1)
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
@@ -348,14 +357,16 @@ class PrismAttention(nn.Module):
         return self.resid_dropout(y)
 
 
-def self_masked_bias(T, sink_logit, dtype):
-    """(H, T, T + 1) additive attention bias for mask_self: column 0 is the sink (its learned
-    logit), column 1 + j is key j, allowed (0) where j < i and −inf elsewhere, the diagonal too."""
-    i = torch.arange(T, device=sink_logit.device)
-    allowed = i[None, :] < i[:, None]
-    bias = torch.zeros(T, T, device=sink_logit.device, dtype=dtype).masked_fill(~allowed, float("-inf"))
+def self_masked_bias(T, S, sink_logit, dtype):
+    """(H, T, S + 1) additive attention bias for mask_self, T queries at the last T of S positions
+    (S > T with a generation cache): column 0 is the sink (its learned logit), column 1 + j is key
+    j, allowed (0) where j is before the query's position, −inf elsewhere, the diagonal too."""
+    device = sink_logit.device
+    query_pos = torch.arange(S - T, S, device=device)
+    allowed = torch.arange(S, device=device)[None, :] < query_pos[:, None]
+    bias = torch.zeros(T, S, device=device, dtype=dtype).masked_fill(~allowed, float("-inf"))
     sink = sink_logit.to(dtype)[:, None, None].expand(-1, T, 1)
-    return torch.cat((sink, bias.expand(sink_logit.shape[0], T, T)), dim=-1)
+    return torch.cat((sink, bias.expand(sink_logit.shape[0], T, S)), dim=-1)
 
 
 def causal_mask(T, device, window=None):
@@ -448,14 +459,14 @@ class Block(nn.Module):
         # The baselines share this block; their configs have no `mlp` field and keep the GELU MLP.
         self.mlp = MLP(config) if getattr(config, "mlp", "gelu") == "gelu" else SparseCodingMLP(config)
 
-    def forward(self, x, record=None):
+    def forward(self, x, record=None, cache=None):
         z = self.ln_1(x)
         if record is not None:
             before = len(record)
             x = x + self.attn(z, record)
             record[before]["z"] = z  # the tokens Z this layer's MCR² step acts on
         else:
-            x = x + self.attn(z)
+            x = x + self.attn(z, cache=cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -469,7 +480,8 @@ def padded_vocab_size(vocab_size):
 
 class LanguageModel(nn.Module):
     """Base of PRISM and the baselines. A subclass calls `_build` with its blocks and final norm
-    and implements `embed(idx)` -> the residual stream entering the first block."""
+    and implements `embed(idx, start)` -> the residual stream entering the first block, for
+    tokens at positions start, start + 1, ..."""
 
     arch = None  # the name train.py and the checkpoints use
 
@@ -516,14 +528,16 @@ class LanguageModel(nn.Module):
     def get_num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward_hidden(self, idx, record=None):
-        """The final hidden states (B, T, d); `record` collects the analysis of each layer."""
-        if idx.shape[1] > self.config.block_size:
-            raise ValueError(f"sequence of length {idx.shape[1]} is longer than "
+    def forward_hidden(self, idx, record=None, cache=None):
+        """The final hidden states (B, T, d); `record` collects the analysis of each layer.
+        With `cache` (from new_cache(), generation only) idx continues the tokens it holds."""
+        start = 0 if cache is None else cache[0].length
+        if start + idx.shape[1] > self.config.block_size:
+            raise ValueError(f"sequence of length {start + idx.shape[1]} is longer than "
                              f"block_size = {self.config.block_size}")
-        x = self.transformer.drop(self.embed(idx))
-        for block in self.transformer.h:
-            x = block(x, record)
+        x = self.transformer.drop(self.embed(idx, start))
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, record, None if cache is None else cache[i])
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None):
@@ -571,12 +585,29 @@ class LanguageModel(nn.Module):
 
     # -- generation -------------------------------------------------------------------------
 
+    def new_cache(self):
+        """One empty KVCache per layer, for forward_hidden(..., cache=)."""
+        return [KVCache() for _ in self.transformer.h]
+
     @torch.no_grad()
-    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None):
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                        use_cache=True):
         """Yield (B, 1) sampled tokens one at a time, feeding each back in. The context is cropped
-        to the last block_size tokens, so it runs past block_size. temperature 0 is greedy."""
+        to the last block_size tokens, so it runs past block_size. temperature 0 is greedy.
+        use_cache: each layer keeps the keys and values of the tokens so far and only the newest
+        token runs through the model, one position per token instead of the whole context; the
+        tokens are the same as without it (up to float rounding in near-ties)."""
+        cache = self.new_cache() if use_cache else None
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size:])
+            if cache is not None and idx.shape[1] > self.config.block_size:
+                # Cropping shifts every position of the window at every token, and each cached
+                # key depends on tokens that just fell out of it: recompute, as without a cache.
+                cache = None
+            if cache is None:
+                hidden = self.forward_hidden(idx[:, -self.config.block_size:])
+            else:
+                hidden = self.forward_hidden(idx[:, cache[0].length:], cache=cache)
+            logits, _ = self._head(hidden[:, -1:], None)  # only the last position is sampled
             logits = logits[:, -1, :].float()
             if temperature == 0:
                 next_token = logits.argmax(dim=-1, keepdim=True)
@@ -587,9 +618,10 @@ class LanguageModel(nn.Module):
             yield next_token
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 use_cache=True):
         """idx (B, T) -> (B, T + max_new_tokens)."""
-        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p))
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache))
         return torch.cat([idx, *new], dim=1)
 
     # -- training helpers -------------------------------------------------------------------
@@ -611,11 +643,79 @@ class LanguageModel(nn.Module):
         c = self.config
         return 6 * self.get_num_params() + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
 
-    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=989e12):
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=None, dtype=None):
         """Model FLOPs utilisation of `fwdbwd_per_iter` sequences in `dt` seconds, as a fraction of
-        `peak_flops` (default: H100 SXM dense bf16)."""
+        `peak_flops`; None: the current CUDA device's dense peak for `dtype` (gpu_peak_flops;
+        None = the 16-bit type train.py's dtype=auto picks). On a device with no known peak the
+        MFU is NaN, with a warning, rather than a number against some other GPU's peak: NaN
+        prints as nan and fails every comparison, so callers' `mfu > 0` checks leave it out."""
+        if peak_flops is None:
+            peak_flops = current_gpu_peak_flops(dtype)
+            if peak_flops is None:
+                return math.nan
         flops = self.flops_per_token() * self.config.block_size * fwdbwd_per_iter
         return flops / dt / peak_flops
+
+
+# Dense (no 2:4 sparsity) peak TFLOP/s by GPU, as torch.cuda.get_device_name() spells it, from
+# the vendors' datasheets and architecture whitepapers; the datasheets quote tensor-core rates
+# "with sparsity", twice the dense ones given here. bfloat16 / float16: tensor cores with float32
+# accumulation (what PyTorch's matmuls use); tf32: float32 matmuls with allow_tf32 (train.py and
+# bench.py set it); float32: the plain CUDA cores. None: the GPU has no such unit.
+# A name that no pattern matches gets no MFU: a guess from a similar name would be a wrong number.
+GPU_PEAK_TFLOPS = (
+    # (regex searched in the name, bfloat16, float16, tf32, float32)
+    # NVIDIA H100 Tensor Core GPU Architecture whitepaper (SXM5, PCIe); H100 datasheet (NVL)
+    (r"H100 80GB HBM3$", 989.4, 989.4, 494.7, 66.9),  # H100 SXM5 reports this name
+    (r"H100 PCIe$", 756.5, 756.5, 378.0, 51.2),
+    (r"H100 NVL$", 835.5, 835.5, 417.5, 60.0),
+    # H200 datasheet: the SXM part has the H100 SXM5's compute, the NVL part the H100 NVL's
+    (r"H200$", 989.4, 989.4, 494.7, 66.9),
+    (r"H200 NVL$", 835.5, 835.5, 417.5, 60.0),
+    # A100 datasheet: the same peaks for SXM4 and PCIe, 40 GB and 80 GB
+    (r"A100[- ]", 312.0, 312.0, 156.0, 19.5),
+    (r"NVIDIA A10$", 125.0, 125.0, 62.5, 31.2),         # A10 datasheet
+    (r"NVIDIA L4$", 121.0, 121.0, 60.0, 30.3),          # L4 datasheet
+    (r"NVIDIA L40S$", 362.05, 362.05, 183.0, 91.6),     # L40S datasheet
+    # NVIDIA Ada Lovelace (RTX 4090) and Ampere GA102 (RTX 3090) architecture whitepapers; the
+    # GeForce cards' tensor cores run at half rate with float32 accumulation, given here
+    (r"GeForce RTX 4090$", 165.2, 165.2, 82.6, 82.6),
+    (r"GeForce RTX 3090$", 71.0, 71.0, 35.6, 35.6),
+    # V100 and T4 datasheets: float16 tensor cores only
+    (r"V100-SXM2", None, 125.0, None, 15.7),
+    (r"V100-PCIE", None, 112.0, None, 14.0),
+    (r"Tesla T4$", None, 65.0, None, 8.1),
+)
+PEAK_DTYPES = ("bfloat16", "float16", "tf32", "float32")
+
+
+def gpu_peak_flops(device_name, dtype="bfloat16"):
+    """Dense peak FLOP/s of the GPU called `device_name` for matmuls in `dtype` (one of
+    PEAK_DTYPES, or a torch dtype), or None where GPU_PEAK_TFLOPS does not know it."""
+    dtype = str(dtype).removeprefix("torch.")
+    if dtype not in PEAK_DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose from {', '.join(PEAK_DTYPES)}")
+    for pattern, *peaks in GPU_PEAK_TFLOPS:
+        if re.search(pattern, device_name):
+            tflops = peaks[PEAK_DTYPES.index(dtype)]
+            return None if tflops is None else tflops * 1e12
+    return None
+
+
+def current_gpu_peak_flops(dtype=None):
+    """gpu_peak_flops of the current CUDA device (None without one, with a warning); dtype None:
+    bfloat16 where torch.cuda.is_bf16_supported(), else float16, as train.py's dtype=auto."""
+    if not torch.cuda.is_available():
+        warnings.warn("no CUDA device: MFU not reported", stacklevel=3)
+        return None
+    name = torch.cuda.get_device_name()
+    if dtype is None:
+        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    peak = gpu_peak_flops(name, dtype)
+    if peak is None:
+        warnings.warn(f"unknown device {name!r} for {dtype}: MFU not reported (its peak is not in "
+                      "model.GPU_PEAK_TFLOPS)", stacklevel=3)
+    return peak
 
 
 class Prism(LanguageModel):
@@ -634,7 +734,7 @@ class Prism(LanguageModel):
         """ρ = H·p / d: how many more dictionary directions than token dimensions."""
         return self.config.n_head * self.config.head_dim / self.config.n_embd
 
-    def embed(self, idx):
+    def embed(self, idx, start=0):
         return self.transformer.wte(idx)  # no absolute positions: RoPE carries them
 
     def rope_frequencies(self, layer=0):
@@ -646,6 +746,36 @@ class Prism(LanguageModel):
 
     def subspaces(self, layer):
         return self.transformer.h[layer].attn.subspaces()
+
+
+class KVCache:
+    """What one attention layer keeps of the tokens it has seen while generating: the tensors
+    (B, H, T, p) that later queries read, keys and values in the order the layer passes them.
+    `window`: a sliding-window layer sees only its last `window` positions, so it keeps window − 1
+    (the new token is the window-th) and its memory stays bounded."""
+
+    def __init__(self, window=None):
+        self.window = window
+        self.length = 0  # positions seen so far = the absolute position of the next token
+        self.tensors = None
+
+    def extend(self, *new):
+        """Append the new positions; return past + new, what the new queries attend to. Several
+        positions at once (the prompt) only into an empty cache, so the layer's usual causal mask
+        is the right one; after that one position per call, which sees everything returned."""
+        T = new[0].shape[-2]
+        if self.tensors is None:
+            full = new
+        else:
+            if T != 1:
+                raise ValueError(f"{T} positions into a non-empty cache: one at a time")
+            # cat copies the past once per token: the same bytes the attention reads anyway.
+            full = tuple(torch.cat((past, t), dim=-2) for past, t in zip(self.tensors, new))
+        self.length += T
+        n = full[0].shape[-2]
+        keep = n if self.window is None else min(n, self.window - 1)
+        self.tensors = tuple(t[:, :, n - keep:] for t in full)
+        return full
 
 
 def filter_logits(logits, top_k=None, top_p=None):

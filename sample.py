@@ -7,6 +7,7 @@ Examples:
     python sample.py --ckpt=out/cpu_tiny/ckpt.pt --prompt=FILE:prompt.txt --top_p=0.9
     python sample.py --ckpt=out/prism_50m/ckpt.pt --prompt_file=prompt.txt --temperature=0   # greedy
     python sample.py --keep_going   # do not stop at <|endoftext|>
+    python sample.py --no_cache     # recompute the context per token (slower, same tokens)
     python sample.py --ckpt=out/old/ckpt.pt --meta=data/sample4k/meta.json  # an id map by hand
 
 --ckpt defaults to the checkpoint `python train.py` writes on this machine: out/prism_50m/ckpt.pt
@@ -136,7 +137,7 @@ def read_prompt(prompt, prompt_file=None):
 
 
 def stream_sample(model, prompt_ids, tokenizer, max_new_tokens, temperature=1.0, top_k=None,
-                  top_p=None, keep_going=False, write=None, device="cpu"):
+                  top_p=None, keep_going=False, write=None, device="cpu", use_cache=True):
     """Generate one sample after `prompt_ids`, writing its text through `write` as the tokens
     come. Stops at the end-of-text token (not written) unless keep_going. Returns the new ids."""
     write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
@@ -145,7 +146,7 @@ def stream_sample(model, prompt_ids, tokenizer, max_new_tokens, temperature=1.0,
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     new = []
     for token in model.generate_stream(idx, max_new_tokens, temperature=temperature,
-                                       top_k=top_k, top_p=top_p):
+                                       top_k=top_k, top_p=top_p, use_cache=use_cache):
         t = int(token[0, 0])
         if t == tokenizer.eot and not keep_going:
             break
@@ -193,6 +194,9 @@ def build_parser():
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute precision on CUDA (autocast); auto = bfloat16 where supported. "
                         "CPU always runs float32")
+    p.add_argument("--no_cache", action="store_true",
+                   help="recompute the whole context for every token instead of keeping each "
+                        "layer's keys and values (same tokens, slower; for comparison)")
     p.add_argument("--keep_going", action="store_true",
                    help="do not stop a sample at the end-of-text token")
     p.add_argument("--meta", default=None,
@@ -292,7 +296,8 @@ def run(args, out=None):
             stream_sample(model, prompt_ids, tokenizer, args.max_new_tokens,
                           temperature=args.temperature, top_k=args.top_k or None,
                           top_p=args.top_p if args.top_p < 1 else None,
-                          keep_going=args.keep_going, write=write, device=device)
+                          keep_going=args.keep_going, write=write, device=device,
+                          use_cache=not args.no_cache)
             write("\n---------------\n")
     return 0
 

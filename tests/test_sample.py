@@ -71,6 +71,14 @@ def test_greedy_is_deterministic(ckpt, capsys):
     assert samples[0] == samples[1]
 
 
+def test_no_cache_gives_the_same_samples(ckpt, capsys):
+    args = [f"--ckpt={ckpt}", "--num_samples=2", "--max_new_tokens=40", "--seed=3",
+            "--keep_going"]  # 40 new tokens: past block_size = 32
+    cached = run_main(capsys, *args)
+    assert cached[0] == 0
+    assert run_main(capsys, *args, "--no_cache") == cached
+
+
 def test_stops_at_end_of_text_unless_keep_going(eot_ckpt, capsys):
     rc, out, _ = run_main(capsys, f"--ckpt={eot_ckpt}", "--prompt=Hi", "--num_samples=1",
                           "--max_new_tokens=5")

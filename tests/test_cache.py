@@ -1,0 +1,115 @@
+"""The generation cache (model.KVCache): the same logits and tokens as recomputing the whole
+context, for every arch, every q/k/v sharing of PRISM and its attention candidates, past
+block_size and across Gemma's sliding window."""
+import pytest
+import torch
+
+from baselines import build_model
+from model import KVCache
+
+SIZES = dict(vocab_size=97, block_size=24, n_layer=2, n_embd=32)
+MODELS = {
+    "prism-qkv": ("prism", dict(n_head=4, head_dim=16, qkv_sharing="qkv")),
+    "prism-qk": ("prism", dict(n_head=4, head_dim=16, qkv_sharing="qk")),
+    "prism-none": ("prism", dict(n_head=4, head_dim=16, qkv_sharing="none")),
+    # the white-box candidates that change the attention (PRISM.md §8): sink, rotated values,
+    # normalised subspaces, per-head temperature and step
+    "prism-white": ("prism", dict(n_head=4, head_dim=16, normalize_subspaces=True,
+                                  mask_self=True, rotate_values=True)),
+    "prism-temperature-step": ("prism", dict(n_head=4, head_dim=16, head_temperature=True,
+                                             head_step=True, qkv_sharing="qk", mask_self=True)),
+    "gpt2": ("gpt2", dict(n_head=4)),
+    # layer 0 local with a 5-token window, layer 1 global: 40 tokens cross the window many times
+    "gemma3": ("gemma3", dict(n_head=4, head_dim=8, mlp_hidden=48, sliding_window=5,
+                              global_every=2)),
+}
+
+
+def make(name, seed=0):
+    arch, args = MODELS[name]
+    torch.manual_seed(seed)
+    model = build_model(arch, **SIZES, **args).eval()
+    with torch.no_grad():  # larger weights than the init: logits far apart, no near-ties
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8)
+    return model
+
+
+def prompt(B=2, T=3):
+    return torch.randint(0, SIZES["vocab_size"], (B, T), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_cached_logits_equal_the_full_forward(name):
+    model = make(name)
+    tokens = torch.randint(0, SIZES["vocab_size"], (2, SIZES["block_size"]),
+                           generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full, _ = model(tokens)
+        cache = model.new_cache()
+        steps = [model._head(model.forward_hidden(tokens[:, :4], cache=cache), None)[0]]
+        for t in range(4, tokens.shape[1]):  # then one token at a time
+            steps.append(model._head(model.forward_hidden(tokens[:, t:t + 1], cache=cache),
+                                     None)[0])
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="longer than block_size"):
+        model.forward_hidden(tokens[:, :1], cache=cache)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_greedy_and_sampled_tokens_are_the_same_with_and_without_cache(name):
+    model = make(name)
+    new = 40  # 3 + 40 tokens: past block_size = 24, where the cached path falls back
+    greedy = [model.generate(prompt(), new, temperature=0, use_cache=c) for c in (True, False)]
+    assert torch.equal(greedy[0], greedy[1])
+    sampled = []
+    for use_cache in (True, False):
+        torch.manual_seed(5)
+        sampled.append(model.generate(prompt(), new, temperature=1.0, top_k=50, top_p=0.95,
+                                      use_cache=use_cache))
+    assert torch.equal(sampled[0], sampled[1])
+    assert not torch.equal(sampled[0], greedy[0])  # the sampled run did sample
+
+
+def test_the_cache_holds_what_the_layer_can_still_see():
+    model = make("gemma3")
+    cache = model.new_cache()
+    with torch.no_grad():
+        model.forward_hidden(prompt(T=3), cache=cache)
+        for _ in range(10):
+            model.forward_hidden(prompt(T=1), cache=cache)
+    local, global_ = cache
+    assert local.length == global_.length == 13
+    assert local.tensors[0].shape[-2] == 4  # the window of 5 = 4 kept + the next token
+    assert global_.tensors[0].shape[-2] == 13
+    # PRISM with q = k = v keeps the rotated key and W itself, the value
+    prism = make("prism-qkv")
+    cache = prism.new_cache()
+    with torch.no_grad():
+        prism.forward_hidden(prompt(T=3), cache=cache)
+    key, value = cache[0].tensors
+    attn = prism.transformer.h[0].attn
+    w = attn.dictionary(prism.transformer.h[0].ln_1(prism.embed(prompt(T=3))))
+    torch.testing.assert_close(value, w.view(2, 3, 4, 16).transpose(1, 2))
+    assert not torch.allclose(key[:, :, 1:], value[:, :, 1:])  # rotated from position 1 on
+
+
+def test_several_positions_into_a_filled_cache_are_refused():
+    cache = KVCache()
+    cache.extend(torch.zeros(1, 2, 3, 4))
+    with pytest.raises(ValueError, match="one at a time"):
+        cache.extend(torch.zeros(1, 2, 2, 4))
+
+
+def test_each_new_token_runs_one_position_until_the_context_is_full():
+    model = make("prism-qkv")
+    positions = []
+    model.transformer.wte.register_forward_hook(
+        lambda module, args, out: positions.append(args[0].shape[1]))
+    model.generate(prompt(T=3), 30, temperature=0)
+    # the prompt, then one position per token up to block_size = 24, then the cropped window
+    assert positions == [3] + [1] * 21 + [24] * 8
+    positions.clear()
+    model.generate(prompt(T=3), 30, temperature=0, use_cache=False)
+    assert positions == list(range(3, 25)) + [24] * 8

@@ -1,0 +1,79 @@
+"""MFU against the device's own peak: the GPU table, and estimate_mfu's lookup and fallback."""
+import math
+
+import pytest
+import torch
+
+import model as model_module
+from model import Prism, PrismConfig, gpu_peak_flops
+
+
+@pytest.mark.parametrize("name, dtype, tflops", [
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 989.4),   # H100 SXM5
+    ("NVIDIA H100 PCIe", "bfloat16", 756.5),
+    ("NVIDIA H100 NVL", "float16", 835.5),
+    ("NVIDIA H200", "bfloat16", 989.4),
+    ("NVIDIA H200", "tf32", 494.7),
+    ("NVIDIA A100-SXM4-80GB", "bfloat16", 312.0),
+    ("NVIDIA A100-PCIE-40GB", "tf32", 156.0),
+    ("NVIDIA A100 80GB PCIe", "float32", 19.5),
+    ("NVIDIA A10", "bfloat16", 125.0),
+    ("NVIDIA L4", "bfloat16", 121.0),
+    ("NVIDIA L40S", "float16", 362.05),
+    ("NVIDIA GeForce RTX 4090", "bfloat16", 165.2),
+    ("Tesla V100-SXM2-16GB", "float16", 125.0),
+    ("Tesla T4", "float16", 65.0),
+])
+def test_known_gpus(name, dtype, tflops):
+    assert gpu_peak_flops(name, dtype) == pytest.approx(tflops * 1e12)
+    assert gpu_peak_flops(name, getattr(torch, dtype, None) or dtype) == gpu_peak_flops(name, dtype)
+
+
+@pytest.mark.parametrize("name, dtype", [
+    ("NVIDIA A10G", "bfloat16"),                  # not an A10, not an A100
+    ("NVIDIA L40", "bfloat16"),                   # not an L4, not an L40S
+    ("NVIDIA GeForce RTX 4090 D", "bfloat16"),    # fewer SMs than the 4090
+    ("NVIDIA GH200 480GB", "bfloat16"),
+    ("AMD Instinct MI300X", "bfloat16"),
+    ("", "bfloat16"),
+    ("Tesla V100-SXM2-16GB", "bfloat16"),         # no bfloat16 tensor cores
+])
+def test_unknown_gpus_and_missing_units_have_no_peak(name, dtype):
+    assert gpu_peak_flops(name, dtype) is None
+
+
+def test_a_bad_dtype_is_refused():
+    with pytest.raises(ValueError, match="choose from"):
+        gpu_peak_flops("NVIDIA H100 PCIe", "int8")
+
+
+def tiny():
+    torch.manual_seed(0)
+    return Prism(PrismConfig(vocab_size=64, block_size=16, n_layer=1, n_embd=16, n_head=2,
+                             head_dim=8))
+
+
+def test_estimate_mfu_uses_the_current_gpu_and_reports_nothing_for_an_unknown_one(monkeypatch):
+    m = tiny()
+    flops = m.flops_per_token() * 16 * 4  # 4 sequences of block_size
+    assert m.estimate_mfu(4, 0.5, peak_flops=1e12) == pytest.approx(flops / 0.5 / 1e12)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 PCIe")
+    assert m.estimate_mfu(4, 0.5) == pytest.approx(flops / 0.5 / 756.5e12)
+    assert m.estimate_mfu(4, 0.5, dtype="tf32") == pytest.approx(flops / 0.5 / 378.0e12)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some Future GPU")
+    with pytest.warns(UserWarning, match="unknown device 'Some Future GPU'.*MFU not reported"):
+        assert math.isnan(m.estimate_mfu(4, 0.5))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.warns(UserWarning, match="no CUDA device"):
+        assert math.isnan(m.estimate_mfu(4, 0.5))
+
+
+def test_every_table_row_is_well_formed():
+    for pattern, *peaks in model_module.GPU_PEAK_TFLOPS:
+        assert len(peaks) == len(model_module.PEAK_DTYPES), pattern
+        assert any(p is not None for p in peaks), pattern
+        bf16, fp16, tf32, fp32 = peaks
+        # tensor cores are never slower than the plain float32 units of the same GPU
+        assert all(p is None or p >= fp32 for p in (bf16, fp16, tf32)), pattern
