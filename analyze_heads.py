@@ -35,6 +35,8 @@ queries, columns j <= i = keys; queries i >= 1, since position 0 can only attend
   self_attention     A_ii, averaged over the queries.
   mean_distance_no_self  Σ_i Σ_j A_ij (i − j) / Σ_i (1 − A_ii): the mean distance of the attention
                      mass not on the token itself (null for a head that only attends to itself).
+                     With a sink (PrismConfig.mask_self), A covers the real keys only and its rows
+                     sum to 1 − the sink's share: the sink counts as distance 0 in both distances.
   entropy            −Σ_j A_ij ln A_ij, averaged over the queries, in nats.
   spectrum E(i)      mean over all tokens t of ‖q_t^(i)‖·‖k_t^(i)‖, where x^(i) is rotary pair i of
                      a head, the dims (i, i + p/2) (half-split RoPE); rotation keeps pair norms.
@@ -59,9 +61,10 @@ queries, columns j <= i = keys; queries i >= 1, since position 0 can only attend
                      with the dictionary U_k as the model holds it (grows with ‖U‖), dR = R − Rc.
   Rc_orth, dR_orth   the normalised rates: each U_k replaced by an orthonormal basis of its span,
                      so they depend on the subspaces only. With ρ = H·p/d = 2 the subspaces hold
-                     twice the dimensions of Z, and dR_orth < 0 even for tokens that lie exactly
-                     in the dictionary's subspaces (tests/test_analyze.py shows it): read it
-                     across layers and against the untrained checkpoint, not against 0.
+                     twice the dimensions of Z, and at the default ε = 0.5 dR_orth < 0 even for
+                     tokens that lie exactly in the dictionary's subspaces (tests/test_analyze.py
+                     shows it; at ε ≈ 8 the same tokens give dR_orth > 0): read it across layers
+                     and against the untrained checkpoint, not against 0.
   neumann_radius     max_k β·λ_max(W_kᵀW_k) (model.neumann_radius): the series behind the attention
                      step converges only where this is below 1.
 
@@ -232,7 +235,8 @@ CONTRASTS = {  # name: (head field, transform); expected sign for the claim in t
 
 def _head_values(heads, contrast):
     field, transform = CONTRASTS[contrast]
-    return [transform(h[field]) if h.get(field) and h.get("group") else None for h in heads]
+    return [transform(h[field]) if h.get(field) is not None and h.get("group")
+            and (transform is float or h[field] > 0) else None for h in heads]
 
 
 def _contrast(values, groups):
@@ -546,7 +550,7 @@ DEFINITIONS = {
     "Rc": "sum_k 1/2 logdet(I + p/(n eps^2) (Z U_k)^T (Z U_k)) with the dictionary as held",
     "dR": "R - Rc",
     "Rc_orth": "normalised Rc: each U_k replaced by an orthonormal basis of its span",
-    "dR_orth": "R - Rc_orth (< 0 at rho = 2 even for ideal union-of-subspaces tokens)",
+    "dR_orth": "R - Rc_orth (at eps = 0.5 and rho = 2, < 0 even for ideal union-of-subspaces tokens)",
     "neumann_radius": "max_k beta lambda_max(W_k^T W_k), beta = p/(n eps^2): the Neumann series "
                       "behind the attention step converges only below 1",
 }

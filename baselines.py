@@ -21,7 +21,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from model import (Block, KVCache, LanguageModel, Prism, PrismConfig, _check, apply_rotary,
-                   causal_mask, explicit_attention, rotary_frequencies, rotary_tables)
+                   causal_mask, explicit_attention, mlp_width, rotary_frequencies, rotary_tables)
 
 # -----------------------------------------------------------------------------
 # GPT-2
@@ -378,7 +378,7 @@ def variant_args(preset, variant, vocab_size):
     if arch != "prism" or variant == "prism" or "mlp_hidden" in VARIANTS[variant][1]:
         return arch, args
     target = count_params(*_preset_args(preset, "prism", vocab_size))
-    width = get_arch(arch)[0](**args).mlp_width
+    width = mlp_width(get_arch(arch)[0](**args))
     per_unit = (count_params(arch, {**args, "mlp_hidden": width + 1})
                 - count_params(arch, {**args, "mlp_hidden": width}))
     hidden = width + round((target - count_params(arch, args)) / per_unit)

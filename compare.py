@@ -15,13 +15,14 @@ The protocol. Every run is train.py's train() and every head analysis is analyze
   2. Splits: train.bin trains; val.bin is the selection split (it picks the learning rate and is
      the curve train.py logs); test.bin, the report split (prepare_tinystories.py
      --report_fraction), is scored once per run, on all its windows (train.evaluate_split).
-  3. Learning rate, per arm: a grid ×2 apart (--lrs), each rate trained at the first seed for the
-     full budget and scored on the whole selection split. While the best rate is the grid's
-     lowest or highest, the grid grows by ×2 on that side (--max_extensions at most; the table
-     says so). The chosen rate's first-seed run is also the arm's first-seed run: the choice saw
-     only the selection split, the reported numbers are on the report split.
-  4. Seeds: a seed fixes the initialisation and the data order, so every arm sees the same
-     batches and arms are compared seed by seed.
+  3. Learning rate, per arm: a grid ×2 apart (--lrs), each rate trained at the first seed of
+     --seeds (the grid seed) for the full budget and scored on the whole selection split. While
+     the best rate is the grid's lowest or highest, the grid grows by ×2 on that side
+     (--max_extensions at most; the table says so). The grid seed is not reported: its chosen
+     run won a selection, and its report-split loss shares that run's luck (same weights), so
+     reusing it would bias each arm by how flat its learning-rate curve is.
+  4. Seeds: the other seeds of --seeds are the report seeds. A seed fixes the initialisation and
+     the data order, so every arm sees the same batches and arms are compared seed by seed.
   5. Statistics (stats.py): per arm, the per-seed difference of its report-split loss from
      PRISM's; mean, Student-t 95% interval, exact sign-flip p, Holm-corrected over the arms. The
      sign-flip test cannot go below 2/2^n for n seeds: the dry run says what the seeds allow.
@@ -75,8 +76,9 @@ def build_parser():
     p.add_argument("--preset", default="cpu-small", choices=sorted(PRESETS), help="model sizes")
     p.add_argument("--archs", default=",".join(STUDY_ARMS),
                    help=f"comma-separated variants of baselines.VARIANTS ({', '.join(VARIANTS)})")
-    p.add_argument("--seeds", default="1,2,3,4,5,6,7,8",
-                   help="comma-separated seeds; the first one also runs the learning-rate grid")
+    p.add_argument("--seeds", default="1,2,3,4,5,6,7,8,9",
+                   help="comma-separated seeds; the first one runs the learning-rate grid only, "
+                        "the others are the paired report seeds")
     p.add_argument("--epochs", type=float, default=4.0,
                    help="training tokens per run, in passes over train.bin")
     p.add_argument("--batch_size", type=int, default=16, help="sequences per iteration")
@@ -151,8 +153,9 @@ def make_plan(args):
         raise CompareError(str(e)) from None
     seeds = _numbers(args.seeds, "seeds", int)
     grid = sorted(_numbers(args.lrs, "lrs"))
-    if not seeds or not grid or not variants:
-        raise CompareError("need at least one seed, one learning rate and one arch")
+    if len(seeds) < 2 or not grid or not variants:
+        raise CompareError("need at least two seeds (the grid seed and a report seed), one "
+                           "learning rate and one arch")
     if len(set(seeds)) != len(seeds) or len(set(variants)) != len(variants):
         raise CompareError("--seeds and --archs must not repeat an entry")
     if any(not math.isclose(b / a, 2, rel_tol=1e-6) for a, b in zip(grid, grid[1:])):
@@ -171,7 +174,8 @@ def make_plan(args):
                   warmup_iters=max(1, iters // 20), min_lr_ratio=0.1, evals=args.evals,
                   eval_iters=args.eval_iters, analysis_batches=args.analysis_batches)
     sizes = {v: model_size(*variant_args(args.preset, v, data["vocab_size"])) for v in variants}
-    return dict(preset=args.preset, data=data, variants=variants, seeds=seeds, grid=grid, budget=budget,
+    return dict(preset=args.preset, data=data, variants=variants, grid_seed=seeds[0],
+                seeds=seeds[1:], grid=grid, budget=budget,
                 tokens_per_iter=tokens_per_iter, epochs=iters * tokens_per_iter / data["train_tokens"],
                 records=Path(args.records) / args.preset, runs=Path(args.out_dir) / args.preset,
                 params={v: n for v, (n, _) in sizes.items()},
@@ -266,9 +270,12 @@ def _train_config(args, plan, variant, lr, seed, run_dir, iters):
         device=args.device, init_from="scratch")
     ckpt = run_dir / "ckpt.pt"
     if ckpt.is_file():  # an unfinished run of this study resumes; anything else is refused
-        import torch  # noqa: PLC0415
+        from baselines import CheckpointError, read_checkpoint  # noqa: PLC0415
 
-        saved = torch.load(ckpt, map_location="cpu", weights_only=False)["train_config"]
+        try:
+            saved = read_checkpoint(ckpt).get("train_config") or {}
+        except CheckpointError as e:
+            raise CompareError(str(e)) from None
         differ = [k for k in ("max_iters", "learning_rate", "batch_size", "seed", "data_dir",
                               "arch", "warmup_iters", "eval_interval", "eval_iters")
                   if saved.get(k) != getattr(cfg, k)]
@@ -377,10 +384,10 @@ def run_study(args, plan):
     """{variant: {lr, grid: {lr: loss}, added, at_edge, runs: [summary per seed], curves,
     heads, init_heads}}: trains what is not recorded (nothing with --report_only)."""
     out = {}
-    first = plan["seeds"][0]
     for v in plan["variants"]:
         lr, grid, added, at_edge = choose_lr(
-            plan["grid"], lambda lr, v=v: run_once(args, plan, v, lr, first)["selection_loss"],
+            plan["grid"],
+            lambda lr, v=v: run_once(args, plan, v, lr, plan["grid_seed"])["selection_loss"],
             args.max_extensions)
         runs = [run_once(args, plan, v, lr, s) for s in plan["seeds"]]
         recs = [record_dir(plan, v, lr, s) for s in plan["seeds"]]
@@ -445,6 +452,23 @@ def head_contrasts(study):
     return [(title, r) for title, r in rows if r]
 
 
+# The claim, fixed before the numbers (PRISM.md §6): signal heads look further back and sit lower
+# in their band than noise heads, in the trained PRISM more than at its initialisation and more
+# than without π-RoPE. Six tests, Holm-corrected together; every other contrast is exploratory.
+CLAIM_CONTRASTS = ("log_distance", "log_distance_no_self", "log_centroid_in_band")
+CLAIM_COMPARISONS = (f"{HEAD_ARMS[0]} trained − {HEAD_ARMS[0]} untrained",
+                     f"{HEAD_ARMS[0]} − {HEAD_ARMS[1]}, both trained")
+
+
+def claim_tests(contrasts):
+    """The pre-registered family: [(comparison, contrast row, Holm-adjusted p)] at layer "all"."""
+    by_title = dict(contrasts)
+    family = [(title, r) for title in CLAIM_COMPARISONS for r in by_title.get(title, [])
+              if r["layer"] == "all" and r["contrast"] in CLAIM_CONTRASTS]
+    adjusted = stats.holm([r["p"] for _, r in family])
+    return [(title, r, p) for (title, r), p in zip(family, adjusted)]
+
+
 # -----------------------------------------------------------------------------
 # Report
 
@@ -493,10 +517,11 @@ def report(args, plan, study, figure):
         f"vocabulary {d['vocab_size']:,}. Every run: {b['iters']} iterations of "
         f"{plan['tokens_per_iter']:,} tokens ({b['iters'] * plan['tokens_per_iter']:,} tokens, "
         f"{plan['epochs']:.2f} epochs), AdamW, linear warmup over {b['warmup_iters']} "
-        f"iterations, cosine to lr/10; seeds {', '.join(map(str, plan['seeds']))} (a seed fixes the initialisation and "
-        f"the data order). The learning rate of each arm is the grid's best on the whole "
-        f"selection split at seed {plan['seeds'][0]}; the losses below are on every window of the "
-        f"report split, mean ± sample sd over seeds.", "",
+        f"iterations, cosine to lr/10; report seeds {', '.join(map(str, plan['seeds']))} (a seed "
+        f"fixes the initialisation and the data order). The learning rate of each arm is the "
+        f"grid's best on the whole selection split at seed {plan['grid_seed']}, a seed that is "
+        f"not reported; the losses below are on every window of the report split, mean ± sample "
+        f"sd over the report seeds.", "",
         f"Δ vs {REFERENCE}: the mean over seeds of (arm − {REFERENCE}) report loss, paired by "
         f"seed, with its Student-t 95% interval; p: exact two-sided sign-flip test over the "
         f"{n} seeds, Holm-corrected over the {len(arms)} arms. With {n} seeds no p can be below "
@@ -529,7 +554,7 @@ def report(args, plan, study, figure):
                   f"{ranks['end']['epoch']:.2f}."]
     all_lrs = sorted({lr for s in study.values() for lr in s["grid"]})
     lines += ["", f"Learning-rate grid: loss on the whole selection split at seed "
-                  f"{plan['seeds'][0]}, full budget; **bold** = chosen; rates beyond --lrs were "
+                  f"{plan['grid_seed']}, full budget; **bold** = chosen; rates beyond --lrs were "
                   f"added because the best was at an edge (at most {args.max_extensions}).", "",
               "| variant | " + " | ".join(f"{lr:g}" for lr in all_lrs) + " | note |",
               "|---|" + "---:|" * len(all_lrs) + "---|"]
@@ -539,11 +564,23 @@ def report(args, plan, study, figure):
         note = lr_note(s).partition(" (")[2].rstrip(")") or "interior"
         lines.append(f"| {v} | " + " | ".join(cells) + f" | {note} |")
     contrasts = head_contrasts(study) if any(v in study for v in HEAD_ARMS) else []
+    claim = claim_tests(contrasts)
+    if claim:
+        lines += ["", f"Head specialisation, the claim (PRISM.md §6; analyze_heads.py on the "
+                      f"report split): the signal-heads mean minus the noise-heads mean, averaged "
+                      f"over layers, paired by seed; mean over the {n} report seeds with its 95% "
+                      f"interval, exact sign-flip p, and p Holm-corrected over these "
+                      f"{len(claim)} tests fixed in advance (the claim: log distances > 0, log "
+                      f"centroid in band < 0).", "",
+                  "| comparison | contrast | mean [95% CI] | p | p (Holm) |", "|---|---|---:|---:|---:|"]
+        for title, r, p in claim:
+            lines.append(f"| {title} | {r['contrast']} | {r['mean']:+.3g} "
+                         f"[{_fmt(r.get('lo'), '+.3g')}, {_fmt(r.get('hi'), '+.3g')}] | "
+                         f"{_fmt(r['p'], '.3g')} | {_fmt(p, '.3g')} |")
     if contrasts:
-        lines += ["", f"Head specialisation (analyze_heads.py on the report split; per layer, the "
-                      f"signal-heads mean minus the noise-heads mean of each measure; below, "
-                      f"the mean over seeds of that contrast, or of its paired difference, with "
-                      f"its 95% interval and exact sign-flip p over the {n} seeds, uncorrected):"]
+        lines += ["", f"Head specialisation, exploratory (every layer and measure; the mean over "
+                      f"seeds of the contrast, or of its paired difference, with its 95% interval "
+                      f"and exact sign-flip p over the {n} seeds, uncorrected):"]
         for title, rows in contrasts:
             names = list(dict.fromkeys(r["contrast"] for r in rows))
             layers = list(dict.fromkeys(r["layer"] for r in rows))
@@ -648,7 +685,7 @@ def dry_run(args, plan):
     arms = compared_arms(plan)
     grid = plan["grid"]
     grid_runs = len(grid) * len(plan["variants"])
-    seed_runs = (n - 1) * len(plan["variants"])
+    seed_runs = n * len(plan["variants"])
     init_runs = n * len([v for v in plan["variants"] if v in HEAD_ARMS])
     print(f"arms ({len(plan['variants'])}; every one within ±5% of {REFERENCE}'s parameters, "
           f"checked):")
@@ -660,17 +697,17 @@ def dry_run(args, plan):
     print(f"learning-rate grid: {', '.join(f'{lr:g}' for lr in grid)} (x2 apart"
           + (", grows by x2 while the best is at an edge, by at most "
              f"{args.max_extensions} more rates" if len(grid) > 1 else ", one rate: no grid")
-          + f"), each at seed {plan['seeds'][0]} for the full budget, scored on the whole "
+          + f"), each at seed {plan['grid_seed']} for the full budget, scored on the whole "
           f"selection split (val.bin, {d['val_tokens']:,} tokens)"
           + ("" if len(grid) >= 5 else "; fewer than 5 rates: not the issue-11 protocol"))
-    print(f"seeds: {', '.join(map(str, plan['seeds']))} ({n}); the chosen rate's seed-"
-          f"{plan['seeds'][0]} run is reused")
+    print(f"report seeds: {', '.join(map(str, plan['seeds']))} ({n}), paired; the grid seed "
+          f"{plan['grid_seed']} only picks the rate (its chosen run won a selection: not reported)")
     print(f"per run: {b['iters']} iterations x {plan['tokens_per_iter']:,} tokens = "
           f"{b['iters'] * plan['tokens_per_iter']:,} tokens ({plan['epochs']:.2f} epochs of "
           f"{d['train_tokens']:,}), {b['evals']} curve evaluations of {b['eval_iters']} batches, "
           f"final score on every window of the report split (test.bin, {d['test_tokens']:,} "
           f"tokens)")
-    print(f"runs: {grid_runs} grid + {seed_runs} more seeds = {grid_runs + seed_runs} trainings "
+    print(f"runs: {grid_runs} grid + {seed_runs} report seeds = {grid_runs + seed_runs} trainings "
           f"(+ any grid extensions), and {init_runs} untrained checkpoints for the head analysis "
           f"of {', '.join(v for v in plan['variants'] if v in HEAD_ARMS) or 'none'}")
     min_p = smallest_adjusted_p(n, len(arms))
@@ -688,7 +725,7 @@ def dry_run(args, plan):
                                           / b["batch_size"]) for s in ("val", "test"))
             run_s = (b["iters"] * train_s
                      + eval_s * ((b["evals"] + 1) * 2 * b["eval_iters"] + final_batches))
-            total += run_s * (len(grid) + n - 1)
+            total += run_s * (len(grid) + n)
             print(f"  {v:16s} {train_s * 1000:7.0f} ms/step -> {run_s / 60:6.1f} min per run")
         done = sum(1 for v in plan["variants"] for p in (plan["records"] / v).glob(
             "lr*/seed*/summary.json"))

@@ -60,18 +60,22 @@ def compressed_coding_rate(Z, subspaces, eps=0.5):
 # (b) Heuristic: the Neumann series (I + βG)⁻¹ = I − βG + β²G² − …, cut after the second term:
 #         −∇_Z R^c ≈ Σ_k (−β W_k + β² G_k W_k) U_kᵀ                  (neumann_descent_direction)
 #     accurate to O(β³) only while β·λ_max(G_k) < 1. Where the model runs, this number is far
-#     above 1 (about 50 at PRISM-50M's initialisation on isotropic tokens, thousands in a trained
-#     cpu-small PRISM: analyze_heads.py reports it per layer as `neumann_radius`): the series does
-#     not converge there, and the steps below are motivated by it, not implied.
-# (c) Heuristic: the softmax replaces the similarity G_k in the second-order term (not the inverse:
-#     replacing (I + βG)⁻¹ itself by a softmax points away from −∇R^c: on random tokens the two
-#     have a negative cosine, which the tests check), made causal for language: row t of
-#     softmax(G_k/√p) weighs the tokens s ≤ t.
-# (d) Heuristic: the first-order term −β W_k U_kᵀ is dropped (for a complete orthonormal dictionary
-#     it is the uniform shrink −βZ; here it is not), and β² goes into a learned step.
+#     above 1 (about 110 at PRISM-50M's initialisation on isotropic tokens, thousands in a trained
+#     cpu-small PRISM: analyze_heads.py reports it per layer as `neumann_radius`), and there even
+#     the two-term series points uphill (negative cosine with −∇R^c).
+# (c) A construction choice (CRATE's): keep only the second-order term, with a causal softmax in
+#     place of the similarity G_k: row t of softmax(G_k/√p) weighs the tokens s ≤ t.
+# (d) The first-order term −β W_k U_kᵀ is dropped (for a complete orthonormal dictionary it is
+#     the uniform shrink −βZ; here it is not), and β² goes into a learned step.
 # What is left is multi-head self-attention with query = key = value = W_k, one head per subspace:
 #         Z ← Z + η Σ_k softmax_causal(W_k W_kᵀ/√p) W_k U_kᵀ.
-# It descends R^c alone: the expansion term +∇R(Z) of ΔR = R − R^c is not part of the layer.
+# This is not a descent step on R^c. The kept term on its own raises it: exactly, for one
+# subspace ⟨G_k W_k U_kᵀ, ∇R^c⟩ = β tr(W_kᵀ G_k (I + βG_k)⁻¹ W_k U_kᵀU_k) ≥ 0 (a trace of two
+# positive semi-definite products), and with the softmax the tests measure a negative cosine
+# between +U·SA and −∇R^c and a rise of R^c along it. In the truncated series all the descent
+# lives in the dropped shrink term. So the layer is CRATE's attention form, motivated by the
+# series, not implied by it; with a learned η and back-projection, training decides what it does.
+# The expansion term +∇R(Z) of ΔR = R − R^c is not part of the layer either.
 
 
 def compressed_rate_gradient(Z, subspaces, eps=0.5):
@@ -138,11 +142,6 @@ class PrismConfig:
     rho_init: bool = False           # dictionary init std 0.02/√ρ: the variance of ρ = 1
     mlp: str = "gelu"                # "gelu"; "ista": one sparse-coding step; "ista-tied": D₁ = D
 
-    @property
-    def mlp_width(self):
-        """The MLP's hidden width; the tied ISTA block's default 8d gives the GELU MLP's 8d²."""
-        return self.mlp_hidden or (8 if self.mlp == "ista-tied" else 4) * self.n_embd
-
     def __post_init__(self):
         if self.signal_heads == -1:
             self.signal_heads = self.n_head // 2
@@ -185,7 +184,7 @@ def _check(config, name, ok, why):
 # disjoint bands over the standard range (signal the slow half, noise the fast half of the twice
 # as dense ladder θ^(−i/p), i = 0 … p − 1): the clean form of "slow signal, fast noise" heads.
 # RoPE rotates q and k but not the value, which is one more way the layer departs from the
-# gradient of §2: for the rotated tokens, the exact form would rotate each value by R_{t−s} too.
+# gradient of §2: for the rotated tokens, the exact form would rotate each value by R_{s−t} too.
 
 
 def rotary_frequencies(head_dim, theta):
@@ -247,9 +246,9 @@ class PrismAttention(nn.Module):
     """One MSSA step (§2): Z ← Z + η Σ_k softmax_causal(W_k W_kᵀ/√p) W_k B_k,   W_k = Z U_k.
 
     Query, key and value are the same projection W_k = Z U_k (one head = one subspace, no separate
-    W_q, W_k, W_v), q = k are rotated by π-RoPE and v is not. Each term of the step is a heuristic
-    of §2 (truncated series, softmax for the similarity, shrink term dropped), not an exact
-    gradient; the tests check the exact parts and how far the heuristic parts are from them.
+    W_q, W_k, W_v), q = k are rotated by π-RoPE and v is not. The step is CRATE's form, built
+    from the second-order term of a truncated series (§2), not a gradient step: that term alone
+    raises R^c, and the tests check the exact parts and how far the rest is from them.
 
     The overcomplete dictionary. U = [U_1 … U_H] ∈ R^{d×H·p} with ρ = H·p/d > 1 (default 2): more
     subspaces than dimensions to explain the tokens with. Sharing q = k = v pays for it: ρ = 2
@@ -258,13 +257,15 @@ class PrismAttention(nn.Module):
     The back-projection B_k into R^d. Decoupled (the default): a learned d×H·p matrix, which is
     what CRATE's attention itself does with its output projection (CRATE-α's "decoupled
     dictionary" is in its sparse-coding MLP block, not in attention). Tied: B_k = U_kᵀ with one
-    learned scalar η, the form §2 derives and stricter than any reference model; η is learned
-    freely, so it may change sign and turn the step into ascent.
+    learned scalar η, the form of §2 and stricter than any reference model; η is learned freely:
+    with η > 0, the sign of §2, the step raises R^c to first order, a learned η < 0 would make it
+    descent-aligned.
 
-    A consequence of q = k: a token's score with itself is ‖w_t‖², and w_tᵀw_s ≤ ‖w_t‖‖w_s‖
-    (Cauchy–Schwarz; RoPE keeps norms), so among keys no longer than w_t the token itself scores
-    highest. Every head leans towards self-attention; analyze_heads reports the self-attention
-    mass and the distance without self, so "local" is not mistaken for "attends to itself".
+    A consequence of q = k (sharing "qkv" or "qk"): a token's score with itself is ‖w_t‖², and
+    w_tᵀw_s ≤ ‖w_t‖‖w_s‖ (Cauchy–Schwarz; RoPE keeps norms), so the token scores at least as high
+    as any key no longer than itself. Every head leans towards self-attention; analyze_heads
+    reports the self-attention mass and the distance without self, so "local" is not mistaken
+    for "attends to itself".
     """
 
     def __init__(self, config):
@@ -394,14 +395,17 @@ def explicit_attention(q, k, v, record, window=None, attn_mask=None):
 # -----------------------------------------------------------------------------
 # 5. The rest of the block is deliberately conventional (PRISM.md §5): pre-norm residual,
 # LayerNorm, a GELU MLP of width 4d, tied input/output embeddings, no learned positions.
-# The white-box alternative to the MLP (mlp = "ista", CRATE / CRATE-α): one step of ISTA on the
-# non-negative LASSO of each token z ∈ R^d against a dictionary D ∈ R^{d×m},
+# The white-box alternative to the MLP (mlp = "ista"): one step of ISTA on the non-negative LASSO
+# of each token z ∈ R^d against a dictionary D ∈ R^{d×m},
 #     min_{a ≥ 0} ½‖z − D a‖² + λ‖a‖₁,
 # whose proximal-gradient step is a ← ReLU(a + η Dᵀ(z − D a) − ηλ) (exact ISTA; it decreases
-# the objective for η ≤ 1/λ_max(DᵀD)). Unrolled once from a = 0: a = ReLU(η Dᵀz − ηλ), and the
-# block adds the reconstruction D a to the residual. "ista-tied" keeps D₁ = D (strict: one
-# dictionary, a learned step η and threshold λ per atom); "ista" learns the encoder D₁ in place
-# of ηDᵀ (CRATE-α's decoupled dictionary), which makes it a ReLU MLP with a learned threshold.
+# the objective for η ≤ 1/λ_max(DᵀD) and λ ≥ 0). CRATE takes this step with a complete d×d
+# dictionary from a = z and outputs the code itself; CRATE-α makes D overcomplete, starts from
+# a = 0, decouples the encoder and adds the reconstruction D a to the residual, as here:
+# a = ReLU(η Dᵀz − ηλ), x ← x + D a. "ista-tied" keeps one dictionary (learned step η and
+# threshold λ per atom); "ista" learns the encoder D₁ in place of ηDᵀ, which makes it a ReLU MLP
+# with a learned threshold. η and λ are learned without constraints, so the descent guarantee
+# holds for the step as derived, not necessarily for the trained values.
 
 
 def ista_step(z, D, threshold, step, a=None):
@@ -417,10 +421,16 @@ def lasso_objective(z, D, threshold, a):
     return 0.5 * (z - F.linear(a, D)).pow(2).sum(-1) + (a * threshold).sum(-1)
 
 
+def mlp_width(config):
+    """The MLP's hidden width (any arch's config): mlp_hidden, or by default 4d — 8d for the tied
+    ISTA block, whose one d×8d dictionary holds the GELU MLP's 8d² weights."""
+    return config.mlp_hidden or (8 if getattr(config, "mlp", "gelu") == "ista-tied" else 4) * config.n_embd
+
+
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        hidden = config.mlp_hidden or 4 * config.n_embd
+        hidden = mlp_width(config)
         self.fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
         self.proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
@@ -434,7 +444,7 @@ class SparseCodingMLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        width = config.mlp_width
+        width = mlp_width(config)
         self.tied = config.mlp == "ista-tied"
         self.proj = nn.Linear(width, config.n_embd, bias=False)  # the dictionary D (d × m)
         self.encoder = None if self.tied else nn.Linear(config.n_embd, width, bias=False)  # D₁
@@ -728,6 +738,15 @@ class Prism(LanguageModel):
         if config.rho_init:  # ρ times the directions at 1/ρ the variance: ‖U‖_F² of ρ = 1
             for block in self.transformer.h:
                 nn.init.normal_(block.attn.dictionary.weight, std=0.02 / math.sqrt(self.overcompleteness))
+
+    def flops_per_token(self):
+        """The base count, plus the second use of each tied matrix: the tied back-projection
+        reads the dictionary again (d·H·p per layer), the tied ISTA block its D (d·m per layer);
+        6·params counts a weight once."""
+        c = self.config
+        reused = (c.n_embd * c.n_head * c.head_dim if c.tie_dictionary else 0) + (
+            c.n_embd * mlp_width(c) if c.mlp == "ista-tied" else 0)
+        return super().flops_per_token() + 6 * c.n_layer * reused
 
     @property
     def overcompleteness(self):

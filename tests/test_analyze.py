@@ -485,7 +485,9 @@ def test_neumann_radius_is_far_above_one_at_paper_scale():
     U = 0.02 * torch.randn(2, 64, 512, generator=g, dtype=torch.float64)
     Z = torch.randn(1024, 512, generator=g, dtype=torch.float64)
     radius = ah.mcr2_diagnostics(Z, U, 0.5)["neumann_radius"]
-    assert radius > 40  # p·d·0.02²/ε² ≈ 52 times the random-matrix edge: the series diverges
+    # p·d·0.02²/ε² ≈ 52 is the bulk of the spectrum; the largest eigenvalue of W_kᵀW_k sits
+    # above it by the random-matrix edge factors of both Z and U_k: ≈ 110 here (PRISM.md §2)
+    assert 80 < radius < 150
 
 
 def test_pooled_bimodality_misses_a_designed_split_that_the_label_test_finds():

@@ -108,11 +108,18 @@ def test_one_ista_step_decreases_the_lasso_objective():
     a2 = ista_step(z, D, lam, eta, a1)
     f0, f1, f2 = (lasso_objective(z, D, lam, a) for a in (a0, a1, a2))
     assert (f1 < f0).all() and (f2 <= f1 + 1e-12).all() and (a1 >= 0).all()
-    # the tied block computes exactly this step with its own dictionary, threshold and step
+    # the step written out with matrices, tokens as columns: ReLU(η Dᵀz − ηλ)
+    by_hand = torch.relu(eta * (D.T @ z.T) - eta * lam[:, None]).T
+    assert torch.allclose(a1, by_hand)
+    # the tied block is D·ReLU(η Dᵀz − ηλ) with its own dictionary, threshold and step
     block = tiny(mlp="ista-tied").transformer.h[0].mlp
-    x = torch.randn(5, 32)
-    code = ista_step(x, block.proj.weight, block.threshold, block.step)
-    assert torch.allclose(block(x), block.proj(code))
+    with torch.no_grad():
+        block.threshold.uniform_(0, 0.01)
+        block.step.fill_(0.7)
+    x = torch.randn(5, 32, generator=g)
+    Dt = block.proj.weight                                   # D, (d, m)
+    expected = (Dt @ torch.relu(0.7 * (Dt.T @ x.T) - 0.7 * block.threshold[:, None])).T
+    assert torch.allclose(block(x), expected, atol=1e-6)
 
 
 def test_every_candidate_variant_is_matched_to_prism_at_every_preset():

@@ -45,9 +45,9 @@ def test_dry_run_shows_the_whole_plan_and_trains_nothing(report_data, tmp_path, 
         params = count_params(*variant_args("cpu-small", arm, 513))
         assert f"{arm:16s} {params:>11,}" in text and f"{arm:16s}" in text.split("estimated")[0]
     assert "learning-rate grid: 0.001, 0.002, 0.004, 0.008, 0.016 (x2 apart" in text
-    assert "seeds: 1, 2, 3, 4, 5, 6, 7, 8 (8)" in text
+    assert "report seeds: 2, 3, 4, 5, 6, 7, 8, 9 (8), paired; the grid seed 1 only picks" in text
     assert f"per run: {iters} iterations x 2,048 tokens = {iters * 2048:,} tokens (4.00 epochs" in text
-    assert "runs: 30 grid + 42 more seeds = 72 trainings" in text
+    assert "runs: 30 grid + 48 report seeds = 78 trainings" in text
     assert "Holm-adjusted p at least 0.03906 — below 0.05" in text
     assert "ms/step" in text and "estimated time:" in text and " h in one process" in text
     assert f"records: {tmp_path / 'rec' / 'cpu-small'}/<variant>/lr<lr>/seed<seed>/" in text
@@ -59,7 +59,7 @@ def test_dry_run_shows_the_whole_plan_and_trains_nothing(report_data, tmp_path, 
 def test_dry_run_warns_when_the_seeds_cannot_reach_significance(report_data, tmp_path, capsys):
     code, out = run_compare(capsys, f"--data_dir={report_data}", "--seeds=1,2,3,4,5",
                             "--time_steps=0", "--dry_run", f"--records={tmp_path}")
-    assert code == 0 and "Holm-adjusted p at least 0.3125 — NOT below 0.05" in out.out
+    assert code == 0 and "Holm-adjusted p at least 0.625 — NOT below 0.05" in out.out  # 4 report seeds
 
 
 def test_smallest_attainable_adjusted_p():
@@ -217,7 +217,7 @@ def test_head_contrasts_pair_trained_untrained_and_the_two_arms(monkeypatch):
 def test_a_tiny_study_leaves_records_resumes_and_reports_from_records_alone(
         report_data, tmp_path, capsys, monkeypatch):
     records, results = tmp_path / "results", tmp_path / "docs" / "RESULTS.md"
-    argv = [f"--data_dir={report_data}", "--preset=cpu-small", "--epochs=0.015", "--seeds=2,3",
+    argv = [f"--data_dir={report_data}", "--preset=cpu-small", "--epochs=0.015", "--seeds=2,3,4",
             "--archs=prism,gpt2", "--lrs=1e-3,2e-3", "--max_extensions=0", "--evals=2",
             "--eval_iters=1", "--analysis_batches=1", f"--out_dir={tmp_path / 'runs'}",
             f"--records={records}", f"--results={results}"]
@@ -228,6 +228,7 @@ def test_a_tiny_study_leaves_records_resumes_and_reports_from_records_alone(
     assert f"| prism | {params:,} |" in section and "| gpt2 |" in section
     assert "still at the grid's edge" in section  # two rates, no growth allowed
     assert "Holm-corrected over the 1 arms" in section
+    assert "report seeds 3, 4 " in section and "at seed 2, a seed that is not reported" in section
     # the head contrasts of analyze_heads, per layer, trained against untrained
     assert "*prism trained − prism untrained*" in section and "log_distance_no_self" in section
     assert "| 3 | " in section  # the last of cpu-small's 4 layers
@@ -239,7 +240,7 @@ def test_a_tiny_study_leaves_records_resumes_and_reports_from_records_alone(
     chosen = "lr0.001" if grid_best["selection_loss"] <= json.loads(
         (rec / "prism" / "lr0.002" / "seed2" / "summary.json").read_text())["selection_loss"] \
         else "lr0.002"
-    for seed in (2, 3):
+    for seed in (3, 4):  # the report seeds; seed 2 only ran the grid
         run = rec / "prism" / chosen / f"seed{seed}"
         s = json.loads((run / "summary.json").read_text())
         assert s["seed"] == seed and s["budget"]["iters"] == 2 and s["report_loss"] > 0
@@ -277,5 +278,23 @@ def test_a_tiny_study_leaves_records_resumes_and_reports_from_records_alone(
     code, out = run_compare(capsys, *[a.replace("--epochs=0.015", "--epochs=0.03") for a in argv])
     assert code == 1 and "record of another study (its budget differs)" in out.err
     # --report_only with a run missing stops at it.
-    code, out = run_compare(capsys, *alone, "--seeds=2,3,4", "--report_only")
-    assert code == 1 and "no record" in out.err and "seed4" in out.err
+    code, out = run_compare(capsys, *alone, "--seeds=2,3,4,5", "--report_only")
+    assert code == 1 and "no record" in out.err and "seed5" in out.err
+
+
+def test_a_checkpoint_carrying_code_in_the_runs_folder_is_refused(report_data, tmp_path, capsys,
+                                                                  unsafe_ckpt):
+    import shutil
+
+    from conftest import unsafe_message
+
+    path, marker = unsafe_ckpt
+    run_dir = tmp_path / "runs" / "cpu-small" / "prism" / "lr0.001" / "seed2"
+    run_dir.mkdir(parents=True)
+    shutil.copy(path, run_dir / "ckpt.pt")
+    code, out = run_compare(capsys, f"--data_dir={report_data}", "--preset=cpu-small",
+                            "--epochs=0.015", "--seeds=2,3", "--archs=prism", "--lrs=1e-3",
+                            "--evals=2", f"--out_dir={tmp_path / 'runs'}",
+                            f"--records={tmp_path / 'rec'}", f"--results={tmp_path / 'R.md'}")
+    assert code == 1 and out.err.strip().splitlines()[-1] == unsafe_message(run_dir / "ckpt.pt")
+    assert not marker.exists()
