@@ -36,6 +36,8 @@ The protocol. Every run is train.py's train() and every head analysis is analyze
      an unfinished run resumes. --report_only re-makes the tables and the figure from the records
      alone. Runs are independent: processes with disjoint --archs can share one records folder.
 The report goes between this preset's markers in --results, the curves to --figure.
+--screen (issue 12) runs step 3 only, at the first seed, and writes one table of each arm's best
+selection-split loss: which candidates deserve the full protocol, not a comparison.
 """
 
 import argparse
@@ -98,6 +100,10 @@ def build_parser():
                    help="the curve figure; default: compare_<preset>.png beside --results")
     p.add_argument("--time_steps", type=int, default=3,
                    help="training steps the dry run times per arm for its estimate (0: none)")
+    p.add_argument("--screen", action="store_true",
+                   help="screening (issue 12): only each arm's learning-rate grid at the first "
+                        "seed, and one table of the best selection-split losses; no report "
+                        "seeds, no statistics")
     p.add_argument("--dry_run", action="store_true",
                    help="check the plan and print it (arms, sizes, grid, seeds, budget, runs, "
                         "time); train nothing")
@@ -153,9 +159,9 @@ def make_plan(args):
         raise CompareError(str(e)) from None
     seeds = _numbers(args.seeds, "seeds", int)
     grid = sorted(_numbers(args.lrs, "lrs"))
-    if len(seeds) < 2 or not grid or not variants:
-        raise CompareError("need at least two seeds (the grid seed and a report seed), one "
-                           "learning rate and one arch")
+    if len(seeds) < (1 if args.screen else 2) or not grid or not variants:
+        raise CompareError("need at least two seeds (the grid seed and a report seed; one with "
+                           "--screen), one learning rate and one arch")
     if len(set(seeds)) != len(seeds) or len(set(variants)) != len(variants):
         raise CompareError("--seeds and --archs must not repeat an entry")
     if any(not math.isclose(b / a, 2, rel_tol=1e-6) for a, b in zip(grid, grid[1:])):
@@ -380,19 +386,25 @@ def read_curve(rec):
 # The study
 
 
+def choose_arm_lr(args, plan, variant):
+    """{lr, grid, added, at_edge}: the arm's grid at the grid seed, grown at an edge."""
+    lr, grid, added, at_edge = choose_lr(
+        plan["grid"],
+        lambda lr: run_once(args, plan, variant, lr, plan["grid_seed"])["selection_loss"],
+        args.max_extensions)
+    return dict(lr=lr, grid=grid, added=added, at_edge=at_edge)
+
+
 def run_study(args, plan):
     """{variant: {lr, grid: {lr: loss}, added, at_edge, runs: [summary per seed], curves,
     heads, init_heads}}: trains what is not recorded (nothing with --report_only)."""
     out = {}
     for v in plan["variants"]:
-        lr, grid, added, at_edge = choose_lr(
-            plan["grid"],
-            lambda lr, v=v: run_once(args, plan, v, lr, plan["grid_seed"])["selection_loss"],
-            args.max_extensions)
+        out[v] = choose_arm_lr(args, plan, v)
+        lr = out[v]["lr"]
         runs = [run_once(args, plan, v, lr, s) for s in plan["seeds"]]
         recs = [record_dir(plan, v, lr, s) for s in plan["seeds"]]
-        out[v] = dict(lr=lr, grid=grid, added=added, at_edge=at_edge, runs=runs,
-                      curves=[read_curve(r) for r in recs])
+        out[v].update(runs=runs, curves=[read_curve(r) for r in recs])
         if v in HEAD_ARMS:
             out[v]["heads"] = [json.loads((r / "heads.json").read_text()) for r in recs]
             out[v]["init_heads"] = [init_heads(args, plan, v, s) for s in plan["seeds"]]
@@ -502,6 +514,44 @@ def lr_note(s):
     return f"{s['lr']:g} ({note})"
 
 
+def grid_table(args, plan, study):
+    """The learning-rate grid of every arm: selection-split loss per rate, the chosen one bold."""
+    all_lrs = sorted({lr for s in study.values() for lr in s["grid"]})
+    lines = [f"Learning-rate grid: loss on the whole selection split at seed "
+             f"{plan['grid_seed']}, full budget; **bold** = chosen; rates beyond --lrs were "
+             f"added because the best was at an edge (at most {args.max_extensions}).", "",
+             "| variant | " + " | ".join(f"{lr:g}" for lr in all_lrs) + " | note |",
+             "|---|" + "---:|" * len(all_lrs) + "---|"]
+    for v, s in study.items():
+        cells = [("**{:.4f}**" if lr == s["lr"] else "{:.4f}").format(s["grid"][lr])
+                 if lr in s["grid"] else "" for lr in all_lrs]
+        note = lr_note(s).partition(" (")[2].rstrip(")") or "interior"
+        lines.append(f"| {v} | " + " | ".join(cells) + f" | {note} |")
+    return lines
+
+
+def screen_report(args, plan, study):
+    """Issue 12's screening: each arm's best selection-split loss over its grid at one seed. A
+    lead for which arms to take to the full protocol, not a comparison (one seed, and the
+    selection split both picks the rate and scores it)."""
+    b = plan["budget"]
+    best = {v: s["grid"][s["lr"]] for v, s in study.items()}
+    ref = best.get(REFERENCE)
+    lines = [f"## Screening at preset `{args.preset}`", "",
+             f"Screen: `{study_command(args)} --screen` (records in `{plan['records']}`). One "
+             f"seed ({plan['grid_seed']}), {b['iters']} iterations of {plan['tokens_per_iter']:,} "
+             f"tokens per run ({plan['epochs']:.2f} epochs); the loss is the best of each arm's "
+             f"grid on the whole selection split. One seed and a selected score: a lead for the "
+             f"full protocol, not a result.", "",
+             f"| variant | params | FLOPs/token | best lr | best selection loss | Δ vs {REFERENCE} |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for v, s in sorted(study.items(), key=lambda kv: best[kv[0]]):
+        delta = f"{best[v] - ref:+.4f}" if ref is not None else "n/a"
+        lines.append(f"| {v} | {plan['params'][v]:,} | {plan['flops'][v] / 1e6:.2f}M | "
+                     f"{lr_note(s)} | {best[v]:.4f} | {delta} |")
+    return "\n".join(lines + [""] + grid_table(args, plan, study) + [""])
+
+
 def report(args, plan, study, figure):
     d, b = plan["data"], plan["budget"]
     n, arms = len(plan["seeds"]), compared_arms(plan)
@@ -552,17 +602,7 @@ def report(args, plan, study, figure):
                   f"evaluation) at epoch {ranks['half']['epoch']:.2f} "
                   f"{'equals' if same else 'differs from'} the ranking at epoch "
                   f"{ranks['end']['epoch']:.2f}."]
-    all_lrs = sorted({lr for s in study.values() for lr in s["grid"]})
-    lines += ["", f"Learning-rate grid: loss on the whole selection split at seed "
-                  f"{plan['grid_seed']}, full budget; **bold** = chosen; rates beyond --lrs were "
-                  f"added because the best was at an edge (at most {args.max_extensions}).", "",
-              "| variant | " + " | ".join(f"{lr:g}" for lr in all_lrs) + " | note |",
-              "|---|" + "---:|" * len(all_lrs) + "---|"]
-    for v, s in study.items():
-        cells = [("**{:.4f}**" if lr == s["lr"] else "{:.4f}").format(s["grid"][lr])
-                 if lr in s["grid"] else "" for lr in all_lrs]
-        note = lr_note(s).partition(" (")[2].rstrip(")") or "interior"
-        lines.append(f"| {v} | " + " | ".join(cells) + f" | {note} |")
+    lines += [""] + grid_table(args, plan, study)
     contrasts = head_contrasts(study) if any(v in study for v in HEAD_ARMS) else []
     claim = claim_tests(contrasts)
     if claim:
@@ -685,7 +725,7 @@ def dry_run(args, plan):
     arms = compared_arms(plan)
     grid = plan["grid"]
     grid_runs = len(grid) * len(plan["variants"])
-    seed_runs = n * len(plan["variants"])
+    seed_runs = 0 if args.screen else n * len(plan["variants"])
     init_runs = n * len([v for v in plan["variants"] if v in HEAD_ARMS])
     print(f"arms ({len(plan['variants'])}; every one within ±5% of {REFERENCE}'s parameters, "
           f"checked):")
@@ -700,21 +740,30 @@ def dry_run(args, plan):
           + f"), each at seed {plan['grid_seed']} for the full budget, scored on the whole "
           f"selection split (val.bin, {d['val_tokens']:,} tokens)"
           + ("" if len(grid) >= 5 else "; fewer than 5 rates: not the issue-11 protocol"))
-    print(f"report seeds: {', '.join(map(str, plan['seeds']))} ({n}), paired; the grid seed "
-          f"{plan['grid_seed']} only picks the rate (its chosen run won a selection: not reported)")
+    if args.screen:
+        n = 0
+        print(f"screen: the grid at seed {plan['grid_seed']} only, one table of each arm's best "
+              f"selection-split loss (no report seeds, no statistics)")
+    else:
+        print(f"report seeds: {', '.join(map(str, plan['seeds']))} ({n}), paired; the grid seed "
+              f"{plan['grid_seed']} only picks the rate (its chosen run won a selection: not "
+              f"reported)")
     print(f"per run: {b['iters']} iterations x {plan['tokens_per_iter']:,} tokens = "
           f"{b['iters'] * plan['tokens_per_iter']:,} tokens ({plan['epochs']:.2f} epochs of "
           f"{d['train_tokens']:,}), {b['evals']} curve evaluations of {b['eval_iters']} batches, "
           f"final score on every window of the report split (test.bin, {d['test_tokens']:,} "
           f"tokens)")
+    init_runs = 0 if args.screen else init_runs
     print(f"runs: {grid_runs} grid + {seed_runs} report seeds = {grid_runs + seed_runs} trainings "
           f"(+ any grid extensions), and {init_runs} untrained checkpoints for the head analysis "
           f"of {', '.join(v for v in plan['variants'] if v in HEAD_ARMS) or 'none'}")
-    min_p = smallest_adjusted_p(n, len(arms))
-    print(f"statistics: {len(arms)} arms against {REFERENCE}; with {n} seeds the exact sign-flip "
-          f"p is at least {stats.min_sign_flip_pvalue(n):.4g} and the Holm-adjusted p at least "
-          f"{min_p:.4g}" + (" — below 0.05: the study can decide" if min_p < 0.05 else
-                            " — NOT below 0.05: add seeds, or no arm can be called different"))
+    if not args.screen:
+        min_p = smallest_adjusted_p(n, len(arms))
+        print(f"statistics: {len(arms)} arms against {REFERENCE}; with {n} seeds the exact "
+              f"sign-flip p is at least {stats.min_sign_flip_pvalue(n):.4g} and the Holm-adjusted "
+              f"p at least {min_p:.4g}" + (" — below 0.05: the study can decide" if min_p < 0.05
+                                           else " — NOT below 0.05: add seeds, or no arm can be "
+                                                "called different"))
     print(f"records: {plan['records']}/<variant>/lr<lr>/seed<seed>/ (summary.json, log.jsonl, "
           f"heads.json); checkpoints: {plan['runs']}/")
     if args.time_steps > 0:
@@ -749,6 +798,11 @@ def run(args):
           f"{args.preset}, {len(plan['variants'])} arms x {len(plan['seeds'])} "
           f"seeds, {plan['budget']['iters']} iters x {plan['tokens_per_iter']:,} tokens, grid "
           f"{', '.join(f'{lr:g}' for lr in plan['grid'])} -> {plan['records']}", flush=True)
+    if args.screen:
+        study = {v: choose_arm_lr(args, plan, v) for v in plan["variants"]}
+        write_section(args.results, f"{args.preset} screen", screen_report(args, plan, study))
+        print(f"wrote {args.results}")
+        return plan
     study = run_study(args, plan)
     figure = Path(args.figure or Path(args.results).parent / f"compare_{args.preset}.png")
     plot_curves(plan, study, figure, f"{args.preset}: selection-split loss at each arm's chosen "

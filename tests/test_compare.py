@@ -298,3 +298,27 @@ def test_a_checkpoint_carrying_code_in_the_runs_folder_is_refused(report_data, t
                             f"--records={tmp_path / 'rec'}", f"--results={tmp_path / 'R.md'}")
     assert code == 1 and out.err.strip().splitlines()[-1] == unsafe_message(run_dir / "ckpt.pt")
     assert not marker.exists()
+
+
+def test_screen_runs_only_the_grid_and_ranks_the_arms(report_data, tmp_path, capsys):
+    records, results = tmp_path / "results", tmp_path / "R.md"
+    argv = [f"--data_dir={report_data}", "--preset=cpu-small", "--epochs=0.015", "--seeds=2",
+            "--archs=prism,prism-no-self", "--lrs=1e-3,2e-3", "--max_extensions=0", "--evals=2",
+            "--eval_iters=1", "--analysis_batches=1", f"--out_dir={tmp_path / 'runs'}",
+            f"--records={records}", f"--results={results}", "--screen"]
+    code, out = run_compare(capsys, *argv[:-1], "--screen", "--dry_run", "--time_steps=0")
+    assert code == 0 and "screen: the grid at seed 2 only" in out.out
+    assert "runs: 4 grid + 0 report seeds = 4 trainings" in out.out
+    code, out = run_compare(capsys, *argv)
+    assert code == 0, out.err
+    section = results.read_text()
+    assert "## Screening at preset `cpu-small`" in section and "--screen" in section
+    best = {}
+    for v in ("prism", "prism-no-self"):
+        losses = [json.loads((records / "cpu-small" / v / f"lr{lr}" / "seed2" / "summary.json")
+                             .read_text())["selection_loss"] for lr in ("0.001", "0.002")]
+        best[v] = min(losses)
+        assert f"| {best[v]:.4f} |" in section
+    assert f"| {best['prism-no-self'] - best['prism']:+.4f} |" in section
+    assert "| +0.0000 |" in section                     # prism against itself
+    assert not list(records.rglob("seed3"))              # no report seeds were trained
