@@ -3,8 +3,9 @@ PRISM: the transformer as a signal-denoising operator derived from MCR² (arXiv 
 
 This file reads top to bottom like the derivation (docs/PRISM.md holds the design):
   1. the coding rate R and the rate reduction ΔR, the objective everything is derived from;
-  2. attention from a gradient step on the compressed rate R^c: what is exact (the gradient) and
-     what is heuristic (the series truncation, the softmax, the dropped term) — both executable;
+  2. attention from a gradient step on the compressed rate R^c: what is exact (the gradient), what
+     is heuristic (the series truncation, the softmax, the dropped term), and why the result is
+     not itself a descent step — each statement executable and tested;
   3. constraint 1, the overcomplete dictionary: q = k = v = Z U_k with H·p > d;
   4. constraint 2, π-RoPE: the noise heads' frequency band is the signal band shifted up ×π;
   5. the conventional rest: pre-norm block, GELU MLP, tied embeddings;
@@ -70,8 +71,8 @@ def compressed_coding_rate(Z, subspaces, eps=0.5):
 # What is left is multi-head self-attention with query = key = value = W_k, one head per subspace:
 #         Z ← Z + η Σ_k softmax_causal(W_k W_kᵀ/√p) W_k U_kᵀ.
 # This is not a descent step on R^c. The kept term on its own raises it: exactly, for one
-# subspace ⟨G_k W_k U_kᵀ, ∇R^c⟩ = β tr(W_kᵀ G_k (I + βG_k)⁻¹ W_k U_kᵀU_k) ≥ 0 (a trace of two
-# positive semi-definite products), and with the softmax the tests measure a negative cosine
+# subspace ⟨G_k W_k U_kᵀ, ∇R^c⟩ = β tr(W_kᵀ G_k (I + βG_k)⁻¹ W_k · U_kᵀU_k) ≥ 0 (the trace of a
+# product of two positive semi-definite matrices), and with the softmax the tests measure a negative cosine
 # between +U·SA and −∇R^c and a rise of R^c along it. In the truncated series all the descent
 # lives in the dropped shrink term. So the layer is CRATE's attention form, motivated by the
 # series, not implied by it; with a learned η and back-projection, training decides what it does.
