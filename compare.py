@@ -577,8 +577,9 @@ def report(args, plan, study, figure):
         f"{n} seeds, Holm-corrected over the {len(arms)} arms. With {n} seeds no p can be below "
         f"{stats.min_sign_flip_pvalue(n):.4g} and no Holm-adjusted p below "
         f"{smallest_adjusted_p(n, len(arms)):.4g}. FLOPs/token: training FLOPs per token, 6 per "
-        f"weight plus the attention scores and mixing (12·L·H·p·T), the latter in brackets.", "",
-        f"| variant | params | FLOPs/token (attention) | lr | report loss | bits/byte | "
+        f"weight use plus the attention scores and mixing (12·L·H·p·T); in brackets what goes "
+        f"beyond 6 per weight: the attention matmuls, and a tied matrix's second use.", "",
+        f"| variant | params | FLOPs/token (beyond 6/weight) | lr | report loss | bits/byte | "
         f"Δ vs {REFERENCE} [95% CI] | p (Holm) | rank, epoch {ranks['half']['epoch']:.2f} | "
         f"rank, epoch {ranks['end']['epoch']:.2f} |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -729,7 +730,7 @@ def dry_run(args, plan):
     init_runs = n * len([v for v in plan["variants"] if v in HEAD_ARMS])
     print(f"arms ({len(plan['variants'])}; every one within ±5% of {REFERENCE}'s parameters, "
           f"checked):")
-    print(f"  {'variant':16s} {'params':>11s} {'FLOPs/token':>12s} {'(attention)':>12s}")
+    print(f"  {'variant':16s} {'params':>11s} {'FLOPs/token':>12s} {'(beyond 6/weight: attention, tied reuse)'}")
     for v in plan["variants"]:
         f = plan["flops"][v]
         print(f"  {v:16s} {plan['params'][v]:>11,} {f / 1e6:>11.2f}M "
