@@ -24,18 +24,20 @@ The protocol. Every run is train.py's train() and every head analysis is analyze
   4. Seeds: the other seeds of --seeds are the report seeds. A seed fixes the initialisation and
      the data order, so every arm sees the same batches and arms are compared seed by seed.
   5. Statistics (stats.py): per arm, the per-seed difference of its report-split loss from
-     PRISM's; mean, Student-t 95% interval, exact sign-flip p, Holm-corrected over the arms. The
+     the reference arm's (--reference, PRISM by default); mean, Student-t 95% interval, exact sign-flip p, Holm-corrected over the arms. The
      sign-flip test cannot go below 2/2^n for n seeds: the dry run says what the seeds allow.
   6. Heads: prism and prism-pi-off are analysed after training and at their initialisation (the
      model train.py builds for that seed, saved by a run of 0 iterations); the per-layer
-     signal-minus-noise contrasts of analyze_heads.py are tested across seeds.
-  7. Records: each finished run leaves summary.json, log.jsonl (its curve) and, for the head arms,
-     heads.json under --records/<preset>/<variant>/lr<lr>/seed<seed>/ (untrained:
+     signal-minus-noise contrasts of analyze_heads.py are tested across seeds. Other PRISM-arch
+     arms (issue 12's candidates) get their trained heads analysed too, reported as exploratory.
+  7. Records: each finished run leaves summary.json, log.jsonl (its curve) and, for PRISM-arch
+     arms, heads.json under --records/<preset>/<variant>/lr<lr>/seed<seed>/ (untrained:
      .../<variant>/init/seed<seed>/): small files meant to be committed. A record is a finished
      run (one made with another budget or data is refused); checkpoints stay in --out_dir, where
      an unfinished run resumes. --report_only re-makes the tables and the figure from the records
      alone. Runs are independent: processes with disjoint --archs can share one records folder.
-The report goes between this preset's markers in --results, the curves to --figure.
+The report goes between the markers of its section (--section, the preset by default) in
+--results, the curves to --figure.
 --screen (issue 12) runs step 3 only, at the first seed, and writes one table of each arm's best
 selection-split loss: which candidates deserve the full protocol, not a comparison.
 """
@@ -54,7 +56,7 @@ from baselines import PRESETS, VARIANTS, check_preset, model_size, variant_args
 
 STUDY_ARMS = ("prism", "prism-pi-off", "prism-complete", "gpt2", "gemma3", "rope-attention")
 HEAD_ARMS = ("prism", "prism-pi-off")  # the claim: head regimes with π-RoPE, weaker without
-REFERENCE = "prism"                    # every arm's difference is taken from it
+REFERENCE = "prism"                    # by default every arm's difference is taken from it
 # What makes two runs the same run: a record whose values differ is another study's.
 BUDGET_KEYS = ("iters", "batch_size", "block_size", "warmup_iters", "min_lr_ratio", "evals",
                "eval_iters", "analysis_batches")
@@ -84,6 +86,11 @@ def build_parser():
     p.add_argument("--epochs", type=float, default=4.0,
                    help="training tokens per run, in passes over train.bin")
     p.add_argument("--batch_size", type=int, default=16, help="sequences per iteration")
+    p.add_argument("--reference", default=REFERENCE,
+                   help="the arm every other one is compared with, seed by seed (one of --archs)")
+    p.add_argument("--section", default=None,
+                   help="name of the section of --results to write (its markers); default: the "
+                        "preset, '<preset> screen' with --screen")
     p.add_argument("--lrs", default="1e-3,2e-3,4e-3,8e-3,1.6e-2",
                    help="the learning-rate grid, rates x2 apart (one rate: no grid)")
     p.add_argument("--max_extensions", type=int, default=3,
@@ -97,7 +104,7 @@ def build_parser():
                                                           "(committed)")
     p.add_argument("--results", default="docs/RESULTS.md", help="markdown file to write into")
     p.add_argument("--figure", default=None,
-                   help="the curve figure; default: compare_<preset>.png beside --results")
+                   help="the curve figure; default: compare_<section>.png beside --results")
     p.add_argument("--time_steps", type=int, default=3,
                    help="training steps the dry run times per arm for its estimate (0: none)")
     p.add_argument("--screen", action="store_true",
@@ -164,6 +171,8 @@ def make_plan(args):
                            "--screen), one learning rate and one arch")
     if len(set(seeds)) != len(seeds) or len(set(variants)) != len(variants):
         raise CompareError("--seeds and --archs must not repeat an entry")
+    if args.reference not in variants and not args.screen:
+        raise CompareError(f"--reference={args.reference} is not one of --archs")
     if any(not math.isclose(b / a, 2, rel_tol=1e-6) for a, b in zip(grid, grid[1:])):
         raise CompareError(f"--lrs must be x2 apart (the grid grows by x2 at its edges), got {grid}")
     block_size = PRESETS[args.preset]["block_size"]
@@ -180,7 +189,8 @@ def make_plan(args):
                   warmup_iters=max(1, iters // 20), min_lr_ratio=0.1, evals=args.evals,
                   eval_iters=args.eval_iters, analysis_batches=args.analysis_batches)
     sizes = {v: model_size(*variant_args(args.preset, v, data["vocab_size"])) for v in variants}
-    return dict(preset=args.preset, data=data, variants=variants, grid_seed=seeds[0],
+    return dict(preset=args.preset, data=data, variants=variants, reference=args.reference,
+                grid_seed=seeds[0],
                 seeds=seeds[1:], grid=grid, budget=budget,
                 tokens_per_iter=tokens_per_iter, epochs=iters * tokens_per_iter / data["train_tokens"],
                 records=Path(args.records) / args.preset, runs=Path(args.out_dir) / args.preset,
@@ -189,7 +199,8 @@ def make_plan(args):
 
 
 def compared_arms(plan):
-    return [v for v in plan["variants"] if v != REFERENCE] if REFERENCE in plan["variants"] else []
+    ref = plan["reference"]
+    return [v for v in plan["variants"] if v != ref] if ref in plan["variants"] else []
 
 
 def smallest_adjusted_p(n_seeds, n_arms):
@@ -323,7 +334,7 @@ def run_once(args, plan, variant, lr, seed):
     d = plan["data"]
     rec.mkdir(parents=True, exist_ok=True)
     (rec / "log.jsonl").write_text((run_dir / "log.jsonl").read_text())
-    if variant in HEAD_ARMS:
+    if VARIANTS[variant][0] == "prism":  # the head arms, and any other variant's heads beside them
         _write_json(rec / "heads.json", analyze(args, run_dir / "ckpt.pt", run_dir / "analysis"),
                     indent=None)
     summary = dict(variant=variant, preset=args.preset, lr=lr, seed=seed, budget=plan["budget"],
@@ -408,6 +419,8 @@ def run_study(args, plan):
         if v in HEAD_ARMS:
             out[v]["heads"] = [json.loads((r / "heads.json").read_text()) for r in recs]
             out[v]["init_heads"] = [init_heads(args, plan, v, s) for s in plan["seeds"]]
+        elif all((r / "heads.json").is_file() for r in recs):  # exploratory, where recorded
+            out[v]["heads"] = [json.loads((r / "heads.json").read_text()) for r in recs]
     return out
 
 
@@ -435,9 +448,9 @@ def rankings(plan, study):
 
 
 def paired_differences(plan, study):
-    """{arm: paired_summary of its report loss minus PRISM's, seed by seed, + Holm's p}."""
+    """{arm: paired_summary of its report loss minus the reference's, seed by seed, + Holm's p}."""
     arms = compared_arms(plan)
-    ref = {r["seed"]: r["report_loss"] for r in study[REFERENCE]["runs"]} if arms else {}
+    ref = {r["seed"]: r["report_loss"] for r in study[plan["reference"]]["runs"]} if arms else {}
     out = {}
     for v in arms:
         diffs = [r["report_loss"] - ref[r["seed"]] for r in study[v]["runs"] if r["seed"] in ref]
@@ -460,6 +473,12 @@ def head_contrasts(study):
     if all(v in study for v in HEAD_ARMS):
         a, b = HEAD_ARMS
         tests.append((f"{a} − {b}, both trained", study[a]["heads"], study[b]["heads"]))
+    for v, s in study.items():  # other PRISM-arch arms (issue 12's candidates): exploratory
+        if v not in HEAD_ARMS and "heads" in s:
+            tests.append((f"{v} trained (against 0)", s["heads"], None))
+            if HEAD_ARMS[0] in study:
+                tests.append((f"{v} − {HEAD_ARMS[0]}, both trained", s["heads"],
+                              study[HEAD_ARMS[0]]["heads"]))
     rows = [(title, analyze_heads.contrast_test(t, c)) for title, t, c in tests]
     return [(title, r) for title, r in rows if r]
 
@@ -536,14 +555,15 @@ def screen_report(args, plan, study):
     selection split both picks the rate and scores it)."""
     b = plan["budget"]
     best = {v: s["grid"][s["lr"]] for v, s in study.items()}
-    ref = best.get(REFERENCE)
+    ref_arm = plan["reference"]
+    ref = best.get(ref_arm)
     lines = [f"## Screening at preset `{args.preset}`", "",
              f"Screen: `{study_command(args)} --screen` (records in `{plan['records']}`). One "
              f"seed ({plan['grid_seed']}), {b['iters']} iterations of {plan['tokens_per_iter']:,} "
              f"tokens per run ({plan['epochs']:.2f} epochs); the loss is the best of each arm's "
              f"grid on the whole selection split. One seed and a selected score: a lead for the "
              f"full protocol, not a result.", "",
-             f"| variant | params | FLOPs/token | best lr | best selection loss | Δ vs {REFERENCE} |",
+             f"| variant | params | FLOPs/token | best lr | best selection loss | Δ vs {ref_arm} |",
              "|---|---:|---:|---:|---:|---:|"]
     for v, s in sorted(study.items(), key=lambda kv: best[kv[0]]):
         delta = f"{best[v] - ref:+.4f}" if ref is not None else "n/a"
@@ -555,6 +575,7 @@ def screen_report(args, plan, study):
 def report(args, plan, study, figure):
     d, b = plan["data"], plan["budget"]
     n, arms = len(plan["seeds"]), compared_arms(plan)
+    ref_arm = plan["reference"]
     diffs = paired_differences(plan, study)
     ranks = rankings(plan, study)
     same = ranks["half"]["rank"] == ranks["end"]["rank"]
@@ -572,7 +593,7 @@ def report(args, plan, study, figure):
         f"grid's best on the whole selection split at seed {plan['grid_seed']}, a seed that is "
         f"not reported; the losses below are on every window of the report split, mean ± sample "
         f"sd over the report seeds.", "",
-        f"Δ vs {REFERENCE}: the mean over seeds of (arm − {REFERENCE}) report loss, paired by "
+        f"Δ vs {ref_arm}: the mean over seeds of (arm − {ref_arm}) report loss, paired by "
         f"seed, with its Student-t 95% interval; p: exact two-sided sign-flip test over the "
         f"{n} seeds, Holm-corrected over the {len(arms)} arms. With {n} seeds no p can be below "
         f"{stats.min_sign_flip_pvalue(n):.4g} and no Holm-adjusted p below "
@@ -580,7 +601,7 @@ def report(args, plan, study, figure):
         f"weight use plus the attention scores and mixing (12·L·H·p·T); in brackets what goes "
         f"beyond 6 per weight: the attention matmuls, and a tied matrix's second use.", "",
         f"| variant | params | FLOPs/token (beyond 6/weight) | lr | report loss | bits/byte | "
-        f"Δ vs {REFERENCE} [95% CI] | p (Holm) | rank, epoch {ranks['half']['epoch']:.2f} | "
+        f"Δ vs {ref_arm} [95% CI] | p (Holm) | rank, epoch {ranks['half']['epoch']:.2f} | "
         f"rank, epoch {ranks['end']['epoch']:.2f} |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -593,7 +614,7 @@ def report(args, plan, study, figure):
             delta = (f"{ds['mean']:+.4f} [{_fmt(ds['lo'], '+.4f')}, {_fmt(ds['hi'], '+.4f')}]")
             p = f"{ds['p_holm']:.3g}"
         else:
-            delta, p = ("—", "—") if v == REFERENCE else ("n/a", "n/a")
+            delta, p = ("—", "—") if v == ref_arm else ("n/a", "n/a")
         lines.append(
             f"| {v} | {plan['params'][v]:,} | {f / 1e6:.2f}M ({attn / 1e6:.2f}M) | {lr_note(s)} | "
             f"{_mean_sd([r['report_loss'] for r in rs])} | "
@@ -604,7 +625,7 @@ def report(args, plan, study, figure):
                   f"{'equals' if same else 'differs from'} the ranking at epoch "
                   f"{ranks['end']['epoch']:.2f}."]
     lines += [""] + grid_table(args, plan, study)
-    contrasts = head_contrasts(study) if any(v in study for v in HEAD_ARMS) else []
+    contrasts = head_contrasts(study) if any("heads" in s for s in study.values()) else []
     claim = claim_tests(contrasts)
     if claim:
         lines += ["", f"Head specialisation, the claim (PRISM.md §6; analyze_heads.py on the "
@@ -672,9 +693,9 @@ def plot_curves(plan, study, path, title):
     plt.close(fig)
 
 
-def write_section(path, preset, body):
-    """Put `body` between this preset's markers in the markdown file, replacing an older one."""
-    start, end = f"<!-- compare.py {preset} -->", f"<!-- /compare.py {preset} -->"
+def write_section(path, section, body):
+    """Put `body` between this section's markers in the markdown file, replacing an older one."""
+    start, end = f"<!-- compare.py {section} -->", f"<!-- /compare.py {section} -->"
     path = Path(path)
     text = path.read_text() if path.is_file() else "# Results\n"
     block = f"{start}\n{body.rstrip()}\n{end}\n"
@@ -728,12 +749,13 @@ def dry_run(args, plan):
     grid_runs = len(grid) * len(plan["variants"])
     seed_runs = 0 if args.screen else n * len(plan["variants"])
     init_runs = n * len([v for v in plan["variants"] if v in HEAD_ARMS])
-    print(f"arms ({len(plan['variants'])}; every one within ±5% of {REFERENCE}'s parameters, "
+    print(f"arms ({len(plan['variants'])}; every one within ±5% of prism's parameters, "
           f"checked):")
-    print(f"  {'variant':16s} {'params':>11s} {'FLOPs/token':>12s} {'(beyond 6/weight: attention, tied reuse)'}")
+    w = max(map(len, ["variant", *plan["variants"]]))
+    print(f"  {'variant':{w}s} {'params':>11s} {'FLOPs/token':>12s} {'(beyond 6/weight: attention, tied reuse)'}")
     for v in plan["variants"]:
         f = plan["flops"][v]
-        print(f"  {v:16s} {plan['params'][v]:>11,} {f / 1e6:>11.2f}M "
+        print(f"  {v:{w}s} {plan['params'][v]:>11,} {f / 1e6:>11.2f}M "
               f"{(f - 6 * plan['params'][v]) / 1e6:>11.2f}M")
     print(f"learning-rate grid: {', '.join(f'{lr:g}' for lr in grid)} (x2 apart"
           + (", grows by x2 while the best is at an edge, by at most "
@@ -760,7 +782,7 @@ def dry_run(args, plan):
           f"of {', '.join(v for v in plan['variants'] if v in HEAD_ARMS) or 'none'}")
     if not args.screen:
         min_p = smallest_adjusted_p(n, len(arms))
-        print(f"statistics: {len(arms)} arms against {REFERENCE}; with {n} seeds the exact "
+        print(f"statistics: {len(arms)} arms against {plan['reference']}; with {n} seeds the exact "
               f"sign-flip p is at least {stats.min_sign_flip_pvalue(n):.4g} and the Holm-adjusted "
               f"p at least {min_p:.4g}" + (" — below 0.05: the study can decide" if min_p < 0.05
                                            else " — NOT below 0.05: add seeds, or no arm can be "
@@ -776,7 +798,7 @@ def dry_run(args, plan):
             run_s = (b["iters"] * train_s
                      + eval_s * ((b["evals"] + 1) * 2 * b["eval_iters"] + final_batches))
             total += run_s * (len(grid) + n)
-            print(f"  {v:16s} {train_s * 1000:7.0f} ms/step -> {run_s / 60:6.1f} min per run")
+            print(f"  {v:{w}s} {train_s * 1000:7.0f} ms/step -> {run_s / 60:6.1f} min per run")
         done = sum(1 for v in plan["variants"] for p in (plan["records"] / v).glob(
             "lr*/seed*/summary.json"))
         print(f"estimated time: {total / 3600:.1f} h in one process (timed {args.time_steps} "
@@ -799,16 +821,18 @@ def run(args):
           f"{args.preset}, {len(plan['variants'])} arms x {len(plan['seeds'])} "
           f"seeds, {plan['budget']['iters']} iters x {plan['tokens_per_iter']:,} tokens, grid "
           f"{', '.join(f'{lr:g}' for lr in plan['grid'])} -> {plan['records']}", flush=True)
+    section = args.section or (f"{args.preset} screen" if args.screen else args.preset)
     if args.screen:
         study = {v: choose_arm_lr(args, plan, v) for v in plan["variants"]}
-        write_section(args.results, f"{args.preset} screen", screen_report(args, plan, study))
+        write_section(args.results, section, screen_report(args, plan, study))
         print(f"wrote {args.results}")
         return plan
     study = run_study(args, plan)
-    figure = Path(args.figure or Path(args.results).parent / f"compare_{args.preset}.png")
+    slug = section.replace(" ", "_")
+    figure = Path(args.figure or Path(args.results).parent / f"compare_{slug}.png")
     plot_curves(plan, study, figure, f"{args.preset}: selection-split loss at each arm's chosen "
                                      f"rate, mean over seeds (band: min to max)")
-    write_section(args.results, args.preset, report(args, plan, study, figure))
+    write_section(args.results, section, report(args, plan, study, figure))
     print(f"wrote {args.results} and {figure}")
     return plan
 

@@ -1,5 +1,6 @@
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -43,7 +44,8 @@ def test_dry_run_shows_the_whole_plan_and_trains_nothing(report_data, tmp_path, 
     text = out.out
     for arm in compare.STUDY_ARMS:  # every arm with its size and work
         params = count_params(*variant_args("cpu-small", arm, 513))
-        assert f"{arm:16s} {params:>11,}" in text and f"{arm:16s}" in text.split("estimated")[0]
+        assert re.search(rf"^  {arm} +{params:,} ", text, re.M)
+        assert re.search(rf"^  {arm} +\d+ ms/step", text.split("estimated")[0], re.M)
     assert "learning-rate grid: 0.001, 0.002, 0.004, 0.008, 0.016 (x2 apart" in text
     assert "report seeds: 2, 3, 4, 5, 6, 7, 8, 9 (8), paired; the grid seed 1 only picks" in text
     assert f"per run: {iters} iterations x 2,048 tokens = {iters * 2048:,} tokens (4.00 epochs" in text
@@ -155,7 +157,7 @@ def test_paired_differences_recover_a_known_shift_and_holm_scales_as_defined():
     seeds = list(range(1, 9))
     shifts = {"prism": 0.0, "big": 0.3, "small": -0.05, "none": 0.0}
     study = fake_study(shifts, seeds)
-    plan = {"variants": list(shifts)}
+    plan = {"variants": list(shifts), "reference": "prism"}
     diffs = compare.paired_differences(plan, study)
     assert set(diffs) == {"big", "small", "none"}
     for arm in ("big", "small"):
@@ -175,12 +177,18 @@ def test_paired_differences_recover_a_known_shift_and_holm_scales_as_defined():
     assert diffs["big"]["p_holm"] == diffs["small"]["p_holm"] == pytest.approx(3 * 2 / 2 ** 8)
     assert diffs["big"]["p_holm"] < 0.05
     assert diffs["none"]["p_holm"] >= diffs["small"]["p_holm"]
+    # another reference: every difference is taken from it instead
+    other = compare.paired_differences(plan | {"reference": "big"}, study)
+    assert set(other) == {"prism", "small", "none"}
+    assert other["prism"]["mean"] == pytest.approx(-0.3)
+    assert other["small"]["mean"] == pytest.approx(-0.35)
 
 
 def test_paired_differences_pair_by_seed_not_by_position():
     study = fake_study({"prism": 0.0, "arm": 0.1}, [1, 2, 3, 4, 5, 6])
     study["arm"]["runs"].reverse()
-    d = compare.paired_differences({"variants": ["prism", "arm"]}, study)["arm"]
+    d = compare.paired_differences({"variants": ["prism", "arm"], "reference": "prism"},
+                                   study)["arm"]
     assert d["lo"] < 0.1 < d["hi"] and d["sd"] < 0.05  # seed effects cancel only when paired
 
 
@@ -280,6 +288,16 @@ def test_a_tiny_study_leaves_records_resumes_and_reports_from_records_alone(
     # --report_only with a run missing stops at it.
     code, out = run_compare(capsys, *alone, "--seeds=2,3,4,5", "--report_only")
     assert code == 1 and "no record" in out.err and "seed5" in out.err
+    # The same records against another reference, into a section of its own: the first stays.
+    code, out = run_compare(capsys, *alone, "--report_only", "--reference=gpt2",
+                            "--section=against gpt2")
+    assert code == 0, out.err
+    text = results.read_text()
+    assert text.startswith(section.rstrip()) and "<!-- compare.py against gpt2 -->" in text
+    assert "Δ vs gpt2 [95% CI]" in text.split("against gpt2 -->")[1]
+    assert (tmp_path / "docs" / "compare_against_gpt2.png").is_file()
+    code, out = run_compare(capsys, *alone, "--report_only", "--reference=gemma3")
+    assert code == 1 and "--reference=gemma3 is not one of --archs" in out.err
 
 
 def test_a_checkpoint_carrying_code_in_the_runs_folder_is_refused(report_data, tmp_path, capsys,
@@ -322,3 +340,5 @@ def test_screen_runs_only_the_grid_and_ranks_the_arms(report_data, tmp_path, cap
     assert f"| {best['prism-no-self'] - best['prism']:+.4f} |" in section
     assert "| +0.0000 |" in section                     # prism against itself
     assert not list(records.rglob("seed3"))              # no report seeds were trained
+    # every PRISM-arch arm records its heads, a candidate too (exploratory contrasts beside it)
+    assert len(list((records / "cpu-small" / "prism-no-self").rglob("heads.json"))) == 2
