@@ -334,12 +334,16 @@ class PrismAttention(nn.Module):
             # (H, T, p) tensor per layer.
             k, v = cache.extend(k, v)
         mask = None
-        if self.sink_logit is not None:  # the sink: a zero key and value in front of the tokens
-            zeros = q.new_zeros(B, self.n_head, 1, self.head_dim)
+        if self.sink_logit is not None and (cache is not None or record is not None):
+            zeros = q.new_zeros(B, self.n_head, 1, self.head_dim)  # the sink: a zero key and value
             k, v = torch.cat((zeros, k), dim=2), torch.cat((zeros, v), dim=2)
             mask = self_masked_bias(T, k.shape[-2] - 1, self.sink_logit, q.dtype)
         if record is not None:
             y = explicit_attention(q, k, v, record, attn_mask=mask)
+        elif self.sink_logit is not None and mask is None:  # training: the same, as causal attention
+            q, k, v = sink_behind_shifted_keys(q, k, v, self.sink_logit)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.head_dim ** -0.5,
+                                               dropout_p=self.dropout if self.training else 0.0)
         elif mask is None:
             y = F.scaled_dot_product_attention(  # one new query sees every cached key: no mask
                 q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=T > 1)
@@ -369,6 +373,25 @@ def self_masked_bias(T, S, sink_logit, dtype):
     bias = torch.zeros(T, S, device=device, dtype=dtype).masked_fill(~allowed, float("-inf"))
     sink = sink_logit.to(dtype)[:, None, None].expand(-1, T, 1)
     return torch.cat((sink, bias.expand(sink_logit.shape[0], T, S)), dim=-1)
+
+
+def sink_behind_shifted_keys(q, k, v, sink_logit):
+    """mask_self's attention rewritten as plain causal attention, exactly: query t sees the sink
+    and keys 0..t−1, which are positions 0..t of [sink, k_0, ..., k_{T−2}]. The sink's learned
+    logit b rides on one extra channel (1 in every query, b·√p in the sink's key, 0 in the real
+    keys), so with the scale kept at 1/√p the real scores q·k/√p are unchanged and the sink's is
+    b. Zero channels pad q and k to a multiple of 8, where fused GPU kernels want them. Unlike
+    self_masked_bias this needs no (T, T) float mask, which keeps SDPA on its causal kernels."""
+    B, H, T, p = q.shape
+    pad = 8 - p % 8  # at least the one channel b needs
+    one, zero = q.new_ones(B, H, T, 1), q.new_zeros(B, H, T, pad - 1)
+    q = torch.cat((q, one, zero), dim=-1)
+    sink = (sink_logit.to(q.dtype) * math.sqrt(p))[None, :, None, None].expand(B, H, 1, 1)
+    sink_key = torch.cat((q.new_zeros(B, H, 1, p), sink, q.new_zeros(B, H, 1, pad - 1)), dim=-1)
+    shifted = torch.cat((k[:, :, :-1], q.new_zeros(B, H, T - 1, pad)), dim=-1)
+    k = torch.cat((sink_key, shifted), dim=2)
+    v = torch.cat((v.new_zeros(B, H, 1, v.shape[-1]), v[:, :, :-1]), dim=2)
+    return q, k, v
 
 
 def causal_mask(T, device, window=None):

@@ -73,6 +73,25 @@ def test_masked_diagonal_is_never_attended_except_through_the_sink():
         assert (sink[..., 1:] > 0).all() and (sink[..., 1:] < 1).all()
 
 
+def test_training_path_of_the_masked_diagonal_is_the_masked_attention_exactly():
+    """Training runs mask_self as causal attention over keys shifted behind the sink
+    (model.sink_behind_shifted_keys); the analysis path spells out the masked scores and the sink's
+    logit. With learned logits away from 0 (a wrong sign or scale of b shows) they agree, in the
+    loss and in its gradient."""
+    model = tiny(mask_self=True, head_temperature=True)
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.sink_logit.copy_(torch.tensor([-2.0, -0.5, 1.0, 3.0]))
+            block.attn.log_temperature.normal_(0, 0.3)
+    idx, targets = tokens(model), tokens(model, seed=1)
+    _, loss = model(idx, targets)
+    grads = torch.autograd.grad(loss, [b.attn.sink_logit for b in model.transformer.h])
+    _, loss2, _ = model.analyze(idx, targets)
+    grads2 = torch.autograd.grad(loss2, [b.attn.sink_logit for b in model.transformer.h])
+    assert abs(loss.item() - loss2.item()) < 1e-5
+    assert all(torch.allclose(g, g2, atol=1e-5) and g.abs().max() > 0 for g, g2 in zip(grads, grads2))
+
+
 def test_rotated_values_are_the_gradient_form_of_the_rotated_tokens():
     """y_t = Σ_s A_ts R_{s−t} w_s: rotating each value into the frame of its key and the output
     back into the query's frame. Checked against the sum written out rotation by rotation."""
