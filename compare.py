@@ -86,11 +86,13 @@ def build_parser():
     p.add_argument("--epochs", type=float, default=4.0,
                    help="training tokens per run, in passes over train.bin")
     p.add_argument("--batch_size", type=int, default=16, help="sequences per iteration")
-    p.add_argument("--reference", default=REFERENCE,
-                   help="the arm every other one is compared with, seed by seed (one of --archs)")
+    p.add_argument("--reference", default=None,
+                   help=f"the arm every other one is compared with, seed by seed (one of --archs); "
+                        f"default: {REFERENCE} where it is one of them, else no comparison")
     p.add_argument("--section", default=None,
                    help="name of the section of --results to write (its markers); default: the "
-                        "preset, '<preset> screen' with --screen")
+                        "preset, '<preset> screen' with --screen, '<preset> vs <reference>' with "
+                        "another --reference")
     p.add_argument("--lrs", default="1e-3,2e-3,4e-3,8e-3,1.6e-2",
                    help="the learning-rate grid, rates x2 apart (one rate: no grid)")
     p.add_argument("--max_extensions", type=int, default=3,
@@ -171,7 +173,7 @@ def make_plan(args):
                            "--screen), one learning rate and one arch")
     if len(set(seeds)) != len(seeds) or len(set(variants)) != len(variants):
         raise CompareError("--seeds and --archs must not repeat an entry")
-    if args.reference not in variants and not args.screen:
+    if args.reference is not None and args.reference not in variants:
         raise CompareError(f"--reference={args.reference} is not one of --archs")
     if any(not math.isclose(b / a, 2, rel_tol=1e-6) for a, b in zip(grid, grid[1:])):
         raise CompareError(f"--lrs must be x2 apart (the grid grows by x2 at its edges), got {grid}")
@@ -189,7 +191,8 @@ def make_plan(args):
                   warmup_iters=max(1, iters // 20), min_lr_ratio=0.1, evals=args.evals,
                   eval_iters=args.eval_iters, analysis_batches=args.analysis_batches)
     sizes = {v: model_size(*variant_args(args.preset, v, data["vocab_size"])) for v in variants}
-    return dict(preset=args.preset, data=data, variants=variants, reference=args.reference,
+    return dict(preset=args.preset, data=data, variants=variants,
+                reference=args.reference or REFERENCE,
                 grid_seed=seeds[0],
                 seeds=seeds[1:], grid=grid, budget=budget,
                 tokens_per_iter=tokens_per_iter, epochs=iters * tokens_per_iter / data["train_tokens"],
@@ -520,8 +523,10 @@ def study_command(args):
     """The command that runs (or resumes) this study, without the machine's own paths."""
     keys = ("preset", "archs", "seeds", "epochs", "batch_size", "lrs", "max_extensions", "evals",
             "eval_iters", "analysis_batches", "records")
+    optional = [f"--{k}={getattr(args, k)!r}" if " " in str(getattr(args, k)) else
+                f"--{k}={getattr(args, k)}" for k in ("reference", "section") if getattr(args, k)]
     return " ".join(["python compare.py --data_dir=DATA",
-                     *(f"--{k}={getattr(args, k)}" for k in keys)])
+                     *(f"--{k}={getattr(args, k)}" for k in keys), *optional])
 
 
 def lr_note(s):
@@ -821,14 +826,16 @@ def run(args):
           f"{args.preset}, {len(plan['variants'])} arms x {len(plan['seeds'])} "
           f"seeds, {plan['budget']['iters']} iters x {plan['tokens_per_iter']:,} tokens, grid "
           f"{', '.join(f'{lr:g}' for lr in plan['grid'])} -> {plan['records']}", flush=True)
-    section = args.section or (f"{args.preset} screen" if args.screen else args.preset)
+    section = args.section or (f"{args.preset} screen" if args.screen else
+                               f"{args.preset} vs {args.reference}"
+                               if args.reference not in (None, REFERENCE) else args.preset)
     if args.screen:
         study = {v: choose_arm_lr(args, plan, v) for v in plan["variants"]}
         write_section(args.results, section, screen_report(args, plan, study))
         print(f"wrote {args.results}")
         return plan
     study = run_study(args, plan)
-    slug = section.replace(" ", "_")
+    slug = "".join(c if c.isalnum() or c in "-." else "_" for c in section)
     figure = Path(args.figure or Path(args.results).parent / f"compare_{slug}.png")
     plot_curves(plan, study, figure, f"{args.preset}: selection-split loss at each arm's chosen "
                                      f"rate, mean over seeds (band: min to max)")

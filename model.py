@@ -344,6 +344,7 @@ class PrismAttention(nn.Module):
             q, k, v = sink_behind_shifted_keys(q, k, v, self.sink_logit)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.head_dim ** -0.5,
                                                dropout_p=self.dropout if self.training else 0.0)
+            y = y[..., :self.head_dim]
         elif mask is None:
             y = F.scaled_dot_product_attention(  # one new query sees every cached key: no mask
                 q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=T > 1)
@@ -380,17 +381,18 @@ def sink_behind_shifted_keys(q, k, v, sink_logit):
     and keys 0..t−1, which are positions 0..t of [sink, k_0, ..., k_{T−2}]. The sink's learned
     logit b rides on one extra channel (1 in every query, b·√p in the sink's key, 0 in the real
     keys), so with the scale kept at 1/√p the real scores q·k/√p are unchanged and the sink's is
-    b. Zero channels pad q and k to a multiple of 8, where fused GPU kernels want them. Unlike
+    b. Zero channels pad q, k and v to one width, a multiple of 8, as the fused (flash) kernels
+    want them; the values' extra channels stay 0 and are cut from the output. Unlike
     self_masked_bias this needs no (T, T) float mask, which keeps SDPA on its causal kernels."""
     B, H, T, p = q.shape
     pad = 8 - p % 8  # at least the one channel b needs
     one, zero = q.new_ones(B, H, T, 1), q.new_zeros(B, H, T, pad - 1)
     q = torch.cat((q, one, zero), dim=-1)
-    sink = (sink_logit.to(q.dtype) * math.sqrt(p))[None, :, None, None].expand(B, H, 1, 1)
+    sink = (sink_logit * math.sqrt(p)).to(q.dtype)[None, :, None, None].expand(B, H, 1, 1)
     sink_key = torch.cat((q.new_zeros(B, H, 1, p), sink, q.new_zeros(B, H, 1, pad - 1)), dim=-1)
     shifted = torch.cat((k[:, :, :-1], q.new_zeros(B, H, T - 1, pad)), dim=-1)
     k = torch.cat((sink_key, shifted), dim=2)
-    v = torch.cat((v.new_zeros(B, H, 1, v.shape[-1]), v[:, :, :-1]), dim=2)
+    v = F.pad(torch.cat((v.new_zeros(B, H, 1, p), v[:, :, :-1]), dim=2), (0, pad))
     return q, k, v
 
 

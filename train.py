@@ -660,7 +660,9 @@ class Run:
         mean_loss = (self.loss_sum / self.iters_since_log).item()  # waits for the GPU
         dt = (time.time() - self.t_log) / self.iters_since_log
         if self.device_type == "cuda":
-            step_mfu = self.raw_model.estimate_mfu(cfg.batch_size * self.accum, dt, dtype=self.ptdtype)
+            # float32 matmuls run as TF32 here (allow_tf32 above): that is the peak they reach
+            peak_dtype = "tf32" if self.ptdtype == torch.float32 else self.ptdtype
+            step_mfu = self.raw_model.estimate_mfu(cfg.batch_size * self.accum, dt, dtype=peak_dtype)
             self.mfu = step_mfu if self.mfu < 0 else 0.9 * self.mfu + 0.1 * step_mfu
         eta = (cfg.max_iters - self.iter_num) * dt  # evaluations still to come not included
         self.log(f"iter {self.iter_num}/{cfg.max_iters} | loss {mean_loss:.4f} | lr {self.lr:.2e} | "

@@ -201,8 +201,8 @@ def test_head_contrasts_pair_trained_untrained_and_the_two_arms(monkeypatch):
 
     def contrast_test(treated, control=None):
         calls.append((treated, control))
-        return [{"layer": 0, "contrast": "log_distance", "n": len(treated), "mean": 0.5,
-                 "lo": 0.1, "hi": 0.9, "p": 0.0078}]
+        return [{"layer": layer, "contrast": "log_distance", "n": len(treated), "mean": 0.5,
+                 "lo": 0.1, "hi": 0.9, "p": 0.0078} for layer in (0, "all")]
 
     monkeypatch.setattr(analyze_heads, "contrast_test", contrast_test)
     heads = {v: {"heads": [{"arm": v, "seed": s} for s in (1, 2)],
@@ -216,6 +216,15 @@ def test_head_contrasts_pair_trained_untrained_and_the_two_arms(monkeypatch):
     assert calls[1] == (heads["prism"]["heads"], heads["prism"]["init_heads"])
     assert calls[4] == (heads["prism"]["heads"], heads["prism-pi-off"]["heads"])
     assert calls[0][1] is None
+    # a candidate with recorded heads adds exploratory rows; the pre-registered family stays
+    family = compare.claim_tests(out)
+    assert [t for t, _, _ in family] == list(compare.CLAIM_COMPARISONS)
+    heads["prism-white"] = {"heads": [{"arm": "prism-white", "seed": s} for s in (1, 2)]}
+    more = compare.head_contrasts(heads)
+    assert [t for t, _ in more[5:]] == ["prism-white trained (against 0)",
+                                        "prism-white − prism, both trained"]
+    assert calls[-1] == (heads["prism-white"]["heads"], heads["prism"]["heads"])
+    assert compare.claim_tests(more) == family
 
 
 # -----------------------------------------------------------------------------
@@ -296,8 +305,17 @@ def test_a_tiny_study_leaves_records_resumes_and_reports_from_records_alone(
     assert text.startswith(section.rstrip()) and "<!-- compare.py against gpt2 -->" in text
     assert "Δ vs gpt2 [95% CI]" in text.split("against gpt2 -->")[1]
     assert (tmp_path / "docs" / "compare_against_gpt2.png").is_file()
+    assert "--reference=gpt2 --section='against gpt2'" in text  # its own command re-makes it
+    code, out = run_compare(capsys, *alone, "--report_only", "--reference=gpt2")
+    assert code == 0 and "<!-- compare.py cpu-small vs gpt2 -->" in results.read_text()
+    assert results.read_text().startswith(section.rstrip())  # never over the preset's section
     code, out = run_compare(capsys, *alone, "--report_only", "--reference=gemma3")
     assert code == 1 and "--reference=gemma3 is not one of --archs" in out.err
+    # without prism among the arms and no --reference: the arms' tables, no comparison
+    code, out = run_compare(capsys, *[a.replace("--archs=prism,gpt2", "--archs=gpt2")
+                                      for a in alone], "--report_only", "--section=gpt2 alone")
+    assert code == 0, out.err
+    assert "| gpt2 |" in results.read_text().split("gpt2 alone -->")[1]
 
 
 def test_a_checkpoint_carrying_code_in_the_runs_folder_is_refused(report_data, tmp_path, capsys,
