@@ -647,7 +647,10 @@ def report(args, plan, study, figure):
     if contrasts:
         lines += ["", f"Head specialisation, exploratory (every layer and measure; the mean over "
                       f"seeds of the contrast, or of its paired difference, with its 95% interval "
-                      f"and exact sign-flip p over the {n} seeds, uncorrected):"]
+                      f"and exact sign-flip p over the {n} seeds, uncorrected)"
+                  + (f"; {', '.join(unrecorded)} left out: their records have no heads.json"
+                     if (unrecorded := [v for v in plan["variants"] if VARIANTS[v][0] == "prism"
+                                        and "heads" not in study[v]]) else "") + ":"]
         for title, rows in contrasts:
             names = list(dict.fromkeys(r["contrast"] for r in rows))
             layers = list(dict.fromkeys(r["layer"] for r in rows))
