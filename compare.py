@@ -567,13 +567,19 @@ def screen_report(args, plan, study):
              f"seed ({plan['grid_seed']}), {b['iters']} iterations of {plan['tokens_per_iter']:,} "
              f"tokens per run ({plan['epochs']:.2f} epochs); the loss is the best of each arm's "
              f"grid on the whole selection split. One seed and a selected score: a lead for the "
-             f"full protocol, not a result.", "",
-             f"| variant | params | FLOPs/token | best lr | best selection loss | Δ vs {ref_arm} |",
-             "|---|---:|---:|---:|---:|---:|"]
+             f"full protocol, not a result. Training tokens/s: the mean over the arm's grid "
+             f"runs of train.py's own measure, on whatever machine and load ran them (here: "
+             f"two one-thread processes side by side), a rough speed beside bench.py's.", "",
+             f"| variant | params | FLOPs/token | training tokens/s | best lr | "
+             f"best selection loss | Δ vs {ref_arm} |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for v, s in sorted(study.items(), key=lambda kv: best[kv[0]]):
         delta = f"{best[v] - ref:+.4f}" if ref is not None else "n/a"
+        speed = statistics.fmean(
+            read_record(plan, record_dir(plan, v, lr, plan["grid_seed"]), v, plan["grid_seed"],
+                        lr)["tokens_per_sec"] for lr in s["grid"])
         lines.append(f"| {v} | {plan['params'][v]:,} | {plan['flops'][v] / 1e6:.2f}M | "
-                     f"{lr_note(s)} | {best[v]:.4f} | {delta} |")
+                     f"{speed:,.0f} | {lr_note(s)} | {best[v]:.4f} | {delta} |")
     return "\n".join(lines + [""] + grid_table(args, plan, study) + [""])
 
 

@@ -355,6 +355,10 @@ def test_screen_runs_only_the_grid_and_ranks_the_arms(report_data, tmp_path, cap
                              .read_text())["selection_loss"] for lr in ("0.001", "0.002")]
         best[v] = min(losses)
         assert f"| {best[v]:.4f} |" in section
+        speed = np.mean([json.loads((records / "cpu-small" / v / f"lr{lr}" / "seed2" /
+                                     "summary.json").read_text())["tokens_per_sec"]
+                         for lr in ("0.001", "0.002")])
+        assert f"| {speed:,.0f} |" in section
     assert f"| {best['prism-no-self'] - best['prism']:+.4f} |" in section
     assert "| +0.0000 |" in section                     # prism against itself
     assert not list(records.rglob("seed3"))              # no report seeds were trained
