@@ -591,7 +591,8 @@ def report(args, plan, study, figure):
     ranks = rankings(plan, study)
     same = ranks["half"]["rank"] == ranks["end"]["rank"]
     lines = [
-        f"## Comparison at preset `{args.preset}`", "",
+        f"## Comparison at preset `{args.preset}`"
+        + ("" if ref_arm == REFERENCE else f", against {ref_arm}"), "",
         f"Study: `{study_command(args)}` (records in `{plan['records']}`; `--report_only` "
         f"re-makes this section from them).", "",
         f"Data: {d['train_tokens']:,} train tokens; selection split (val.bin) "
@@ -637,7 +638,8 @@ def report(args, plan, study, figure):
                   f"{ranks['end']['epoch']:.2f}."]
     lines += [""] + grid_table(args, plan, study)
     contrasts = head_contrasts(study) if any("heads" in s for s in study.values()) else []
-    claim = claim_tests(contrasts)
+    # the pre-registered family needs both of its arms; without them every contrast is exploratory
+    claim = claim_tests(contrasts) if all(v in study for v in HEAD_ARMS) else []
     if claim:
         lines += ["", f"Head specialisation, the claim (PRISM.md §6; analyze_heads.py on the "
                       f"report split): the signal-heads mean minus the noise-heads mean, averaged "
