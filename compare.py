@@ -23,9 +23,10 @@ The protocol. Every run is train.py's train() and every head analysis is analyze
      reusing it would bias each arm by how flat its learning-rate curve is.
   4. Seeds: the other seeds of --seeds are the report seeds. A seed fixes the initialisation and
      the data order, so every arm sees the same batches and arms are compared seed by seed.
-  5. Statistics (stats.py): per arm, the per-seed difference of its report-split loss from
-     the reference arm's (--reference, PRISM by default); mean, Student-t 95% interval, exact sign-flip p, Holm-corrected over the arms. The
-     sign-flip test cannot go below 2/2^n for n seeds: the dry run says what the seeds allow.
+  5. Statistics (stats.py): per arm, the per-seed difference of its report-split loss from the
+     reference arm's (--reference, PRISM by default); mean, Student-t 95% interval, exact
+     sign-flip p, Holm-corrected over the arms. The sign-flip test cannot go below 2/2^n for n
+     seeds: the dry run says what the seeds allow.
   6. Heads: prism and prism-pi-off are analysed after training and at their initialisation (the
      model train.py builds for that seed, saved by a run of 0 iterations); the per-layer
      signal-minus-noise contrasts of analyze_heads.py are tested across seeds. Other PRISM-arch
@@ -653,12 +654,13 @@ def report(args, plan, study, figure):
                          f"[{_fmt(r.get('lo'), '+.3g')}, {_fmt(r.get('hi'), '+.3g')}] | "
                          f"{_fmt(r['p'], '.3g')} | {_fmt(p, '.3g')} |")
     if contrasts:
+        unrecorded = [v for v in plan["variants"]
+                      if VARIANTS[v][0] == "prism" and "heads" not in study[v]]
         lines += ["", f"Head specialisation, exploratory (every layer and measure; the mean over "
                       f"seeds of the contrast, or of its paired difference, with its 95% interval "
                       f"and exact sign-flip p over the {n} seeds, uncorrected)"
                   + (f"; {', '.join(unrecorded)} left out: their records have no heads.json"
-                     if (unrecorded := [v for v in plan["variants"] if VARIANTS[v][0] == "prism"
-                                        and "heads" not in study[v]]) else "") + ":"]
+                     if unrecorded else "") + ":"]
         for title, rows in contrasts:
             names = list(dict.fromkeys(r["contrast"] for r in rows))
             layers = list(dict.fromkeys(r["layer"] for r in rows))
