@@ -338,7 +338,7 @@ def run_once(args, plan, variant, lr, seed):
     d = plan["data"]
     rec.mkdir(parents=True, exist_ok=True)
     (rec / "log.jsonl").write_text((run_dir / "log.jsonl").read_text())
-    if VARIANTS[variant][0] == "prism":  # the head arms, and any other variant's heads beside them
+    if records_heads(variant):
         _write_json(rec / "heads.json", analyze(args, run_dir / "ckpt.pt", run_dir / "analysis"),
                     indent=None)
     summary = dict(variant=variant, preset=args.preset, lr=lr, seed=seed, budget=plan["budget"],
@@ -387,6 +387,12 @@ def analyze(args, ckpt, out):
     return json.loads((out / "heads.json").read_text())
 
 
+def records_heads(variant):
+    """Whether a run of `variant` records heads.json: every PRISM-arch arm (the head arms, and the
+    others beside them)."""
+    return VARIANTS[variant][0] == "prism"
+
+
 def read_curve(rec):
     """(iteration, selection-split loss) along a run, from its recorded log.jsonl."""
     points = []
@@ -402,12 +408,18 @@ def read_curve(rec):
 
 
 def choose_arm_lr(args, plan, variant):
-    """{lr, grid, added, at_edge}: the arm's grid at the grid seed, grown at an edge."""
-    lr, grid, added, at_edge = choose_lr(
-        plan["grid"],
-        lambda lr: run_once(args, plan, variant, lr, plan["grid_seed"])["selection_loss"],
-        args.max_extensions)
-    return dict(lr=lr, grid=grid, added=added, at_edge=at_edge)
+    """{lr, grid, added, at_edge, tokens_per_sec}: the arm's grid at the grid seed, grown at an
+    edge; tokens_per_sec is the mean of train.py's measure over the grid's runs."""
+    speeds = []
+
+    def score(lr):
+        summary = run_once(args, plan, variant, lr, plan["grid_seed"])
+        speeds.append(summary["tokens_per_sec"])
+        return summary["selection_loss"]
+
+    lr, grid, added, at_edge = choose_lr(plan["grid"], score, args.max_extensions)
+    return dict(lr=lr, grid=grid, added=added, at_edge=at_edge,
+                tokens_per_sec=statistics.fmean(speeds))
 
 
 def run_study(args, plan):
@@ -420,11 +432,11 @@ def run_study(args, plan):
         runs = [run_once(args, plan, v, lr, s) for s in plan["seeds"]]
         recs = [record_dir(plan, v, lr, s) for s in plan["seeds"]]
         out[v].update(runs=runs, curves=[read_curve(r) for r in recs])
+        # the head arms must have heads; another arm's are exploratory, where recorded
+        if v in HEAD_ARMS or all((r / "heads.json").is_file() for r in recs):
+            out[v]["heads"] = [json.loads((r / "heads.json").read_text()) for r in recs]
         if v in HEAD_ARMS:
-            out[v]["heads"] = [json.loads((r / "heads.json").read_text()) for r in recs]
             out[v]["init_heads"] = [init_heads(args, plan, v, s) for s in plan["seeds"]]
-        elif all((r / "heads.json").is_file() for r in recs):  # exploratory, where recorded
-            out[v]["heads"] = [json.loads((r / "heads.json").read_text()) for r in recs]
     return out
 
 
@@ -576,11 +588,8 @@ def screen_report(args, plan, study):
              "|---|---:|---:|---:|---:|---:|---:|"]
     for v, s in sorted(study.items(), key=lambda kv: best[kv[0]]):
         delta = f"{best[v] - ref:+.4f}" if ref is not None else "n/a"
-        speed = statistics.fmean(
-            read_record(plan, record_dir(plan, v, lr, plan["grid_seed"]), v, plan["grid_seed"],
-                        lr)["tokens_per_sec"] for lr in s["grid"])
         lines.append(f"| {v} | {plan['params'][v]:,} | {plan['flops'][v] / 1e6:.2f}M | "
-                     f"{speed:,.0f} | {lr_note(s)} | {best[v]:.4f} | {delta} |")
+                     f"{s['tokens_per_sec']:,.0f} | {lr_note(s)} | {best[v]:.4f} | {delta} |")
     return "\n".join(lines + [""] + grid_table(args, plan, study) + [""])
 
 
@@ -655,7 +664,7 @@ def report(args, plan, study, figure):
                          f"{_fmt(r['p'], '.3g')} | {_fmt(p, '.3g')} |")
     if contrasts:
         unrecorded = [v for v in plan["variants"]
-                      if VARIANTS[v][0] == "prism" and "heads" not in study[v]]
+                      if records_heads(v) and "heads" not in study[v]]
         lines += ["", f"Head specialisation, exploratory (every layer and measure; the mean over "
                       f"seeds of the contrast, or of its paired difference, with its 95% interval "
                       f"and exact sign-flip p over the {n} seeds, uncorrected)"
