@@ -347,6 +347,13 @@ VARIANTS = {
     "prism-ista": ("prism", {"mlp": "ista"}),
     "prism-ista-tied": ("prism", {"mlp": "ista-tied"}),
     "prism-white": ("prism", {"normalize_subspaces": True, "mask_self": True, "rotate_values": True}),
+    # prism-white less one of its three changes each: which of them carries it.
+    "prism-white-unnormalized": ("prism", {"mask_self": True, "rotate_values": True}),
+    "prism-white-with-self": ("prism", {"normalize_subspaces": True, "rotate_values": True}),
+    "prism-white-unrotated": ("prism", {"normalize_subspaces": True, "mask_self": True}),
+    # prism-white with the screen's next lead, the decoupled sparse-coding MLP.
+    "prism-white-ista": ("prism", {"normalize_subspaces": True, "mask_self": True, "rotate_values": True,
+                                   "mlp": "ista"}),
 }
 
 

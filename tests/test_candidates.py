@@ -13,6 +13,7 @@ CANDIDATES = [
     {"mask_self": True}, {"rotate_values": True}, {"rho_init": True}, {"mlp": "ista"},
     {"mlp": "ista-tied"},
     {"normalize_subspaces": True, "mask_self": True, "rotate_values": True},
+    {"normalize_subspaces": True, "mask_self": True, "rotate_values": True, "mlp": "ista"},
     {"mask_self": True, "qkv_sharing": "qk"}, {"rotate_values": True, "qkv_sharing": "none"},
 ]
 
