@@ -92,8 +92,8 @@ def build_parser():
                         f"default: {REFERENCE} where it is one of them, else no comparison")
     p.add_argument("--section", default=None,
                    help="name of the section of --results to write (its markers); default: the "
-                        "preset, '<preset> screen' with --screen, '<preset> vs <reference>' with "
-                        "another --reference")
+                        "preset, then ' screen' with --screen, then ' vs <reference>' with another "
+                        "--reference")
     p.add_argument("--lrs", default="1e-3,2e-3,4e-3,8e-3,1.6e-2",
                    help="the learning-rate grid, rates x2 apart (one rate: no grid)")
     p.add_argument("--max_extensions", type=int, default=3,
@@ -575,7 +575,8 @@ def screen_report(args, plan, study):
     best = {v: s["grid"][s["lr"]] for v, s in study.items()}
     ref_arm = plan["reference"]
     ref = best.get(ref_arm)
-    lines = [f"## Screening at preset `{args.preset}`", "",
+    lines = [f"## Screening at preset `{args.preset}`"
+             + ("" if ref_arm in (None, REFERENCE) else f", against {ref_arm}"), "",
              f"Screen: `{study_command(args)} --screen` (records in `{plan['records']}`). One "
              f"seed ({plan['grid_seed']}), {b['iters']} iterations of {plan['tokens_per_iter']:,} "
              f"tokens per run ({plan['epochs']:.2f} epochs); the loss is the best of each arm's "
@@ -848,9 +849,8 @@ def run(args):
           f"{args.preset}, {len(plan['variants'])} arms x {len(plan['seeds'])} "
           f"seeds, {plan['budget']['iters']} iters x {plan['tokens_per_iter']:,} tokens, grid "
           f"{', '.join(f'{lr:g}' for lr in plan['grid'])} -> {plan['records']}", flush=True)
-    section = args.section or (f"{args.preset} screen" if args.screen else
-                               f"{args.preset} vs {args.reference}"
-                               if args.reference not in (None, REFERENCE) else args.preset)
+    section = args.section or (args.preset + (" screen" if args.screen else "")
+                               + ("" if args.reference in (None, REFERENCE) else f" vs {args.reference}"))
     if args.screen:
         study = {v: choose_arm_lr(args, plan, v) for v in plan["variants"]}
         write_section(args.results, section, screen_report(args, plan, study))

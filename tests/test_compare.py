@@ -366,3 +366,11 @@ def test_screen_runs_only_the_grid_and_ranks_the_arms(report_data, tmp_path, cap
     assert not list(records.rglob("seed3"))              # no report seeds were trained
     # every PRISM-arch arm records its heads, a candidate too (exploratory contrasts beside it)
     assert len(list((records / "cpu-small" / "prism-no-self").rglob("heads.json"))) == 2
+    # another reference gets a section of its own beside the first, from the same records
+    code, out = run_compare(capsys, *argv, "--reference=prism-no-self", "--report_only")
+    assert code == 0, out.err
+    text = results.read_text()
+    assert "<!-- compare.py cpu-small screen -->" in text and section in text
+    assert "<!-- compare.py cpu-small screen vs prism-no-self -->" in text
+    assert "## Screening at preset `cpu-small`, against prism-no-self" in text
+    assert f"| {best['prism'] - best['prism-no-self']:+.4f} |" in text
