@@ -354,6 +354,11 @@ VARIANTS = {
     # prism-white with the screen's next lead, the decoupled sparse-coding MLP.
     "prism-white-ista": ("prism", {"normalize_subspaces": True, "mask_self": True, "rotate_values": True,
                                    "mlp": "ista"}),
+    # ... and what the paper's two constraints cost on top of it: π-RoPE off, ρ = 1.
+    "prism-white-ista-pi-off": ("prism", {"normalize_subspaces": True, "mask_self": True,
+                                          "rotate_values": True, "mlp": "ista", "rope_ratio": 1.0}),
+    "prism-white-ista-complete": ("prism", {"normalize_subspaces": True, "mask_self": True,
+                                            "rotate_values": True, "mlp": "ista", "overcompleteness": 1}),
 }
 
 
