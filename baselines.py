@@ -320,6 +320,9 @@ PRESETS = {
     },
 }
 
+# The scout's best three changes to PRISM's attention (PRISM.md §8), which prism-white combines.
+WHITE = {"normalize_subspaces": True, "mask_self": True, "rotate_values": True}
+
 # name -> (arch, overrides of the preset's sizes). PRISM's ablations change one constraint each;
 # variant_args then gives each PRISM-arch variant the MLP width that brings it back to PRISM's
 # parameter count, so "does this constraint help?" is asked at the same size.
@@ -346,19 +349,16 @@ VARIANTS = {
     "prism-rho-init": ("prism", {"rho_init": True}),
     "prism-ista": ("prism", {"mlp": "ista"}),
     "prism-ista-tied": ("prism", {"mlp": "ista-tied"}),
-    "prism-white": ("prism", {"normalize_subspaces": True, "mask_self": True, "rotate_values": True}),
+    "prism-white": ("prism", WHITE),
     # prism-white less one of its three changes each: which of them carries it.
     "prism-white-unnormalized": ("prism", {"mask_self": True, "rotate_values": True}),
     "prism-white-with-self": ("prism", {"normalize_subspaces": True, "rotate_values": True}),
     "prism-white-unrotated": ("prism", {"normalize_subspaces": True, "mask_self": True}),
-    # prism-white with the screen's next lead, the decoupled sparse-coding MLP.
-    "prism-white-ista": ("prism", {"normalize_subspaces": True, "mask_self": True, "rotate_values": True,
-                                   "mlp": "ista"}),
+    # prism-white with the screen's next lead, the decoupled sparse-coding MLP ...
+    "prism-white-ista": ("prism", {**WHITE, "mlp": "ista"}),
     # ... and what the paper's two constraints cost on top of it: π-RoPE off, ρ = 1.
-    "prism-white-ista-pi-off": ("prism", {"normalize_subspaces": True, "mask_self": True,
-                                          "rotate_values": True, "mlp": "ista", "rope_ratio": 1.0}),
-    "prism-white-ista-complete": ("prism", {"normalize_subspaces": True, "mask_self": True,
-                                            "rotate_values": True, "mlp": "ista", "overcompleteness": 1}),
+    "prism-white-ista-pi-off": ("prism", {**WHITE, "mlp": "ista", "rope_ratio": 1.0}),
+    "prism-white-ista-complete": ("prism", {**WHITE, "mlp": "ista", "overcompleteness": 1}),
 }
 
 

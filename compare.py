@@ -567,6 +567,11 @@ def grid_table(args, plan, study):
     return lines
 
 
+def against(ref_arm):
+    """A section heading's tail: which arm the others are compared with, unless the default."""
+    return "" if ref_arm in (None, REFERENCE) else f", against {ref_arm}"
+
+
 def screen_report(args, plan, study):
     """Issue 12's screening: each arm's best selection-split loss over its grid at one seed. A
     lead for which arms to take to the full protocol, not a comparison (one seed, and the
@@ -575,8 +580,7 @@ def screen_report(args, plan, study):
     best = {v: s["grid"][s["lr"]] for v, s in study.items()}
     ref_arm = plan["reference"]
     ref = best.get(ref_arm)
-    lines = [f"## Screening at preset `{args.preset}`"
-             + ("" if ref_arm in (None, REFERENCE) else f", against {ref_arm}"), "",
+    lines = [f"## Screening at preset `{args.preset}`{against(ref_arm)}", "",
              f"Screen: `{study_command(args)} --screen` (records in `{plan['records']}`). One "
              f"seed ({plan['grid_seed']}), {b['iters']} iterations of {plan['tokens_per_iter']:,} "
              f"tokens per run ({plan['epochs']:.2f} epochs); the loss is the best of each arm's "
@@ -602,8 +606,7 @@ def report(args, plan, study, figure):
     ranks = rankings(plan, study)
     same = ranks["half"]["rank"] == ranks["end"]["rank"]
     lines = [
-        f"## Comparison at preset `{args.preset}`"
-        + ("" if ref_arm == REFERENCE else f", against {ref_arm}"), "",
+        f"## Comparison at preset `{args.preset}`{against(ref_arm)}", "",
         f"Study: `{study_command(args)}` (records in `{plan['records']}`; `--report_only` "
         f"re-makes this section from them).", "",
         f"Data: {d['train_tokens']:,} train tokens; selection split (val.bin) "
