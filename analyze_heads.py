@@ -292,7 +292,7 @@ def contrast_test(treated, control=None, level=0.95):
     Per layer (and "all") and contrast: the per-seed difference treated − control (or treated
     alone when control is None), its mean with a Student-t interval and the exact sign-flip
     p-value -> [{layer, contrast, n, mean, lo, hi, p}]."""
-    from stats import paired_summary  # noqa: PLC0415
+    from lab.stats import paired_summary  # noqa: PLC0415
 
     if control is not None and len(control) != len(treated):
         raise ValueError(f"{len(treated)} treated but {len(control)} control checkpoints: "

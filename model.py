@@ -17,11 +17,13 @@ Notation throughout, as in the code: tokens are rows. Z ∈ R^{n×d} holds n tok
 subspace k of the dictionary (the model stores U_kᵀ as rows of a Linear weight), W_k = Z U_k.
 """
 
+import importlib
 import inspect
 import math
+import pickle
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -834,3 +836,81 @@ def filter_logits(logits, top_k=None, top_p=None):
         drop = probs.cumsum(dim=-1) - probs >= top_p  # the token that crosses top_p stays
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
     return logits
+
+
+# -----------------------------------------------------------------------------
+# Architectures by name, and the checkpoints train.py writes.
+
+# The tutorial has one architecture. The lab (lab/) adds its baselines and white-box variants to
+# this table when it is imported, and get_arch imports it on the first name the table lacks:
+# that import is the one place the tutorial reaches into the lab, so that
+# `python train.py --arch=gpt2` and sample.py on a lab checkpoint work from the top level.
+ARCHS = {"prism": (PrismConfig, Prism)}
+LAB_PACKAGE = "lab"
+
+
+def get_arch(name):
+    """(ConfigClass, ModelClass) for an architecture name."""
+    if name not in ARCHS:
+        try:
+            importlib.import_module(LAB_PACKAGE)  # registers the lab's archs
+        except ModuleNotFoundError:
+            pass
+    if name not in ARCHS:
+        raise ValueError(f"unknown arch {name!r}; choose from {', '.join(ARCHS)}")
+    return ARCHS[name]
+
+
+def build_model(arch, **model_args):
+    """A fresh model of `arch`; unknown or bad model_args raise ValueError naming the field."""
+    config_cls, model_cls = get_arch(arch)
+    known = {f.name for f in fields(config_cls)}
+    unknown = sorted(set(model_args) - known)
+    if unknown:
+        raise ValueError(f"{config_cls.__name__} has no field {unknown[0]!r}")
+    return model_cls(config_cls(**model_args))
+
+
+def checkpoint_payload(model):
+    """What identifies a model in a checkpoint: its arch, its config, its weights, and the
+    vocabulary its token ids belong to (meta.json's tokenizer fields, set by train.py)."""
+    return {"arch": model.arch, "model_config": asdict(model.config), "model": model.state_dict(),
+            "vocabulary": getattr(model, "vocabulary", None)}
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be loaded as a checkpoint; the message is one line for the user."""
+
+
+def read_checkpoint(path, device="cpu"):
+    """torch.load of a checkpoint with weights_only=True: tensors and plain data only. A pickle
+    can carry code that runs while it loads; the restricted unpickler refuses it before anything
+    runs, and so does this (CheckpointError), as it does a file that is no checkpoint at all."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no checkpoint at {path}") from None
+    # torch.save writes a zip archive (or, in its legacy format, a pickle: protocol byte 0x80).
+    if not (head == b"PK\x03\x04" or head[:1] == b"\x80"):
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint file")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path} is not a safe checkpoint: it contains code/objects other "
+                              "than tensors and plain data; refusing to load") from None
+    except Exception as e:  # a truncated or damaged archive
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint file, or a damaged one "
+                              f"({reason})") from None
+
+
+def load_model(path, device="cpu"):
+    """Load the model of a checkpoint written by train.py, in eval mode, on `device`."""
+    ckpt = read_checkpoint(path, device)
+    if not isinstance(ckpt, dict) or not {"arch", "model_config", "model"} <= ckpt.keys():
+        raise CheckpointError(f"{path} is not a prism-nano checkpoint (no arch/model_config/model)")
+    model = build_model(ckpt["arch"], **ckpt["model_config"])
+    model.load_state_dict(ckpt["model"])
+    model.vocabulary = ckpt.get("vocabulary")
+    return model.to(device).eval()

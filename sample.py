@@ -245,7 +245,7 @@ def require_checkpoint(path):
 def load_checkpoint_model(path, device):
     """baselines.load_model with its failures turned into one-line errors; the model's parameter
     report goes to stderr, so that stdout holds the samples only."""
-    from baselines import CheckpointError, load_model  # noqa: PLC0415
+    from model import CheckpointError, load_model  # noqa: PLC0415
 
     require_checkpoint(path)
     try:

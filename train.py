@@ -37,8 +37,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from baselines import (PRESETS, CheckpointError, build_model, checkpoint_payload, get_arch,
-                       preset_sizes, read_checkpoint)
+from model import CheckpointError, build_model, checkpoint_payload, get_arch, read_checkpoint
+from lab.baselines import PRESETS, preset_sizes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

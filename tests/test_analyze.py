@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import analyze_heads as ah
-from baselines import build_model, checkpoint_payload
+from model import build_model, checkpoint_payload
 from conftest import unsafe_message
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -4,7 +4,7 @@ block_size and across Gemma's sliding window."""
 import pytest
 import torch
 
-from baselines import build_model
+from model import build_model
 from model import KVCache
 
 SIZES = dict(vocab_size=97, block_size=24, n_layer=2, n_embd=32)

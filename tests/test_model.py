@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from baselines import CheckpointError, build_model, checkpoint_payload, load_model
+from model import CheckpointError, build_model, checkpoint_payload, load_model
 from conftest import unsafe_message
 from model import Prism, PrismConfig, filter_logits
 

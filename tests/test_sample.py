@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sample
-from baselines import build_model, checkpoint_payload
+from model import build_model, checkpoint_payload
 from conftest import unsafe_message
 
 REPO = sample.Path(sample.__file__).resolve().parent

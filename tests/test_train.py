@@ -14,7 +14,7 @@ import torch
 
 import train as T
 from conftest import REPO, unsafe_message
-from baselines import load_model
+from model import load_model
 
 TEST_COMMAND = "pip install torch==2.13.0 -r requirements.txt pytest && python -m pytest -q"
 
@@ -307,7 +307,7 @@ def test_shipped_configs_parse_and_the_default_fits_the_machine():
     cfg, model_args = T.parse_args([str(REPO / "config" / "prism_50m.py")])
     model_args = T.model_settings(cfg, model_args)
     assert model_args == dict(n_layer=8, n_embd=512, n_head=16, head_dim=64, block_size=512)
-    from baselines import count_params  # noqa: PLC0415
+    from lab.baselines import count_params  # noqa: PLC0415
 
     assert 45e6 < count_params("prism", dict(model_args, vocab_size=50257)) < 55e6
     cfg, model_args = T.parse_args([str(REPO / "config" / "cpu_tiny.py"), "--n_layer=2"])
@@ -322,7 +322,7 @@ def test_shipped_configs_parse_and_the_default_fits_the_machine():
 
 @pytest.mark.parametrize("arch", ["gpt2", "gemma3"])
 def test_every_arch_trains_from_the_default_config_at_prisms_size(arch, data_dir, tmp_path):
-    from baselines import count_params  # noqa: PLC0415
+    from lab.baselines import count_params  # noqa: PLC0415
 
     summary = T.main([f"--arch={arch}", f"--data_dir={data_dir}", f"--out_dir={tmp_path}",
                       "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--device=cpu"])
@@ -352,7 +352,7 @@ def test_sample_and_analysis_find_what_python_train_py_wrote(data_dir, tmp_path,
 
 @pytest.mark.parametrize("arch", ["prism", "gpt2"])
 def test_help_describes_every_setting_with_its_default_and_the_default_configs_value(arch, capsys):
-    from baselines import get_arch  # noqa: PLC0415
+    from model import get_arch  # noqa: PLC0415
 
     T.main(["--help", f"--arch={arch}"])
     lines = capsys.readouterr().out.splitlines()

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from analyze_heads import analyze_model
-from baselines import (PRESETS, VARIANTS, Gemma3Config, GPT2Config, build_model, check_preset,
-                       checkpoint_payload, count_params, load_model, model_size, variant_args)
+from model import build_model, checkpoint_payload, load_model
+from lab.baselines import PRESETS, VARIANTS, Gemma3Config, GPT2Config, check_preset, count_params, model_size, variant_args
 
 TINY = {
     "gpt2": dict(n_layer=2, n_embd=32, n_head=4),

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-import bench
+from lab import bench
 
 TINY = ["--preset=cpu-small", "--vocab_size=256", "--batch_size=2", "--steps=2", "--warmup=1",
         "--threads=1", "--device=cpu", "--no_prime"]

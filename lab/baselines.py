@@ -13,15 +13,16 @@ generation, the optimizer, MFU, checkpoints and the analysis path.
 """
 
 import math
-import pickle
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from model import (Block, KVCache, LanguageModel, Prism, PrismConfig, _check, apply_rotary,
-                   causal_mask, explicit_attention, mlp_width, rotary_frequencies, rotary_tables)
+import model
+from model import (Block, KVCache, LanguageModel, _check, apply_rotary, build_model,
+                   causal_mask, explicit_attention, get_arch, mlp_width, rotary_frequencies,
+                   rotary_tables)
 
 # -----------------------------------------------------------------------------
 # GPT-2
@@ -218,72 +219,7 @@ class Gemma3(LanguageModel):
         return 6 * self.get_num_params() + 12 * c.n_head * c.head_dim * attended
 
 
-# -----------------------------------------------------------------------------
-# Architectures by name, and the checkpoints train.py writes.
-
-ARCHS = {"prism": (PrismConfig, Prism), "gpt2": (GPT2Config, GPT2), "gemma3": (Gemma3Config, Gemma3)}
-
-
-def get_arch(name):
-    """(ConfigClass, ModelClass) for an architecture name."""
-    if name not in ARCHS:
-        raise ValueError(f"unknown arch {name!r}; choose from {', '.join(ARCHS)}")
-    return ARCHS[name]
-
-
-def build_model(arch, **model_args):
-    """A fresh model of `arch`; unknown or bad model_args raise ValueError naming the field."""
-    config_cls, model_cls = get_arch(arch)
-    known = {f.name for f in fields(config_cls)}
-    unknown = sorted(set(model_args) - known)
-    if unknown:
-        raise ValueError(f"{config_cls.__name__} has no field {unknown[0]!r}")
-    return model_cls(config_cls(**model_args))
-
-
-def checkpoint_payload(model):
-    """What identifies a model in a checkpoint: its arch, its config, its weights, and the
-    vocabulary its token ids belong to (meta.json's tokenizer fields, set by train.py)."""
-    return {"arch": model.arch, "model_config": asdict(model.config), "model": model.state_dict(),
-            "vocabulary": getattr(model, "vocabulary", None)}
-
-
-class CheckpointError(ValueError):
-    """A file that cannot be loaded as a checkpoint; the message is one line for the user."""
-
-
-def read_checkpoint(path, device="cpu"):
-    """torch.load of a checkpoint with weights_only=True: tensors and plain data only. A pickle
-    can carry code that runs while it loads; the restricted unpickler refuses it before anything
-    runs, and so does this (CheckpointError), as it does a file that is no checkpoint at all."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no checkpoint at {path}") from None
-    # torch.save writes a zip archive (or, in its legacy format, a pickle: protocol byte 0x80).
-    if not (head == b"PK\x03\x04" or head[:1] == b"\x80"):
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint file")
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(f"{path} is not a safe checkpoint: it contains code/objects other "
-                              "than tensors and plain data; refusing to load") from None
-    except Exception as e:  # a truncated or damaged archive
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint file, or a damaged one "
-                              f"({reason})") from None
-
-
-def load_model(path, device="cpu"):
-    """Load the model of a checkpoint written by train.py, in eval mode, on `device`."""
-    ckpt = read_checkpoint(path, device)
-    if not isinstance(ckpt, dict) or not {"arch", "model_config", "model"} <= ckpt.keys():
-        raise CheckpointError(f"{path} is not a prism-nano checkpoint (no arch/model_config/model)")
-    model = build_model(ckpt["arch"], **ckpt["model_config"])
-    model.load_state_dict(ckpt["model"])
-    model.vocabulary = ckpt.get("vocabulary")
-    return model.to(device).eval()
+model.ARCHS.update(gpt2=(GPT2Config, GPT2), gemma3=(Gemma3Config, Gemma3))
 
 
 # -----------------------------------------------------------------------------

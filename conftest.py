@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 

@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 import pytest
 
-import stats
+from lab import stats
 
 
 def test_sign_flip_enumerates_all_patterns():

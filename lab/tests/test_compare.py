@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import analyze_heads
-import compare
-import stats
-from baselines import PRESETS, count_params, variant_args
+from lab import compare
+from lab import stats
+from lab.baselines import PRESETS, count_params, variant_args
 
 
 @pytest.fixture(scope="session")
@@ -269,7 +269,7 @@ def test_a_tiny_study_leaves_records_resumes_and_reports_from_records_alone(
     # initialisation for that seed.
     import torch
 
-    from baselines import build_model
+    from model import build_model
 
     init = torch.load(tmp_path / "runs" / "cpu-small" / "prism" / "init" / "seed3" / "ckpt.pt",
                       weights_only=True)

@@ -52,8 +52,8 @@ import sys
 import time
 from pathlib import Path
 
-import stats
-from baselines import PRESETS, VARIANTS, check_preset, model_size, variant_args
+from lab import stats
+from lab.baselines import PRESETS, VARIANTS, check_preset, model_size, variant_args
 
 STUDY_ARMS = ("prism", "prism-pi-off", "prism-complete", "gpt2", "gemma3", "rope-attention")
 HEAD_ARMS = ("prism", "prism-pi-off")  # the claim: head regimes with π-RoPE, weaker without
@@ -103,9 +103,9 @@ def build_parser():
     p.add_argument("--analysis_batches", type=int, default=8, help="batches analyze_heads reads")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... or auto")
     p.add_argument("--out_dir", default="runs/compare", help="checkpoints (not committed)")
-    p.add_argument("--records", default="results", help="the small records of finished runs "
+    p.add_argument("--records", default="lab/results", help="the small records of finished runs "
                                                           "(committed)")
-    p.add_argument("--results", default="docs/RESULTS.md", help="markdown file to write into")
+    p.add_argument("--results", default="lab/RESULTS.md", help="markdown file to write into")
     p.add_argument("--figure", default=None,
                    help="the curve figure; default: compare_<section>.png beside --results")
     p.add_argument("--time_steps", type=int, default=3,
@@ -291,7 +291,7 @@ def _train_config(args, plan, variant, lr, seed, run_dir, iters):
         device=args.device, init_from="scratch")
     ckpt = run_dir / "ckpt.pt"
     if ckpt.is_file():  # an unfinished run of this study resumes; anything else is refused
-        from baselines import CheckpointError, read_checkpoint  # noqa: PLC0415
+        from model import CheckpointError, read_checkpoint  # noqa: PLC0415
 
         try:
             saved = read_checkpoint(ckpt).get("train_config") or {}
@@ -319,7 +319,7 @@ def run_once(args, plan, variant, lr, seed):
     import numpy as np  # noqa: PLC0415
 
     import train  # noqa: PLC0415
-    from baselines import load_model  # noqa: PLC0415
+    from model import load_model  # noqa: PLC0415
 
     run_dir = plan["runs"] / variant / f"lr{lr:g}" / f"seed{seed}"
     cfg, model_args = _train_config(args, plan, variant, lr, seed, run_dir, plan["budget"]["iters"])
@@ -747,7 +747,7 @@ def time_step(args, plan, variant, steps):
     tokens (after one untimed step): AdamW, the real model, batch size and block size."""
     import torch  # noqa: PLC0415
 
-    from baselines import build_model  # noqa: PLC0415
+    from model import build_model  # noqa: PLC0415
 
     arch, model_args = variant_args(args.preset, variant, plan["data"]["vocab_size"])
     torch.manual_seed(0)

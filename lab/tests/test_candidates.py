@@ -143,7 +143,7 @@ def test_one_ista_step_decreases_the_lasso_objective():
 
 
 def test_every_candidate_variant_is_matched_to_prism_at_every_preset():
-    from baselines import PRESETS, VARIANTS, count_params, variant_args
+    from lab.baselines import PRESETS, VARIANTS, count_params, variant_args
 
     candidates = [v for v, (_, o) in VARIANTS.items()
                   if {"head_step", "head_temperature", "normalize_subspaces", "mask_self",

@@ -68,7 +68,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent
 # Text for the prepare line when --prepare_file is not given: the first of these that exists.
 PREPARE_CANDIDATES = (REPO.parent / "shared" / "data" / "tinystories-sample-train.txt",
                       REPO / "data" / "tinystories" / "raw" / "TinyStoriesV2-GPT4-valid.txt")
@@ -111,7 +111,7 @@ def parse_block_sizes(text):
 
 
 def build_parser():
-    import baselines  # torch loads only once the arguments are parsed
+    from lab import baselines  # torch loads only once the arguments are parsed
 
     p = _OneLineParser(
         prog="bench.py",
@@ -180,7 +180,7 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    import baselines
+    from lab import baselines
 
     p = build_parser()
     args = p.parse_args(argv)
@@ -234,8 +234,8 @@ def measure(cfg):
     optimizer, threads, peak_tflops, profile, profile_rows."""
     import torch
 
-    import baselines
-    from baselines import build_model
+    from lab import baselines
+    from model import build_model
     from model import current_gpu_peak_flops
 
     device, device_type, dtype = _resolve_device_dtype(cfg["device"], cfg["dtype"])
@@ -334,7 +334,7 @@ def run_isolated(cfg, timeout=0):
     """measure(cfg) in a fresh Python process; a failure or timeout becomes an "error" record."""
     fd, out_path = tempfile.mkstemp(prefix="bench-", suffix=".json")
     os.close(fd)
-    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); import bench; "
+    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from lab import bench; "
             "bench.worker(sys.argv[1], sys.argv[2])")
     try:
         proc = subprocess.run([sys.executable, "-c", code, json.dumps(cfg), out_path],
