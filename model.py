@@ -1,28 +1,20 @@
 """
 PRISM: the transformer as a signal-denoising operator derived from MCR² (arXiv 2601.15540).
 
-This file reads top to bottom like the derivation (docs/PRISM.md holds the design):
-  1. the coding rate R and the rate reduction ΔR, the objective everything is derived from;
-  2. attention from a gradient step on the compressed rate R^c: what is exact (the gradient), what
-     is heuristic (the series truncation, the softmax, the dropped term), and why the result is
-     not itself a descent step — each statement executable and tested;
-  3. constraint 1, the overcomplete dictionary: q = k = v = Z U_k with H·p > d;
-  4. constraint 2, π-RoPE: the noise heads' frequency band is the signal band shifted up ×π;
-  5. the conventional rest: pre-norm block, GELU MLP, tied embeddings;
-  6. what every language model here shares (the baselines in baselines.py too): loss, generation,
-     the optimizer and MFU.
-The registry of archs by name and the checkpoint helpers live in baselines.py, which builds on
-this file: imports run one way, model.py <- baselines.py <- the scripts.
-Notation throughout, as in the code: tokens are rows. Z ∈ R^{n×d} holds n tokens, U_k ∈ R^{d×p} is
-subspace k of the dictionary (the model stores U_kᵀ as rows of a Linear weight), W_k = Z U_k.
+Read it top to bottom, like the derivation (docs/PRISM.md is the design document): 1 the rates
+R, R^c and ΔR; 2 attention from a gradient step on R^c (exact gradient, Neumann truncation,
+CRATE's construction, each executable and tested); 3 the overcomplete dictionary; 4 π-RoPE; 5 the
+conventional rest; 6 the language model (loss, generation with a KV cache, optimizer, MFU); 7
+architectures by name and checkpoints. A statement in a comment is marked exact (an identity or
+a theorem, tested where it can be) or heuristic (a choice, motivated, not implied).
+Notation, as in the code: tokens are rows. Z ∈ R^{n×d} holds n tokens, U_k ∈ R^{d×p} is subspace k
+of the dictionary (the model stores U_kᵀ as rows of a Linear weight), W_k = Z U_k ∈ R^{n×p}.
 """
 
 import importlib
 import inspect
 import math
 import pickle
-import re
-import warnings
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -30,19 +22,21 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 # -----------------------------------------------------------------------------
-# 1. Coding rate and rate reduction (exact definitions, MCR², Yu et al. 2020).
-# The number of nats needed to code n tokens Z ∈ R^{n×d} up to precision ε is
-#     R(Z) = ½ log det(I_d + d/(n ε²) ZᵀZ).
-# Given subspaces U_k ∈ R^{d×p}, the compressed rate codes each projection W_k = Z U_k separately,
-#     R^c(Z; U) = Σ_k ½ log det(I_p + β W_kᵀW_k),    β = p/(n ε²),
-# and MCR² seeks a large rate reduction ΔR = R(Z) − R^c(Z; U): diverse overall, compact per subspace.
-# R^c grows with the scale of U (U → cU changes every term), so analyze_heads.py also evaluates it
-# with each U_k replaced by an orthonormal basis of its span. The model never evaluates these rates.
+# 1. The rates (exact definitions). The coding rate of n tokens up to precision ε,
+#     R(Z) = ½ log det(I_d + d/(n ε²) ZᵀZ),
+# is a rate per token (MCR², Yu et al. 2020): coding all n tokens takes ((n + d)/2) log det(…)
+# nats, (n + d)·R. The compressed rate codes each projection W_k = Z U_k on its own,
+#     R^c(Z; U) = Σ_k R(Z U_k) = Σ_k ½ log det(I_p + β W_kᵀW_k),    β = p/(n ε²),
+# CRATE's form (Yu et al. 2023; MCR²'s own R^c partitions the tokens by class-membership matrices
+# instead). A good representation has a large rate reduction ΔR = R(Z) − R^c(Z; U): diverse as a
+# whole, compact inside each subspace. R^c grows with the scale of U, so analyze_heads.py also
+# evaluates it with each U_k replaced by an orthonormal basis of its span. The model itself never
+# evaluates a rate.
 
 
 def coding_rate(Z, eps=0.5):
-    """R(Z) for Z of shape (n, d), in nats, computed in float64 through the smaller Gram matrix
-    (det(I_d + a ZᵀZ) = det(I_n + a ZZᵀ))."""
+    """R(Z) for Z (n, d), in nats per token, in float64 through the smaller Gram matrix
+    (det(I_d + a ZᵀZ) = det(I_n + a ZZᵀ), exact)."""
     Z = Z.double()
     n, d = Z.shape
     gram = Z.T @ Z if d <= n else Z @ Z.T
@@ -56,40 +50,43 @@ def compressed_coding_rate(Z, subspaces, eps=0.5):
 
 
 # -----------------------------------------------------------------------------
-# 2. From a gradient step on R^c to attention (CRATE, Yu et al. 2023), step by step.
-# (a) Exact. With the token Gram matrix G_k = W_k W_kᵀ ∈ R^{n×n} (how similar every two tokens are
-#     inside subspace k),
-#         ∇_Z R^c = Σ_k β (I_n + β G_k)⁻¹ W_k U_kᵀ                 (compressed_rate_gradient)
-# (b) Heuristic: the Neumann series (I + βG)⁻¹ = I − βG + β²G² − …, cut after the second term:
+# 2. From a gradient step on R^c to attention (CRATE), step by step. G_k = W_k W_kᵀ ∈ R^{n×n} is
+# the token Gram matrix of subspace k: how similar every two tokens are inside it.
+# (a) Exact:  ∇_Z R^c = Σ_k β (I_n + β G_k)⁻¹ W_k U_kᵀ                 (compressed_rate_gradient)
+# (b) Heuristic: the Neumann series (I + βG)⁻¹ = I − βG + β²G² − …, cut after two terms,
 #         −∇_Z R^c ≈ Σ_k (−β W_k + β² G_k W_k) U_kᵀ                  (neumann_descent_direction)
-#     accurate to O(β³) only while β·λ_max(G_k) < 1. Where the model runs, this number is far
-#     above 1 (about 110 at PRISM-50M's initialisation on isotropic tokens, thousands in a trained
-#     cpu-small PRISM: analyze_heads.py reports it per layer as `neumann_radius`), and there even
-#     the two-term series points uphill (negative cosine with −∇R^c).
-# (c) A construction choice (CRATE's): keep only the second-order term, with a causal softmax in
-#     place of the similarity G_k: row t of softmax(G_k/√p) weighs the tokens s ≤ t.
-# (d) The first-order term −β W_k U_kᵀ is dropped (for a complete orthonormal dictionary it is
-#     the uniform shrink −βZ; here it is not), and β² goes into a learned step.
+#     accurate to O(β³) only where β·λ_max(G_k) < 1 (neumann_radius). Where the model runs it is
+#     far above 1: 120–130 for PRISM-50M's initial dictionary on isotropic tokens; in the study's
+#     trained cpu-small PRISMs (lab/results/cpu-small/prism/lr0.016/seed*/heads.json, 9 seeds)
+#     1.5·10⁴ to 8.8·10⁴ per layer. There even the two-term series can point uphill.
+# (c) A construction choice: keep only the second-order term and put a softmax in place of the
+#     similarity G_k (CRATE); for language the softmax is causal, as in CRATE's own language model
+#     (model/crate_gpt.py in Ma-Lab-Berkeley/CRATE): row t of softmax(G_k/√p) weighs tokens s ≤ t.
+# (d) The first-order term −β W_k U_kᵀ is dropped and β² goes into a learned step. Summed over k
+#     it is −βZ Σ_k U_kU_kᵀ: a uniform shrink −cβZ for any tight frame (Σ_k U_kU_kᵀ = cI, exact),
+#     not in general.
 # What is left is multi-head self-attention with query = key = value = W_k, one head per subspace:
 #         Z ← Z + η Σ_k softmax_causal(W_k W_kᵀ/√p) W_k U_kᵀ.
-# This is not a descent step on R^c. The kept term on its own raises it: exactly, for one
-# subspace ⟨G_k W_k U_kᵀ, ∇R^c⟩ = β tr(W_kᵀ G_k (I + βG_k)⁻¹ W_k · U_kᵀU_k) ≥ 0 (the trace of a
-# product of two positive semi-definite matrices), and with the softmax the tests measure a negative cosine
-# between +U·SA and −∇R^c and a rise of R^c along it. In the truncated series all the descent
-# lives in the dropped shrink term. So the layer is CRATE's attention form, motivated by the
-# series, not implied by it; with a learned η and back-projection, training decides what it does.
-# The expansion term +∇R(Z) of ΔR = R − R^c is not part of the layer either.
+# This is not a descent step on R^c. For one subspace, or mutually orthogonal ones, the kept term
+# raises R^c (exact): ⟨G_k W_k U_kᵀ, ∇R^c⟩ = β tr(W_kᵀ G_k (I + βG_k)⁻¹ W_k · U_kᵀU_k) ≥ 0, the
+# trace of a product of two positive semi-definite matrices, and then all the descent of the
+# truncated series lives in the dropped term. For overlapping subspaces (every overcomplete
+# dictionary) the cross terms ⟨G_j W_j U_jᵀ, (I + βG_k)⁻¹ W_k U_kᵀ⟩ have no sign and the sum can
+# point either way (the tests hold a case where it is −69100/559 ≈ −124). With the softmax, on
+# random tokens and subspaces the tests measure a negative cosine with −∇R^c and a rise of R^c
+# along the step (measured, not proven). So the layer is CRATE's attention form, motivated by the
+# series, not implied by it; training decides what it does to R^c. Nor is it a step on ΔR: the
+# expansion term +∇R(Z) is not part of the layer.
 
 
 def compressed_rate_gradient(Z, subspaces, eps=0.5):
-    """(a) ∇_Z R^c(Z; U) in closed form (exact; tests check it against autograd). Z (n, d),
-    subspaces (K, p, d) holding each U_kᵀ; float64."""
-    Z = Z.double()
-    n = Z.shape[0]
+    """(a) ∇_Z R^c(Z; U) in closed form (exact; tested against autograd). Z (n, d), subspaces
+    (K, p, d) holding each U_kᵀ; float64."""
+    Z, n = Z.detach().double(), Z.shape[0]
     beta = subspaces.shape[1] / (n * eps**2)
     eye = torch.eye(n, dtype=Z.dtype, device=Z.device)
     grad = torch.zeros_like(Z)
-    for U_kT in subspaces.double():
+    for U_kT in subspaces.detach().double():
         W = Z @ U_kT.T
         grad += beta * torch.linalg.solve(eye + beta * (W @ W.T), W) @ U_kT
     return grad
@@ -97,11 +94,11 @@ def compressed_rate_gradient(Z, subspaces, eps=0.5):
 
 def neumann_descent_direction(Z, subspaces, eps=0.5):
     """(b) −∇_Z R^c to second order in β: Σ_k (−β W_k + β² W_k W_kᵀ W_k) U_kᵀ. Its relative error
-    shrinks as O(β²) when β·λ_max(G_k) → 0 (tests check the order)."""
-    Z = Z.double()
+    falls as β² where β·λ_max(G_k) → 0 (tested)."""
+    Z = Z.detach().double()
     beta = subspaces.shape[1] / (Z.shape[0] * eps**2)
     out = torch.zeros_like(Z)
-    for U_kT in subspaces.double():
+    for U_kT in subspaces.detach().double():
         W = Z @ U_kT.T
         out += (-beta * W + beta**2 * (W @ W.T) @ W) @ U_kT
     return out
@@ -109,14 +106,16 @@ def neumann_descent_direction(Z, subspaces, eps=0.5):
 
 def neumann_radius(Z, subspaces, eps=0.5):
     """max_k β·λ_max(W_kᵀW_k): the series of (b) converges only where this is < 1."""
-    Z = Z.double()
+    Z = Z.detach().double()
     beta = subspaces.shape[1] / (Z.shape[0] * eps**2)
     return max(float(beta * torch.linalg.eigvalsh((Z @ U.T).T @ (Z @ U.T))[-1])
-               for U in subspaces.double())
+               for U in subspaces.detach().double())
 
 
 # -----------------------------------------------------------------------------
-# 3-4. The PRISM attention.
+# The model's settings. The defaults are the paper's PRISM-50M: d = 512, 8 layers, 16 heads of
+# p = 64 (ρ = 2, 8 signal + 8 noise heads), context 512, GPT-2's vocabulary: 50.93M parameters.
+# config/cpu_small.py and config/prism_50m.py state the sizes they train.
 
 
 @dataclass
@@ -129,21 +128,10 @@ class PrismConfig:
     head_dim: int = 64           # p: overcompleteness ρ = H·p / d = 2 by default
     signal_heads: int = -1       # H_s: heads at the base RoPE frequencies; -1 means n_head // 2
     rope_theta: float = 10000.0  # θ: base of the signal frequencies θ^(−2i/p)
-    rope_ratio: float = math.pi  # "shift" bands: noise = rope_ratio × signal; 1.0 = π-RoPE off
-    rope_bands: str = "shift"    # "shift" (π-RoPE) or "split": disjoint slow/fast halves of one ladder
-    tie_dictionary: bool = False  # back-project with the same U (white-box) or a decoupled matrix
-    qkv_sharing: str = "qkv"     # "qkv": q = k = v = Z U_k (PRISM); "qk": own value; "none": q, k, v apart
-    dropout: float = 0.0         # dropout rate on the embedding, attention and MLP outputs
+    rope_ratio: float = math.pi  # noise frequencies = rope_ratio × signal; 1.0 = π-RoPE off
+    dropout: float = 0.0         # dropout on the embedding, attention and MLP outputs
     bias: bool = False           # biases in Linear and LayerNorm
-    mlp_hidden: int = 0          # MLP width; 0 = 4·n_embd (8·n_embd for "ista-tied"); the ablations match PRISM's size with it
-    # Candidates for a white-box PRISM that trains better (PRISM.md §8; PrismAttention, §5):
-    head_step: bool = False          # a learned step η_k per head instead of one for all
-    head_temperature: bool = False   # a learned softmax temperature per head
-    normalize_subspaces: bool = False  # scores from RMS-normalised W_k (tokens on a sphere)
-    mask_self: bool = False          # no score with itself; a learned sink takes the spare mass
-    rotate_values: bool = False      # values rotated too: the step of §2 on the rotated tokens
-    rho_init: bool = False           # dictionary init std 0.02/√ρ: the variance of ρ = 1
-    mlp: str = "gelu"                # "gelu"; "ista": one sparse-coding step; "ista-tied": D₁ = D
+    mlp_hidden: int = 0          # MLP width; 0 = 4·n_embd
 
     def __post_init__(self):
         if self.signal_heads == -1:
@@ -154,12 +142,8 @@ class PrismConfig:
         _check(self, "signal_heads", 0 <= self.signal_heads <= self.n_head, "must be in [0, n_head]")
         _check(self, "rope_theta", self.rope_theta > 1, "must be > 1")
         _check(self, "rope_ratio", self.rope_ratio > 0, "must be positive")
-        _check(self, "rope_bands", self.rope_bands in ("shift", "split"), "must be 'shift' or 'split'")
         _check(self, "dropout", 0 <= self.dropout < 1, "must be in [0, 1)")
-        _check(self, "qkv_sharing", self.qkv_sharing in ("qkv", "qk", "none"),
-               "must be 'qkv', 'qk' or 'none'")
-        _check(self, "mlp", self.mlp in ("gelu", "ista", "ista-tied"),
-               "must be 'gelu', 'ista' or 'ista-tied'")
+        _check(self, "mlp_hidden", self.mlp_hidden >= 0, "must be >= 0 (0 = 4·n_embd)")
 
 
 def _check(config, name, ok, why):
@@ -167,27 +151,38 @@ def _check(config, name, ok, why):
         raise ValueError(f"{type(config).__name__}.{name} = {getattr(config, name)!r} {why}")
 
 
-# π-RoPE. Every head rotates the 2-D pairs (x_i, x_{i+p/2}) of its q and k by angle t·ω_i at
-# position t, so q_sᵀk_t depends on positions only through s − t. Signal heads use the standard
-# ladder ω_i = θ^(−2i/p), i = 0 … p/2 − 1; noise heads use π·ω_i. What this does, and does not do
-# (band_facts computes the numbers; for p = 32, θ = 10⁴):
-#   - it shifts the noise band up by ×π. The bands overlap: 14 of the 16 noise pairs lie inside
-#     the signal band, 2 above it, and the fastest noise pair sits exactly at ω = π, the Nyquist
-#     rate, where e^{iπΔ} = (−1)^Δ encodes only the parity of the distance Δ;
-#   - slow pairs see no full turn within the context: at T = 128, 10 of 16 signal and 8 of 16
-#     noise pairs have wavelengths 2π/ω longer than T;
-#   - "irrational, so the phases never re-align" holds for a ratio r = 3 just as for r = π: θ^(−2i/p)
-#     is algebraic, so Δ(r·ω_j − ω_i) ∈ 2πZ has no integer solution Δ ≥ 1 for either, and near
-#     re-alignments within 512 tokens come within ~1e-5 rad for both;
+# -----------------------------------------------------------------------------
+# 3. Constraint 1, the overcomplete dictionary. U = [U_1 … U_H] ∈ R^{d×H·p} with ρ = H·p/d > 1
+# (default 2): more directions than the tokens have dimensions. One projection gives query, key
+# and value, so at ρ = 2 the dictionary and the back-projection hold 4d² weights, what standard
+# attention spends on separate q, k, v and output (exact count, tested): the overcompleteness is
+# bought with the weights that q = k = v saves. The back-projection B_k ∈ R^{p×d} is a learned,
+# decoupled matrix, as CRATE's output projection is; §2's own form ties it, B_k = U_kᵀ with a step
+# η (the lab measures that variant, lab/RESULTS.md).
+# A consequence of q = k (exact): a token's score with itself is ‖w_t‖² and w_tᵀw_s ≤ ‖w_t‖‖w_s‖
+# (Cauchy–Schwarz; RoPE keeps norms), so the diagonal is the row's largest score against keys no
+# longer than w_t, but not against longer ones. analyze_heads.py reports the self-attention mass
+# and the distance without self, so that "local" is not mistaken for "attends to itself".
+#
+# 4. Constraint 2, π-RoPE. Every head rotates the 2-D pairs (x_i, x_{i+p/2}) of its q = k by the
+# angle t·ω_i at position t, so q_sᵀk_t depends on the positions only through s − t (exact).
+# Signal heads use the standard ladder ω_i = θ^(−2i/p), i = 0 … p/2 − 1; noise heads use π·ω_i.
+# What this does and does not do (band_facts computes the numbers; for p = 32, θ = 10⁴):
+#   - it shifts the noise band up by ×π, and the bands overlap: 14 of the 16 noise pairs lie
+#     inside the signal band, 2 above it; the fastest noise pair sits exactly at ω = π, the
+#     Nyquist frequency, where e^{iπΔ} = (−1)^Δ encodes only the parity of the distance Δ;
+#   - slow pairs see no full turn in the context: at T = 128, 10 of 16 signal and 8 of 16 noise
+#     pairs have wavelengths 2π/ω longer than T;
+#   - no phase ever re-aligns exactly, Δ(π·ω_j − ω_i) ∉ 2πZ for every integer Δ ≥ 1, because π is
+#     transcendental and the ω_i are algebraic (exact); but a ratio of 3 has the same property
+#     wherever 3ω_j ≠ ω_i, which always holds here (3 is no rational power of θ = 10⁴), and near
+#     re-alignments within 512 tokens come within ~1e-5 rad for both ratios;
 #   - it cannot make subspaces incoherent: a rotation acts inside each head's p coordinates and
 #     leaves span(U_k) ⊂ R^d unchanged.
-# So the ×π shift gives the two groups different but overlapping bands; nothing forces a head to
-# use one end of its band, and which frequencies a head relies on is what analyze_heads measures.
-# Controls: rope_ratio = 1 (π-off) gives both groups the same band; rope_bands = "split" gives them
-# disjoint bands over the standard range (signal the slow half, noise the fast half of the twice
-# as dense ladder θ^(−i/p), i = 0 … p − 1): the clean form of "slow signal, fast noise" heads.
-# RoPE rotates q and k but not the value, which is one more way the layer departs from the
-# gradient of §2: for the rotated tokens, the exact form would rotate each value by R_{s−t} too.
+# So the ×π shift gives the two groups different but overlapping bands (heuristic: nothing makes
+# a head use one end of its band; which frequencies a head relies on is what analyze_heads.py
+# measures). RoPE rotates q = k but not the value: one more departure from §2, whose exact form
+# for the rotated tokens would rotate each value by R_{s−t} too.
 
 
 def rotary_frequencies(head_dim, theta):
@@ -197,12 +192,7 @@ def rotary_frequencies(head_dim, theta):
 
 
 def rope_frequencies(config):
-    """(n_head, head_dim // 2) float64 angular frequencies; signal heads come first."""
-    pairs = config.head_dim // 2
-    if config.rope_bands == "split":
-        ladder = rotary_frequencies(2 * config.head_dim, config.rope_theta)  # θ^(−i/p), p rungs
-        slow, fast = ladder[pairs:], ladder[:pairs]
-        return torch.stack([slow if h < config.signal_heads else fast for h in range(config.n_head)])
+    """(n_head, head_dim // 2) float64 angular frequencies; the signal heads come first."""
     ratio = torch.ones(config.n_head, 1, dtype=torch.float64)
     ratio[config.signal_heads:] = config.rope_ratio
     return ratio * rotary_frequencies(config.head_dim, config.rope_theta)
@@ -246,156 +236,42 @@ def apply_rotary(x, cos, sin):
 
 
 class PrismAttention(nn.Module):
-    """One MSSA step (§2): Z ← Z + η Σ_k softmax_causal(W_k W_kᵀ/√p) W_k B_k,   W_k = Z U_k.
-
-    Query, key and value are the same projection W_k = Z U_k (one head = one subspace, no separate
-    W_q, W_k, W_v), q = k are rotated by π-RoPE and v is not. The step is CRATE's form, built
-    from the second-order term of a truncated series (§2), not a gradient step: that term alone
-    raises R^c, and the tests check the exact parts and how far the rest is from them.
-
-    The overcomplete dictionary. U = [U_1 … U_H] ∈ R^{d×H·p} with ρ = H·p/d > 1 (default 2): more
-    subspaces than dimensions to explain the tokens with. Sharing q = k = v pays for it: ρ = 2
-    costs 2d² weights (with the tied back-projection), against 3d² for q, k, v apart.
-
-    The back-projection B_k into R^d. Decoupled (the default): a learned d×H·p matrix, which is
-    what CRATE's attention itself does with its output projection (CRATE-α's "decoupled
-    dictionary" is in its sparse-coding MLP block, not in attention). Tied: B_k = U_kᵀ with one
-    learned scalar η, the form of §2 and stricter than any reference model; η is learned freely:
-    with η > 0, the sign of §2, the step raises R^c to first order, a learned η < 0 would make it
-    descent-aligned.
-
-    A consequence of q = k (sharing "qkv" or "qk"): a token's score with itself is ‖w_t‖², and
-    w_tᵀw_s ≤ ‖w_t‖‖w_s‖ (Cauchy–Schwarz; RoPE keeps norms), so the token scores at least as high
-    as any key no longer than itself. Every head leans towards self-attention; analyze_heads
-    reports the self-attention mass and the distance without self, so "local" is not mistaken
-    for "attends to itself".
-    """
+    """One MSSA step (§2-4): Z ← Z + Σ_k softmax_causal(q_k k_kᵀ/√p) W_k B_k, with W_k = Z U_k the
+    one projection, q_k = k_k = W_k rotated by π-RoPE, and the value W_k itself."""
 
     def __init__(self, config):
         super().__init__()
-        self.n_head, self.head_dim = config.n_head, config.head_dim
-        self.qkv_sharing = config.qkv_sharing
-        self.dropout = config.dropout
-        self.rotate_values = config.rotate_values
+        self.n_head, self.head_dim, self.dropout = config.n_head, config.head_dim, config.dropout
         inner = config.n_head * config.head_dim
-        # The first `inner` rows are the dictionary Uᵀ; "qk" adds a value, "none" a key and a value.
-        n_proj = {"qkv": 1, "qk": 2, "none": 3}[config.qkv_sharing]
-        self.dictionary = nn.Linear(config.n_embd, n_proj * inner, bias=config.bias)
-        if config.tie_dictionary:
-            self.back_projection = None
-            self.step_size = nn.Parameter(torch.ones(()))  # η
-        else:
-            self.back_projection = nn.Linear(inner, config.n_embd, bias=config.bias)
-        # The candidates of the white-box search (docs/PRISM.md §8), each off by default.
-        # η_k per head: §2's step is Σ_k η U_k SA(W_k); nothing in the derivation ties the heads'
-        # steps together, and the dropped β² factor differs per subspace (β·‖G_k‖).
-        self.head_step = nn.Parameter(torch.ones(config.n_head)) if config.head_step else None
-        # Temperature per head: the softmax stands in for β G_k, whose scale is per subspace.
-        self.log_temperature = (nn.Parameter(torch.zeros(config.n_head))
-                                if config.head_temperature else None)
-        # Normalised subspaces: MCR² codes features on the unit sphere (Yu et al. 2020); scoring
-        # RMS-normalised W_k (learned gain, as QK-norm) decouples the softmax's temperature from
-        # ‖U_k‖, which otherwise sets both it and the size of the value.
-        self.subspace_norm = nn.RMSNorm(config.head_dim, eps=1e-6) if config.normalize_subspaces else None
-        # No self-preference: the diagonal of G_k only rescales w_t along itself (the residual
-        # already carries the token), yet with q = k it is the largest score a token can have.
-        # Masking it leaves position 0 with no key, so every head gets a sink: a zero key and
-        # value with a learned logit, where attention can put mass that should move nothing.
-        self.sink_logit = nn.Parameter(torch.zeros(config.n_head)) if config.mask_self else None
+        self.dictionary = nn.Linear(config.n_embd, inner, bias=config.bias)  # the rows are Uᵀ
+        self.back_projection = nn.Linear(inner, config.n_embd, bias=config.bias)  # B
         self.resid_dropout = nn.Dropout(config.dropout)
-        # RoPE tables are built once here and move with the module to its device.
+        # RoPE tables, built once; they move with the module to its device.
         cos, sin = rotary_tables(rope_frequencies(config), config.block_size)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def subspaces(self):
-        """(H, p, d): each head's U_kᵀ, the projection its queries and keys live in."""
-        inner = self.n_head * self.head_dim
-        return self.dictionary.weight[:inner].view(self.n_head, self.head_dim, -1)
+        """(H, p, d): each head's U_kᵀ, the subspace its queries, keys and values live in."""
+        return self.dictionary.weight.view(self.n_head, self.head_dim, -1)
 
     def forward(self, x, record=None, cache=None):
         B, T, _ = x.shape
-        heads = self.dictionary(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_proj·H, T, p)
-        start = 0 if cache is None else cache.length  # absolute position of x[:, 0]
-        cos, sin = self.rope_cos[:, start:start + T], self.rope_sin[:, start:start + T]
-        norm = self.subspace_norm or (lambda t: t)
-        if self.qkv_sharing == "none":
-            q, k, v = heads.split(self.n_head, dim=1)
-            q, k = apply_rotary(norm(q), cos, sin), apply_rotary(norm(k), cos, sin)
-        else:
-            w, v = heads.split(self.n_head, dim=1) if self.qkv_sharing == "qk" else (heads, heads)
-            q = k = apply_rotary(norm(w), cos, sin)  # W_k = Z U_k; q = k: rotate once
-        if self.rotate_values:  # v_s = R_s w_s: the values live in the same rotated frame as k
-            v = apply_rotary(v, cos, sin)
-        if self.log_temperature is not None:
-            q = q * self.log_temperature.exp()[:, None, None]
+        w = self.dictionary(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # W_k: (B, H, T, p)
+        start = 0 if cache is None else cache.length  # the absolute position of x[:, 0]
+        q = k = apply_rotary(w, self.rope_cos[:, start:start + T], self.rope_sin[:, start:start + T])
+        v = w
         if cache is not None:
-            # Even with q = k = v the cache keeps two tensors, the rotated key and W: keeping W
-            # alone would mean rotating every past position again for every new token, about
-            # as much memory traffic as the attention itself, where the key costs one more
-            # (H, T, p) tensor per layer.
+            # The cache keeps the rotated key and W, two tensors although q = k = v: keeping W
+            # alone would rotate every past position again at every new token.
             k, v = cache.extend(k, v)
-        mask = None
-        if self.sink_logit is not None and (cache is not None or record is not None):
-            zeros = q.new_zeros(B, self.n_head, 1, self.head_dim)  # the sink: a zero key and value
-            k, v = torch.cat((zeros, k), dim=2), torch.cat((zeros, v), dim=2)
-            mask = self_masked_bias(T, k.shape[-2] - 1, self.sink_logit, q.dtype)
-        if record is not None:
-            y = explicit_attention(q, k, v, record, attn_mask=mask)
-        elif self.sink_logit is not None and mask is None:  # training: the same, as causal attention
-            q, k, v = sink_behind_shifted_keys(q, k, v, self.sink_logit)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.head_dim ** -0.5,
+        if record is not None:  # the analysis path: the same numbers, probabilities kept
+            y = explicit_attention(q, k, v, record)
+        else:  # one new query against the cache sees every cached key: no mask
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
                                                dropout_p=self.dropout if self.training else 0.0)
-            y = y[..., :self.head_dim]
-        elif mask is None:
-            y = F.scaled_dot_product_attention(  # one new query sees every cached key: no mask
-                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=T > 1)
-        else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        if self.rotate_values:  # back to token t's frame: y_t = Σ_s A_ts R_{s−t} w_s
-            y = apply_rotary(y, cos, -sin)
-        if self.head_step is not None:
-            y = y * self.head_step[:, None, None]
-        y = y.transpose(1, 2).reshape(B, T, -1)
-        if self.back_projection is None:
-            value_weight = self.dictionary.weight[-y.shape[-1]:]  # U (the value rows) back to R^d
-            y = self.step_size * F.linear(y, value_weight.t())
-        else:
-            y = self.back_projection(y)
-        return self.resid_dropout(y)
-
-
-def self_masked_bias(T, S, sink_logit, dtype):
-    """(H, T, S + 1) additive attention bias for mask_self, T queries at the last T of S positions
-    (S > T with a generation cache): column 0 is the sink (its learned logit), column 1 + j is key
-    j, allowed (0) where j is before the query's position, −inf elsewhere, the diagonal too."""
-    device = sink_logit.device
-    query_pos = torch.arange(S - T, S, device=device)
-    allowed = torch.arange(S, device=device)[None, :] < query_pos[:, None]
-    bias = torch.zeros(T, S, device=device, dtype=dtype).masked_fill(~allowed, float("-inf"))
-    sink = sink_logit.to(dtype)[:, None, None].expand(-1, T, 1)
-    return torch.cat((sink, bias.expand(sink_logit.shape[0], T, S)), dim=-1)
-
-
-def sink_behind_shifted_keys(q, k, v, sink_logit):
-    """mask_self's attention rewritten as plain causal attention, exactly: query t sees the sink
-    and keys 0..t−1, which are positions 0..t of [sink, k_0, ..., k_{T−2}]. The sink's learned
-    logit b rides on one extra channel (1 in every query, b·√p in the sink's key, 0 in the real
-    keys), so with the scale kept at 1/√p the real scores q·k/√p are unchanged and the sink's is
-    b. Zero channels pad q, k and v to one width, a multiple of 8, as the fused (flash) kernels
-    want them; the values' extra channels stay 0 and are cut from the output. Unlike
-    self_masked_bias this needs no (T, T) float mask, which keeps SDPA on its causal kernels."""
-    B, H, T, p = q.shape
-    pad = 8 - p % 8  # at least the one channel b needs
-    one, zero = q.new_ones(B, H, T, 1), q.new_zeros(B, H, T, pad - 1)
-    q = torch.cat((q, one, zero), dim=-1)
-    sink = (sink_logit * math.sqrt(p)).to(q.dtype)[None, :, None, None].expand(B, H, 1, 1)
-    sink_key = torch.cat((q.new_zeros(B, H, 1, p), sink, q.new_zeros(B, H, 1, pad - 1)), dim=-1)
-    shifted = torch.cat((k[:, :, :-1], q.new_zeros(B, H, T - 1, pad)), dim=-1)
-    k = torch.cat((sink_key, shifted), dim=2)
-    v = F.pad(torch.cat((v.new_zeros(B, H, 1, p), v[:, :, :-1]), dim=2), (0, pad))
-    return q, k, v
+        y = y.transpose(1, 2).reshape(B, T, -1)  # the heads side by side
+        return self.resid_dropout(self.back_projection(y))
 
 
 def causal_mask(T, device, window=None):
@@ -406,10 +282,10 @@ def causal_mask(T, device, window=None):
 
 
 def explicit_attention(q, k, v, record, window=None, attn_mask=None):
-    """softmax(qkᵀ/√p + mask) v, spelled out so the probabilities can be kept: causal (and
+    """softmax(qkᵀ/√p + mask) v, spelled out so that the probabilities can be kept: causal (and
     windowed) by default, or the additive `attn_mask` (H, T, S) whose first S − T keys are extra
-    (a sink). The analysis path of every model; equal to the fused kernel up to float rounding.
-    The record keeps the probabilities of the T real keys (a sink's share is 1 − their sum)."""
+    (a sink, in the lab). The analysis path of every model; equal to the fused kernel up to float
+    rounding (tested). The record keeps the probabilities of the T real keys."""
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
     T = q.shape[-2]
     if attn_mask is None:
@@ -421,38 +297,13 @@ def explicit_attention(q, k, v, record, window=None, attn_mask=None):
 
 
 # -----------------------------------------------------------------------------
-# 5. The rest of the block is deliberately conventional (PRISM.md §5): pre-norm residual,
+# 5. The rest of the block is deliberately conventional (docs/PRISM.md §5): pre-norm residual,
 # LayerNorm, a GELU MLP of width 4d, tied input/output embeddings, no learned positions.
-# The white-box alternative to the MLP (mlp = "ista"): one step of ISTA on the non-negative LASSO
-# of each token z ∈ R^d against a dictionary D ∈ R^{d×m},
-#     min_{a ≥ 0} ½‖z − D a‖² + λ‖a‖₁,
-# whose proximal-gradient step is a ← ReLU(a + η Dᵀ(z − D a) − ηλ) (exact ISTA; it decreases
-# the objective for η ≤ 1/λ_max(DᵀD) and λ ≥ 0). CRATE takes this step with a complete d×d
-# dictionary from a = z and outputs the code itself; CRATE-α makes D overcomplete, starts from
-# a = 0, decouples the encoder and adds the reconstruction D a to the residual, as here:
-# a = ReLU(η Dᵀz − ηλ), x ← x + D a. "ista-tied" keeps one dictionary (learned step η and
-# threshold λ per atom); "ista" learns the encoder D₁ in place of ηDᵀ, which makes it a ReLU MLP
-# with a learned threshold. η and λ are learned without constraints, so the descent guarantee
-# holds for the step as derived, not necessarily for the trained values.
-
-
-def ista_step(z, D, threshold, step, a=None):
-    """One ISTA step of the non-negative LASSO: ReLU(a + η Dᵀ(z − D a) − ηλ), tokens as rows
-    (z (…, d), D (d, m), threshold λ (m,), step η); a = 0 when not given."""
-    grad = F.linear(z, D.t()) if a is None else F.linear(z - F.linear(a, D), D.t())
-    a = 0 if a is None else a
-    return F.relu(a + step * grad - step * threshold)
-
-
-def lasso_objective(z, D, threshold, a):
-    """½‖z − D a‖² + Σ λ_i a_i per token (a ≥ 0, so ‖a‖₁ = Σ a_i)."""
-    return 0.5 * (z - F.linear(a, D)).pow(2).sum(-1) + (a * threshold).sum(-1)
 
 
 def mlp_width(config):
-    """The MLP's hidden width (any arch's config): mlp_hidden, or by default 4d — 8d for the tied
-    ISTA block, whose one d×8d dictionary holds the GELU MLP's 8d² weights."""
-    return config.mlp_hidden or (8 if getattr(config, "mlp", "gelu") == "ista-tied" else 4) * config.n_embd
+    """The MLP's hidden width (any arch's config): mlp_hidden, or 4·n_embd."""
+    return config.mlp_hidden or 4 * config.n_embd
 
 
 class MLP(nn.Module):
@@ -467,35 +318,15 @@ class MLP(nn.Module):
         return self.dropout(self.proj(F.gelu(self.fc(x))))
 
 
-class SparseCodingMLP(nn.Module):
-    """x ← D · ReLU(D₁ x − ηλ): one ISTA step from 0 (see above); D₁ = ηDᵀ when tied."""
-
-    def __init__(self, config):
-        super().__init__()
-        width = mlp_width(config)
-        self.tied = config.mlp == "ista-tied"
-        self.proj = nn.Linear(width, config.n_embd, bias=False)  # the dictionary D (d × m)
-        self.encoder = None if self.tied else nn.Linear(config.n_embd, width, bias=False)  # D₁
-        self.step = nn.Parameter(torch.ones(())) if self.tied else None  # η
-        self.threshold = nn.Parameter(torch.zeros(width))  # ηλ (decoupled) or λ (tied), per atom
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x):
-        if self.tied:
-            code = ista_step(x, self.proj.weight, self.threshold, self.step)
-        else:
-            code = F.relu(self.encoder(x) - self.threshold)
-        return self.dropout(self.proj(code))
-
-
 class Block(nn.Module):
-    def __init__(self, config, attention=PrismAttention):
+    """x ← x + attention(LN(x)); x ← x + mlp(LN(x)). Both classes are called with the config."""
+
+    def __init__(self, config, attention=PrismAttention, mlp=MLP):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = attention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        # The baselines share this block; their configs have no `mlp` field and keep the GELU MLP.
-        self.mlp = MLP(config) if getattr(config, "mlp", "gelu") == "gelu" else SparseCodingMLP(config)
+        self.mlp = mlp(config)
 
     def forward(self, x, record=None, cache=None):
         z = self.ln_1(x)
@@ -509,16 +340,58 @@ class Block(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# 6. What every language model in this project shares.
+# 6. The language model: what PRISM shares with the lab's baselines.
 
 
 def padded_vocab_size(vocab_size):
     return 64 * math.ceil(vocab_size / 64)  # matmuls on multiples of 64 run faster
 
 
+class KVCache:
+    """What one attention layer keeps of the tokens it has seen while generating: the tensors
+    (B, H, T, p) that later queries read, keys and values in the order the layer passes them.
+    `window`: a sliding-window layer sees only its last `window` positions, so it keeps window − 1
+    (the new token is the window-th) and its memory stays bounded."""
+
+    def __init__(self, window=None):
+        self.window = window
+        self.length = 0  # positions seen so far = the absolute position of the next token
+        self.tensors = None
+
+    def extend(self, *new):
+        """Append the new positions; return past + new, what the new queries attend to. Several
+        positions at once (the prompt) only into an empty cache, so the layer's usual causal mask
+        is the right one; after that one position per call, which sees everything returned."""
+        T = new[0].shape[-2]
+        if self.tensors is None:
+            full = new
+        else:
+            if T != 1:
+                raise ValueError(f"{T} positions into a non-empty cache: one at a time")
+            full = tuple(torch.cat((past, t), dim=-2) for past, t in zip(self.tensors, new))
+        self.length += T
+        n = full[0].shape[-2]
+        keep = n if self.window is None else min(n, self.window - 1)
+        self.tensors = tuple(t[:, :, n - keep:] for t in full)
+        return full
+
+
+def filter_logits(logits, top_k=None, top_p=None):
+    """Keep the top_k largest logits and the smallest set whose probability reaches top_p."""
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= top_p  # the token that crosses top_p stays
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
 class LanguageModel(nn.Module):
-    """Base of PRISM and the baselines. A subclass calls `_build` with its blocks and final norm
-    and implements `embed(idx, start)` -> the residual stream entering the first block, for
+    """Base of PRISM and the lab's models. A subclass calls `_build` with its blocks and final
+    norm and implements `embed(idx, start)` -> the residual stream entering the first block, for
     tokens at positions start, start + 1, ..."""
 
     arch = None  # the name train.py and the checkpoints use
@@ -533,7 +406,7 @@ class LanguageModel(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, vocab, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied input/output embeddings
         self.apply(self._init_weights)
-        # GPT-2's residual scaling: layers that write into the residual stream start smaller.
+        # GPT-2's residual scaling: the layers that write into the residual stream start smaller.
         for name, p in self.named_parameters():
             if name.endswith(("back_projection.weight", "proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
@@ -557,8 +430,8 @@ class LanguageModel(nn.Module):
         return report
 
     def describe_parameters(self):
-        """One line for the log: the arch and its parameter counts by part. The callers print
-        it (train.py on rank 0 only), so that building a model never writes anything."""
+        """One line for the log: the arch and its parameter counts by part. Callers print it
+        (train.py on rank 0 only): building a model never writes anything."""
         report = self.parameter_report()
         return (f"{self.arch}: {report['total'] / 1e6:.2f}M parameters ("
                 + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in report.items() if k != "total") + ")")
@@ -596,30 +469,21 @@ class LanguageModel(nn.Module):
         vocab = self.config.vocab_size
         loss = None
         if targets is not None:
-            if logits.size(-1) > vocab:
-                # The padding rows take no part in the softmax: -inf there is exactly the loss
-                # over the first vocab_size columns, and their gradient is exactly 0 either way
-                # (softmax weight e^-inf = 0), so the fill needs no autograd record. Cross-entropy
-                # on the contiguous padded logits avoids copying the whole (B·T, vocab) tensor,
-                # which the sliced view cost forward (log_softmax) and backward (SliceBackward).
-                with torch.no_grad():
-                    logits[..., vocab:] = float("-inf")
+            with torch.no_grad():  # padding columns out of the softmax (exact, gradient 0),
+                logits[..., vocab:] = float("-inf")  # cheaper than cross-entropy on a slice
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=-1)
-        return logits[..., :vocab], loss  # drop the padding rows
+        return logits[..., :vocab], loss  # drop the padding columns
 
+    # What analyze_heads.py asks of a model; None where a model has no such thing.
     def rope_frequencies(self, layer=0):
-        """(n_head, head_dim // 2) angular frequencies of a layer's heads, or None for a model
-        without rotary heads."""
-        return None
+        return None  # (n_head, head_dim // 2) angular frequencies of the layer's heads
 
     def head_groups(self):
-        """Each head's designed group ('signal' / 'noise'), or None where there are no groups."""
-        return None
+        return None  # each head's designed group, 'signal' or 'noise'
 
     def subspaces(self, layer):
-        """(H, p, d) dictionary of a layer for the MCR² diagnostics, or None where there is none."""
-        return None
+        return None  # (H, p, d): the layer's dictionary, for the MCR² diagnostics
 
     # -- generation -------------------------------------------------------------------------
 
@@ -645,8 +509,7 @@ class LanguageModel(nn.Module):
                 hidden = self.forward_hidden(idx[:, -self.config.block_size:])
             else:
                 hidden = self.forward_hidden(idx[:, cache[0].length:], cache=cache)
-            logits, _ = self._head(hidden[:, -1:], None)  # only the last position is sampled
-            logits = logits[:, -1, :].float()
+            logits = self._head(hidden[:, -1:], None)[0][:, -1, :].float()  # the last position only
             if temperature == 0:
                 next_token = logits.argmax(dim=-1, keepdim=True)
             else:
@@ -666,7 +529,7 @@ class LanguageModel(nn.Module):
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with weight decay on matrices (and embeddings) only, never on norms, biases or
-        scalar step sizes; the fused kernel where this PyTorch has it for the device."""
+        scalars; the fused kernel where this PyTorch has it for the device."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -675,106 +538,35 @@ class LanguageModel(nn.Module):
                                  **({"fused": True} if fused else {}))
 
     def flops_per_token(self):
-        """Training FLOPs per token (forward + backward): 6 per weight (PaLM appendix B) plus the
+        """Training FLOPs per token (forward + backward): 6 per weight (PaLM, appendix B) plus the
         attention matmuls qkᵀ and AV, 12·L·(H·p)·T. PRISM's shared q = k = v changes only the
         weight count; each head still forms scores and mixes values over T positions."""
         c = self.config
         return 6 * self.get_num_params() + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
 
-    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=None, dtype=None):
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops):
         """Model FLOPs utilisation of `fwdbwd_per_iter` sequences in `dt` seconds, as a fraction of
-        `peak_flops`; None: the current CUDA device's dense peak for `dtype` (gpu_peak_flops;
-        None = the 16-bit type train.py's dtype=auto picks). On a device with no known peak the
-        MFU is NaN, with a warning, rather than a number against some other GPU's peak: NaN
-        prints as nan and fails every comparison, so callers' `mfu > 0` checks leave it out."""
+        the device's dense `peak_flops` (FLOP/s, given by the caller: train.py knows the GPU).
+        None, a device with no known peak, gives NaN, which fails every comparison."""
         if peak_flops is None:
-            peak_flops = current_gpu_peak_flops(dtype)
-            if peak_flops is None:
-                return math.nan
-        flops = self.flops_per_token() * self.config.block_size * fwdbwd_per_iter
-        return flops / dt / peak_flops
-
-
-# Dense (no 2:4 sparsity) peak TFLOP/s by GPU, as torch.cuda.get_device_name() spells it, from
-# the vendors' datasheets and architecture whitepapers; the datasheets quote tensor-core rates
-# "with sparsity", twice the dense ones given here. bfloat16 / float16: tensor cores with float32
-# accumulation (what PyTorch's matmuls use); tf32: float32 matmuls with allow_tf32 (train.py and
-# bench.py set it); float32: the plain CUDA cores. None: the GPU has no such unit.
-# A name that no pattern matches gets no MFU: a guess from a similar name would be a wrong number.
-GPU_PEAK_TFLOPS = (
-    # (regex searched in the name, bfloat16, float16, tf32, float32)
-    # NVIDIA H100 Tensor Core GPU Architecture whitepaper (SXM5, PCIe); H100 datasheet (NVL)
-    (r"H100 80GB HBM3$", 989.4, 989.4, 494.7, 66.9),  # H100 SXM5 reports this name
-    (r"H100 PCIe$", 756.5, 756.5, 378.0, 51.2),
-    (r"H100 NVL$", 835.5, 835.5, 417.5, 60.0),
-    # H200 datasheet: the SXM part has the H100 SXM5's compute, the NVL part the H100 NVL's
-    (r"H200$", 989.4, 989.4, 494.7, 66.9),
-    (r"H200 NVL$", 835.5, 835.5, 417.5, 60.0),
-    # A100 datasheet: the same peaks for SXM4 and PCIe, 40 GB and 80 GB
-    (r"A100[- ]", 312.0, 312.0, 156.0, 19.5),
-    (r"NVIDIA A10$", 125.0, 125.0, 62.5, 31.2),         # A10 datasheet
-    (r"NVIDIA L4$", 121.0, 121.0, 60.0, 30.3),          # L4 datasheet
-    (r"NVIDIA L40S$", 362.05, 362.05, 183.0, 91.6),     # L40S datasheet
-    # NVIDIA Ada Lovelace (RTX 4090) and Ampere GA102 (RTX 3090) architecture whitepapers; the
-    # GeForce cards' tensor cores run at half rate with float32 accumulation, given here
-    (r"GeForce RTX 4090$", 165.2, 165.2, 82.6, 82.6),
-    (r"GeForce RTX 3090$", 71.0, 71.0, 35.6, 35.6),
-    # V100 and T4 datasheets: float16 tensor cores only
-    (r"V100-SXM2", None, 125.0, None, 15.7),
-    (r"V100-PCIE", None, 112.0, None, 14.0),
-    (r"Tesla T4$", None, 65.0, None, 8.1),
-)
-PEAK_DTYPES = ("bfloat16", "float16", "tf32", "float32")
-
-
-def gpu_peak_flops(device_name, dtype="bfloat16"):
-    """Dense peak FLOP/s of the GPU called `device_name` for matmuls in `dtype` (one of
-    PEAK_DTYPES, or a torch dtype), or None where GPU_PEAK_TFLOPS does not know it."""
-    dtype = str(dtype).removeprefix("torch.")
-    if dtype not in PEAK_DTYPES:
-        raise ValueError(f"dtype {dtype!r}: choose from {', '.join(PEAK_DTYPES)}")
-    for pattern, *peaks in GPU_PEAK_TFLOPS:
-        if re.search(pattern, device_name):
-            tflops = peaks[PEAK_DTYPES.index(dtype)]
-            return None if tflops is None else tflops * 1e12
-    return None
-
-
-def current_gpu_peak_flops(dtype=None):
-    """gpu_peak_flops of the current CUDA device (None without one, with a warning); dtype None:
-    bfloat16 where torch.cuda.is_bf16_supported(), else float16, as train.py's dtype=auto."""
-    if not torch.cuda.is_available():
-        warnings.warn("no CUDA device: MFU not reported", stacklevel=3)
-        return None
-    name = torch.cuda.get_device_name()
-    if dtype is None:
-        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    peak = gpu_peak_flops(name, dtype)
-    if peak is None:
-        warnings.warn(f"unknown device {name!r} for {dtype}: MFU not reported (its peak is not in "
-                      "model.GPU_PEAK_TFLOPS)", stacklevel=3)
-    return peak
+            return math.nan
+        return self.flops_per_token() * self.config.block_size * fwdbwd_per_iter / dt / peak_flops
 
 
 class Prism(LanguageModel):
+    """The paper's model: token embedding (no absolute positions: π-RoPE carries them), n_layer
+    blocks of PrismAttention and MLP, the final LayerNorm and the tied output layer. The lab
+    subclasses it and swaps the two class attributes."""
+
     arch = "prism"
+    attention_class = PrismAttention
+    mlp_class = MLP
 
     def __init__(self, config):
         super().__init__()
-        self._build(config, [Block(config) for _ in range(config.n_layer)],
-                    nn.LayerNorm(config.n_embd, bias=config.bias))
-        if config.rho_init:  # ρ times the directions at 1/ρ the variance: ‖U‖_F² of ρ = 1
-            for block in self.transformer.h:
-                nn.init.normal_(block.attn.dictionary.weight, std=0.02 / math.sqrt(self.overcompleteness))
-
-    def flops_per_token(self):
-        """The base count, plus the second use of each tied matrix: the tied back-projection
-        reads the dictionary again (d·H·p per layer), the tied ISTA block its D (d·m per layer);
-        6·params counts a weight once."""
-        c = self.config
-        reused = (c.n_embd * c.n_head * c.head_dim if c.tie_dictionary else 0) + (
-            c.n_embd * mlp_width(c) if c.mlp == "ista-tied" else 0)
-        return super().flops_per_token() + 6 * c.n_layer * reused
+        blocks = [Block(config, type(self).attention_class, type(self).mlp_class)
+                  for _ in range(config.n_layer)]
+        self._build(config, blocks, nn.LayerNorm(config.n_embd, bias=config.bias))
 
     @property
     def overcompleteness(self):
@@ -782,7 +574,7 @@ class Prism(LanguageModel):
         return self.config.n_head * self.config.head_dim / self.config.n_embd
 
     def embed(self, idx, start=0):
-        return self.transformer.wte(idx)  # no absolute positions: RoPE carries them
+        return self.transformer.wte(idx)
 
     def rope_frequencies(self, layer=0):
         return rope_frequencies(self.config)  # the same in every layer
@@ -795,56 +587,13 @@ class Prism(LanguageModel):
         return self.transformer.h[layer].attn.subspaces()
 
 
-class KVCache:
-    """What one attention layer keeps of the tokens it has seen while generating: the tensors
-    (B, H, T, p) that later queries read, keys and values in the order the layer passes them.
-    `window`: a sliding-window layer sees only its last `window` positions, so it keeps window − 1
-    (the new token is the window-th) and its memory stays bounded."""
-
-    def __init__(self, window=None):
-        self.window = window
-        self.length = 0  # positions seen so far = the absolute position of the next token
-        self.tensors = None
-
-    def extend(self, *new):
-        """Append the new positions; return past + new, what the new queries attend to. Several
-        positions at once (the prompt) only into an empty cache, so the layer's usual causal mask
-        is the right one; after that one position per call, which sees everything returned."""
-        T = new[0].shape[-2]
-        if self.tensors is None:
-            full = new
-        else:
-            if T != 1:
-                raise ValueError(f"{T} positions into a non-empty cache: one at a time")
-            # cat copies the past once per token: the same bytes the attention reads anyway.
-            full = tuple(torch.cat((past, t), dim=-2) for past, t in zip(self.tensors, new))
-        self.length += T
-        n = full[0].shape[-2]
-        keep = n if self.window is None else min(n, self.window - 1)
-        self.tensors = tuple(t[:, :, n - keep:] for t in full)
-        return full
-
-
-def filter_logits(logits, top_k=None, top_p=None):
-    """Keep the top_k largest logits and the smallest set whose probability reaches top_p."""
-    if top_k is not None:
-        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        drop = probs.cumsum(dim=-1) - probs >= top_p  # the token that crosses top_p stays
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
-    return logits
-
-
 # -----------------------------------------------------------------------------
-# Architectures by name, and the checkpoints train.py writes.
-
-# The tutorial has one architecture. The lab (lab/) adds its baselines and white-box variants to
-# this table when it is imported, and get_arch imports it on the first name the table lacks:
-# that import is the one place the tutorial reaches into the lab, so that
-# `python train.py --arch=gpt2` and sample.py on a lab checkpoint work from the top level.
+# 7. Architectures by name, and the checkpoints train.py writes.
+# The tutorial has one architecture. THE ONE HOOK from the tutorial into the lab: get_arch imports
+# the `lab` package on the first name this table lacks, and lab/__init__.py adds the lab's models
+# (GPT-2, Gemma 3, the white-box variants) to ARCHS. That is what makes `python train.py
+# --arch=gpt2` and sample.py on a lab checkpoint work from the top level; nothing else in the
+# tutorial imports the lab, and without a lab/ folder the tutorial runs on its own.
 ARCHS = {"prism": (PrismConfig, Prism)}
 LAB_PACKAGE = "lab"
 
@@ -853,7 +602,7 @@ def get_arch(name):
     """(ConfigClass, ModelClass) for an architecture name."""
     if name not in ARCHS:
         try:
-            importlib.import_module(LAB_PACKAGE)  # registers the lab's archs
+            importlib.import_module(LAB_PACKAGE)  # the one hook: registers the lab's archs
         except ModuleNotFoundError:
             pass
     if name not in ARCHS:
@@ -899,10 +648,9 @@ def read_checkpoint(path, device="cpu"):
     except pickle.UnpicklingError:
         raise CheckpointError(f"{path} is not a safe checkpoint: it contains code/objects other "
                               "than tensors and plain data; refusing to load") from None
-    except Exception as e:  # a truncated or damaged archive
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint file, or a damaged one "
-                              f"({reason})") from None
+    except Exception:  # a truncated or damaged archive; torch's own message is not for the user
+        raise CheckpointError(f"{path} is damaged or truncated (not a complete PyTorch "
+                              "checkpoint)") from None
 
 
 def load_model(path, device="cpu"):

@@ -1,6 +1,5 @@
 """The generation cache (model.KVCache): the same logits and tokens as recomputing the whole
-context, for every arch, every q/k/v sharing of PRISM and its attention candidates, past
-block_size and across Gemma's sliding window."""
+context, for PRISM, past block_size. (The lab's models have their cache tests in lab/tests.)"""
 import pytest
 import torch
 
@@ -9,19 +8,9 @@ from model import KVCache
 
 SIZES = dict(vocab_size=97, block_size=24, n_layer=2, n_embd=32)
 MODELS = {
-    "prism-qkv": ("prism", dict(n_head=4, head_dim=16, qkv_sharing="qkv")),
-    "prism-qk": ("prism", dict(n_head=4, head_dim=16, qkv_sharing="qk")),
-    "prism-none": ("prism", dict(n_head=4, head_dim=16, qkv_sharing="none")),
-    # the white-box candidates that change the attention (PRISM.md §8): sink, rotated values,
-    # normalised subspaces, per-head temperature and step
-    "prism-white": ("prism", dict(n_head=4, head_dim=16, normalize_subspaces=True,
-                                  mask_self=True, rotate_values=True)),
-    "prism-temperature-step": ("prism", dict(n_head=4, head_dim=16, head_temperature=True,
-                                             head_step=True, qkv_sharing="qk", mask_self=True)),
-    "gpt2": ("gpt2", dict(n_head=4)),
-    # layer 0 local with a 5-token window, layer 1 global: 40 tokens cross the window many times
-    "gemma3": ("gemma3", dict(n_head=4, head_dim=8, mlp_hidden=48, sliding_window=5,
-                              global_every=2)),
+    "prism": ("prism", dict(n_head=4, head_dim=16)),
+    # biases in the dictionary (W carries them into the cached value) and π-RoPE off
+    "prism-bias-pi-off": ("prism", dict(n_head=4, head_dim=16, bias=True, rope_ratio=1.0)),
 }
 
 
@@ -72,19 +61,27 @@ def test_greedy_and_sampled_tokens_are_the_same_with_and_without_cache(name):
     assert not torch.equal(sampled[0], greedy[0])  # the sampled run did sample
 
 
-def test_the_cache_holds_what_the_layer_can_still_see():
-    model = make("gemma3")
-    cache = model.new_cache()
-    with torch.no_grad():
-        model.forward_hidden(prompt(T=3), cache=cache)
-        for _ in range(10):
-            model.forward_hidden(prompt(T=1), cache=cache)
-    local, global_ = cache
-    assert local.length == global_.length == 13
-    assert local.tensors[0].shape[-2] == 4  # the window of 5 = 4 kept + the next token
-    assert global_.tensors[0].shape[-2] == 13
+def test_a_windowed_cache_keeps_only_what_the_layer_can_still_see():
+    cache = KVCache(window=5)
+    cache.extend(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4))
+    for t in range(10):
+        seen, _ = cache.extend(torch.full((1, 2, 1, 4), float(t)), torch.zeros(1, 2, 1, 4))
+        assert seen.shape[-2] == min(3 + t + 1, 5)  # the new token sees at most the window
+    assert cache.length == 13
+    assert cache.tensors[0].shape[-2] == 4  # the window of 5 = 4 kept + the next token
+    assert cache.tensors[0][0, 0, :, 0].tolist() == [6.0, 7.0, 8.0, 9.0]
+
+
+def test_the_prism_cache_holds_the_rotated_key_and_w():
     # PRISM with q = k = v keeps the rotated key and W itself, the value
-    prism = make("prism-qkv")
+    prism = make("prism")
+    cache = prism.new_cache()
+    assert len(cache) == 2 and cache[0].window is None
+    with torch.no_grad():
+        prism.forward_hidden(prompt(T=3), cache=cache)
+        for _ in range(5):
+            prism.forward_hidden(prompt(T=1), cache=cache)
+    assert cache[0].length == 8 and cache[0].tensors[0].shape[-2] == 8  # no window: all kept
     cache = prism.new_cache()
     with torch.no_grad():
         prism.forward_hidden(prompt(T=3), cache=cache)
@@ -103,7 +100,7 @@ def test_several_positions_into_a_filled_cache_are_refused():
 
 
 def test_each_new_token_runs_one_position_until_the_context_is_full():
-    model = make("prism-qkv")
+    model = make("prism")
     positions = []
     model.transformer.wte.register_forward_hook(
         lambda module, args, out: positions.append(args[0].shape[1]))
