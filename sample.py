@@ -1,31 +1,23 @@
 """
 Sample stories from a trained checkpoint, streaming the text as the tokens come.
 
-Examples:
-    python sample.py --prompt="Once upon a time" --num_samples=3 \\
-        --max_new_tokens=200 --temperature=0.8 --top_k=200 --seed=1337
-    python sample.py --ckpt=out/cpu_tiny/ckpt.pt --prompt=FILE:prompt.txt --top_p=0.9
-    python sample.py --ckpt=out/prism_50m/ckpt.pt --prompt_file=prompt.txt --temperature=0   # greedy
-    python sample.py --keep_going   # do not stop at <|endoftext|>
-    python sample.py --no_cache     # recompute the context per token (slower, same tokens)
-    python sample.py --ckpt=out/old/ckpt.pt --meta=data/sample4k/meta.json  # an id map by hand
+    python sample.py                                   # the checkpoint you trained last
+    python sample.py --prompt="Lily had a red ball" --num_samples=1 --max_new_tokens=300
+    python sample.py --out_dir=out/prism_50m --temperature=0.7 --top_p=0.9
+    python sample.py --ckpt=out/cpu_small --prompt=FILE:prompt.txt --temperature=0   # greedy
+    python sample.py --no_cache      # recompute the whole context per token (slower, same text)
 
---ckpt defaults to the checkpoint `python train.py` writes on this machine: out/prism_50m/ckpt.pt
-where there is CUDA, else out/cpu_tiny/ckpt.pt (`--help` says which).
+The checkpoint: --ckpt=PATH (a ckpt.pt, or a folder holding one), --out_dir=DIR (DIR/ckpt.pt, as
+in nanoGPT), or by default the newest out/*/ckpt.pt. The first line on stderr says which one was
+loaded. A checkpoint carries its vocabulary, so the text decodes without the data folder.
 
-Each sample is printed as its prompt followed by the generated text, and ends at the first
-end-of-text token (which is not printed) unless --keep_going is given; samples are separated by a
-line of dashes. Errors (missing or corrupt checkpoint, empty prompt, ...) are one line
-`error: ...` on stderr with exit status 1.
-
-Tokens are turned into text and back in one place, `load_tokenizer` (analyze_heads.py uses it
-too): GPT-2 BPE through tiktoken, or whatever a data folder's meta.json describes.
+Each sample is the prompt followed by the generated text; it ends at the first end-of-text token
+(not printed) unless --keep_going; samples are separated by a line of dashes. A mistake (no
+checkpoint, an empty prompt, ...) is one line `error: ...` on stderr and exit status 2.
 """
 
 import argparse
 import codecs
-import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,13 +25,72 @@ from typing import Callable
 
 import torch
 
+from model import CheckpointError, load_model
+
 EOT_TEXT = "<|endoftext|>"
 GPT2_VOCAB = 50257
 UNKNOWN_TEXT = "\N{REPLACEMENT CHARACTER}"  # how the unknown token of a compact vocabulary prints
 
 
 class UsageError(Exception):
-    """A problem with the user's input, reported as one `error: ...` line."""
+    """A problem with the user's input, reported as one `error: ...` line (exit status 2)."""
+
+
+# -----------------------------------------------------------------------------
+# Finding and loading the checkpoint (analyze_heads.py uses these too).
+
+
+def find_checkpoint(ckpt=None, out_dir=None):
+    """The checkpoint file: --ckpt (a file, or a folder holding ckpt.pt), --out_dir (DIR/ckpt.pt),
+    or the newest out/*/ckpt.pt under the current folder (the run you trained last)."""
+    if ckpt is not None and out_dir is not None:
+        raise UsageError("give --ckpt or --out_dir, not both")
+    hint = "train one with `python train.py`, or give --ckpt=PATH"
+    if ckpt is None and out_dir is None:
+        found = sorted(Path("out").glob("*/ckpt.pt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise UsageError(f"no checkpoint in out/*/ ({hint})")
+        return found[-1]
+    path = Path(ckpt if ckpt is not None else out_dir)
+    if path.is_dir() or out_dir is not None:
+        if not (path / "ckpt.pt").is_file():
+            raise UsageError(f"no checkpoint in {path} ({hint})")
+        return path / "ckpt.pt"
+    if not path.is_file():
+        raise UsageError(f"no checkpoint at {path} ({hint})")
+    return path
+
+
+def load_checkpoint_model(path, device="cpu"):
+    """(model, facts): model.load_model with its failures as one-line errors, and what the
+    checkpoint says of its run (iter_num, best_val_loss, train_config; None where absent). Prints
+    one line to stderr saying what was loaded (so that stdout holds the samples only)."""
+    try:
+        model = load_model(path, device)
+        # The run's facts ride in the same file; mmap reads them without the weights again.
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except CheckpointError as e:  # says what the file is, with its path
+        raise UsageError(str(e)) from None
+    except (FileNotFoundError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"cannot load checkpoint {path}: {msg}") from None
+    facts = {k: ckpt.get(k) for k in ("iter_num", "best_val_loss", "train_config")}
+    line = (f"loaded {path}: {model.arch}, "
+            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    if facts["iter_num"] is not None:
+        line += f", iteration {facts['iter_num']}"
+    if facts["best_val_loss"] is not None:
+        line += f", val loss {facts['best_val_loss']:.4f}"
+    print(line, file=sys.stderr)
+    return model, facts
+
+
+def pick_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device={name} but this machine has no CUDA device")
+    return name
 
 
 # -----------------------------------------------------------------------------
@@ -48,80 +99,51 @@ class UsageError(Exception):
 
 @dataclass
 class Tokenizer:
-    encode: Callable[[str], list]     # text -> model token ids
+    encode: Callable[[str], list]          # text -> model token ids
     decode_bytes: Callable[[list], bytes]  # model token ids -> UTF-8 bytes (may split a character)
-    eot: int                          # the end-of-text token id, in model ids
-    name: str
+    eot: int                               # the end-of-text token id, in model ids
 
     def decode(self, ids):
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
 
-def load_tokenizer(meta_path=None, meta=None):
-    """The tokenizer a model was trained with. `meta_path` is a data folder's meta.json, or `meta`
-    its content (a checkpoint's `vocabulary`); neither: plain GPT-2 BPE. Every conversion between
-    text and model token ids goes through here.
-    A compact vocabulary (meta.json's compact_vocab, from prepare_tinystories.py --vocab_size):
-    compact id c < size is GPT-2 id gpt2_ids[c]; other GPT-2 tokens encode to unknown_token,
-    which decodes to UNKNOWN_TEXT."""
-    meta = meta or {}
-    if meta_path is not None:
-        try:
-            meta = json.loads(Path(meta_path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UsageError(f"no meta.json at {meta_path}") from None
-        except (OSError, ValueError) as e:
-            raise UsageError(f"{meta_path} is not readable JSON ({e})") from None
-    name = meta.get("tokenizer", "gpt2")
-    if name != "gpt2":
-        raise UsageError(f"{meta_path}: unsupported tokenizer {name!r} (only 'gpt2')")
+def load_tokenizer(vocabulary=None):
+    """The tokenizer of a checkpoint's `vocabulary` (its data's meta.json fields, which train.py
+    stores); None: plain GPT-2 BPE. A compact vocabulary (prepare_tinystories.py --vocab_size):
+    compact id c is GPT-2 id gpt2_ids[c]; other GPT-2 tokens encode to unknown_token, which
+    decodes to UNKNOWN_TEXT."""
+    vocabulary = vocabulary or {}
+    if vocabulary.get("tokenizer", "gpt2") != "gpt2":
+        raise UsageError(f"unsupported tokenizer {vocabulary['tokenizer']!r} (only 'gpt2')")
     import tiktoken  # noqa: PLC0415 — imported late so --help works without its files
 
     enc = tiktoken.get_encoding("gpt2")
+    eot = int(vocabulary.get("eot_token", enc.eot_token))
+    compact = vocabulary.get("compact_vocab")
+    if not compact:
+        return Tokenizer(lambda s: enc.encode(s, allowed_special={EOT_TEXT}),
+                         lambda ids: enc.decode_bytes([int(i) for i in ids]), eot)
+    to_gpt2, unknown = [int(i) for i in compact["gpt2_ids"]], int(compact["unknown_token"])
+    to_compact = {g: c for c, g in enumerate(to_gpt2)}
 
     def encode(s):
-        return enc.encode(s, allowed_special={EOT_TEXT})
+        return [to_compact.get(g, unknown) for g in enc.encode(s, allowed_special={EOT_TEXT})]
 
     def decode_bytes(ids):
-        return enc.decode_bytes([int(i) for i in ids])
+        return b"".join(enc.decode_bytes([to_gpt2[int(i)]]) if 0 <= int(i) < len(to_gpt2)
+                        else UNKNOWN_TEXT.encode("utf-8") for i in ids)
 
-    name = "gpt2"
-    compact = meta.get("compact_vocab")
-    if compact:
-        try:
-            to_gpt2 = [int(i) for i in compact["gpt2_ids"]]
-            unknown = int(compact["unknown_token"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise UsageError(f"{meta_path}: malformed compact_vocab ({e})") from None
-        to_compact = {g: c for c, g in enumerate(to_gpt2)}
-        gpt2_encode, gpt2_decode = encode, decode_bytes
-
-        def encode(s):
-            return [to_compact.get(g, unknown) for g in gpt2_encode(s)]
-
-        def decode_bytes(ids):
-            out = bytearray()
-            for i in ids:
-                i = int(i)
-                out += (gpt2_decode([to_gpt2[i]]) if 0 <= i < len(to_gpt2)
-                        else UNKNOWN_TEXT.encode("utf-8"))
-            return bytes(out)
-
-        name = f"gpt2, compact vocabulary of {len(to_gpt2)} + unknown"
-    eot = int(meta.get("eot_token", enc.eot_token))
-    return Tokenizer(encode=encode, decode_bytes=decode_bytes, eot=eot, name=name)
+    return Tokenizer(encode, decode_bytes, eot)
 
 
 # -----------------------------------------------------------------------------
 # Sampling.
 
 
-def read_prompt(prompt, prompt_file=None):
-    """The prompt text: --prompt_file, or --prompt (FILE:path reads a file). Empty is an error."""
-    if prompt_file is not None and prompt.startswith("FILE:"):
-        raise UsageError("give either --prompt=FILE:... or --prompt_file, not both")
-    path = prompt_file if prompt_file is not None else (
-        prompt[len("FILE:"):] if prompt.startswith("FILE:") else None)
+def read_prompt(prompt):
+    """The prompt text; FILE:path reads it from a file (less the newline an editor adds at its
+    end). Empty is an error."""
+    path = prompt[len("FILE:"):] if prompt.startswith("FILE:") else None
     if path is not None:
         try:
             prompt = Path(path).read_text(encoding="utf-8")
@@ -130,7 +152,7 @@ def read_prompt(prompt, prompt_file=None):
         except (OSError, UnicodeDecodeError) as e:
             raise UsageError(f"cannot read prompt file {path} ({e})") from None
         if prompt.endswith("\n") and not prompt.endswith("\n\n"):
-            prompt = prompt[:-1]  # the newline an editor adds at the end of a file
+            prompt = prompt[:-1]
     if prompt.strip() == "":
         raise UsageError("the prompt is empty" + (f" (file {path})" if path else ""))
     return prompt
@@ -142,7 +164,7 @@ def stream_sample(model, prompt_ids, tokenizer, max_new_tokens, temperature=1.0,
     come. Stops at the end-of-text token (not written) unless keep_going. Returns the new ids."""
     write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    # BPE tokens can end in the middle of a UTF-8 character: decode bytes incrementally.
+    # A BPE token can end in the middle of a UTF-8 character: decode the bytes incrementally.
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     new = []
     for token in model.generate_stream(idx, max_new_tokens, temperature=temperature,
@@ -160,26 +182,16 @@ def stream_sample(model, prompt_ids, tokenizer, max_new_tokens, temperature=1.0,
     return new
 
 
-def pick_device(name):
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device={name} but this machine has no CUDA device")
-    return name
-
-
 def build_parser():
     p = argparse.ArgumentParser(
-        description="Sample text from a prism-nano checkpoint, streamed as it is generated.",
+        description="Sample stories from a prism-nano checkpoint, streamed as they are generated.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    from train import default_checkpoint  # noqa: PLC0415
-
-    p.add_argument("--ckpt", default=default_checkpoint(), help=default_checkpoint_help())
+    p.add_argument("--ckpt", default=None,
+                   help="a checkpoint file, or a folder holding ckpt.pt; default: the newest "
+                        "out/*/ckpt.pt")
+    p.add_argument("--out_dir", default=None, help="the training run's folder: DIR/ckpt.pt")
     p.add_argument("--prompt", default="Once upon a time",
-                   help="text to continue; FILE:path reads it from a file (one trailing newline "
-                        "of a file is dropped)")
-    p.add_argument("--prompt_file", default=None,
-                   help="read the prompt from this file instead (same as --prompt=FILE:path)")
+                   help="text to continue; FILE:path reads it from a file")
     p.add_argument("--num_samples", type=int, default=3, help="how many samples to draw")
     p.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate per sample")
     p.add_argument("--temperature", type=float, default=0.8,
@@ -187,22 +199,14 @@ def build_parser():
     p.add_argument("--top_k", type=int, default=200,
                    help="sample among the k most likely tokens only; 0 = no limit")
     p.add_argument("--top_p", type=float, default=1.0,
-                   help="nucleus sampling: the smallest set of tokens whose probability reaches p; "
-                        "1.0 = off")
+                   help="nucleus sampling: the fewest tokens whose probability reaches p; 1 = off")
     p.add_argument("--seed", type=int, default=1337, help="random seed (same seed, same samples)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="compute precision on CUDA (autocast); auto = bfloat16 where supported. "
-                        "CPU always runs float32")
     p.add_argument("--no_cache", action="store_true",
                    help="recompute the whole context for every token instead of keeping each "
                         "layer's keys and values (same tokens, slower; for comparison)")
     p.add_argument("--keep_going", action="store_true",
                    help="do not stop a sample at the end-of-text token")
-    p.add_argument("--meta", default=None,
-                   help="the meta.json of the model's data folder, for a checkpoint that does not "
-                        "carry its vocabulary (train.py stores it); none: the checkpoint's, else "
-                        "plain GPT-2 BPE")
     return p
 
 
@@ -219,86 +223,32 @@ def check_args(args):
         raise UsageError(f"--top_p must be in (0, 1] (got {args.top_p})")
 
 
-def _default_config_name():
-    from train import default_config  # noqa: PLC0415
-
-    return os.path.join("config", os.path.basename(default_config()))
-
-
-def default_checkpoint_help():
-    return ("checkpoint written by train.py; the default is where `python train.py` writes on "
-            f"this machine (with {_default_config_name()})")
-
-
-def require_checkpoint(path):
-    """A UsageError unless `path` is a file; for the default path, it says where that comes from."""
-    from train import default_checkpoint  # noqa: PLC0415
-
-    if Path(path).is_file():
-        return
-    if str(path) == default_checkpoint():
-        raise UsageError(f"no checkpoint at {path}, where `python train.py` writes on this machine "
-                         f"(with {_default_config_name()}): train first, or pass --ckpt=PATH")
-    raise UsageError(f"no checkpoint at {path}")
-
-
-def load_checkpoint_model(path, device):
-    """baselines.load_model with its failures turned into one-line errors; the model's parameter
-    report goes to stderr, so that stdout holds the samples only."""
-    from model import CheckpointError, load_model  # noqa: PLC0415
-
-    require_checkpoint(path)
-    try:
-        model = load_model(path, device)
-    except CheckpointError as e:  # says what the file is, with its path
-        raise UsageError(str(e)) from None
-    except (FileNotFoundError, ValueError, RuntimeError, KeyError, TypeError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(f"cannot load checkpoint {path}: {msg}") from None
-    print(model.describe_parameters(), file=sys.stderr)
-    return model
-
-
 def run(args, out=None):
     out = out or sys.stdout
     check_args(args)
-    prompt = read_prompt(args.prompt, args.prompt_file)
-    require_checkpoint(args.ckpt)
+    prompt = read_prompt(args.prompt)
+    path = find_checkpoint(args.ckpt, args.out_dir)
     device = pick_device(args.device)
-    model = load_checkpoint_model(args.ckpt, device)
-    tokenizer = load_tokenizer(args.meta, model.vocabulary)  # --meta, or what train.py stored
-    prompt_ids = tokenizer.encode(prompt)
+    model, _ = load_checkpoint_model(path, device)
     vocab = model.config.vocab_size
-    if args.meta is None and not model.vocabulary and vocab != GPT2_VOCAB:
-        raise UsageError(f"the model has a vocabulary of {vocab} tokens, not GPT-2's {GPT2_VOCAB}: "
-                         "pass the meta.json of its data with --meta")
-    bad = [t for t in prompt_ids if t >= vocab]
-    if bad:
-        raise UsageError(f"the prompt has token {bad[0]} outside the model's vocabulary of {vocab} "
-                         "(a different tokenizer? pass its --meta)")
+    if not model.vocabulary and vocab != GPT2_VOCAB:
+        raise UsageError(f"{path} carries no vocabulary and its model has {vocab} tokens, not "
+                         f"GPT-2's {GPT2_VOCAB}: it was not written by train.py")
+    tokenizer = load_tokenizer(model.vocabulary)
+    prompt_ids = tokenizer.encode(prompt)
     torch.manual_seed(args.seed)
-    if device.startswith("cuda"):
-        torch.cuda.manual_seed(args.seed)
-        dtype = args.dtype
-        if dtype == "auto":
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        ctx = torch.autocast("cuda", dtype=getattr(torch, dtype), enabled=dtype != "float32")
-    else:
-        ctx = torch.autocast("cpu", enabled=False)
 
     def write(s):
         out.write(s)
         out.flush()
 
-    with ctx:
-        for i in range(args.num_samples):
-            write(prompt)
-            stream_sample(model, prompt_ids, tokenizer, args.max_new_tokens,
-                          temperature=args.temperature, top_k=args.top_k or None,
-                          top_p=args.top_p if args.top_p < 1 else None,
-                          keep_going=args.keep_going, write=write, device=device,
-                          use_cache=not args.no_cache)
-            write("\n---------------\n")
+    for _ in range(args.num_samples):
+        write(prompt)
+        stream_sample(model, prompt_ids, tokenizer, args.max_new_tokens,
+                      temperature=args.temperature, top_k=args.top_k or None,
+                      top_p=args.top_p if args.top_p < 1 else None, keep_going=args.keep_going,
+                      write=write, device=device, use_cache=not args.no_cache)
+        write("\n---------------\n")
     return 0
 
 
@@ -308,9 +258,9 @@ def main(argv=None):
         return run(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     except KeyboardInterrupt:
-        print("\nerror: interrupted", file=sys.stderr)
+        print("\ninterrupted", file=sys.stderr)
         return 130
 
 

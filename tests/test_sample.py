@@ -1,13 +1,17 @@
 """sample.py: end to end on a tiny checkpoint, stopping at end-of-text, streaming decode of
-multi-byte characters, and one clear error for each bad input."""
+multi-byte characters, which checkpoint it finds and says it loaded, and one clear error for each
+bad input."""
+import json
+import os
 import subprocess
+import time
 import sys
 
 import pytest
 import torch
 
 import sample
-from model import build_model, checkpoint_payload
+from model import build_model, checkpoint_payload, load_model
 from conftest import unsafe_message
 
 REPO = sample.Path(sample.__file__).resolve().parent
@@ -44,6 +48,11 @@ def eot_ckpt(tmp_path_factory):
     return path
 
 
+def count(path):
+    """Parameters of the checkpoint's model (tied embedding and output weights counted once)."""
+    return sum(p.numel() for p in load_model(path).parameters())
+
+
 def run_main(capsys, *argv):
     rc = sample.main([*argv, "--device=cpu"])
     out, err = capsys.readouterr()
@@ -59,7 +68,8 @@ def test_end_to_end(ckpt, capsys):
     assert len(samples) == 3 and samples[-1] == ""
     assert all(s.startswith("Once upon a time") and len(s) > len("Once upon a time")
                for s in samples[:2])
-    assert "parameters" not in out and "M parameters (" in err   # the size line goes to stderr
+    assert "parameters" not in out   # what was loaded goes to stderr, in one line
+    assert err == f"loaded {ckpt}: prism, {count(ckpt) / 1e6:.2f}M parameters\n"
     assert run_main(capsys, *args)[1] == out   # same seed, same samples
     assert run_main(capsys, *args[:-1], "--seed=8")[1] != out
 
@@ -129,10 +139,9 @@ def test_multibyte_characters_split_across_tokens(tokenizer):
 def test_prompt_from_file(ckpt, tmp_path, capsys):
     f = tmp_path / "prompt.txt"
     f.write_text("Lily and Tom\n", encoding="utf-8")
-    for arg in (f"--prompt=FILE:{f}", f"--prompt_file={f}"):
-        rc, out, _ = run_main(capsys, f"--ckpt={ckpt}", arg, "--num_samples=1",
-                              "--max_new_tokens=2")
-        assert rc == 0 and out.startswith("Lily and Tom") and not out.startswith("Lily and Tom\n")
+    rc, out, _ = run_main(capsys, f"--ckpt={ckpt}", f"--prompt=FILE:{f}", "--num_samples=1",
+                          "--max_new_tokens=2")
+    assert rc == 0 and out.startswith("Lily and Tom") and not out.startswith("Lily and Tom\n")
 
 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "not_a_checkpoint", "empty_prompt",
@@ -166,7 +175,7 @@ def test_bad_inputs(case, ckpt, tmp_path, capsys):
         extra = ["--num_samples=0"]
     rc, out, err = run_main(capsys, f"--ckpt={args['ckpt']}", f"--prompt={args['prompt']}",
                             "--max_new_tokens=2", *extra)
-    assert rc == 1 and out == ""
+    assert rc == 2 and out == ""
     lines = err.splitlines()
     assert lines[-1].startswith("error: ") and sum("error" in x.lower() for x in lines) == 1, err
 
@@ -174,42 +183,46 @@ def test_bad_inputs(case, ckpt, tmp_path, capsys):
 def test_unsafe_or_foreign_checkpoint_is_refused_in_one_line(unsafe_ckpt, tmp_path, capsys):
     path, marker = unsafe_ckpt
     rc, out, err = run_main(capsys, f"--ckpt={path}", "--max_new_tokens=2")
-    assert rc == 1 and out == "" and err == unsafe_message(path) + "\n"
+    assert rc == 2 and out == "" and err == unsafe_message(path) + "\n"
     assert not marker.exists()
     (tmp_path / "notes.pt").write_text("garbage")
     rc, out, err = run_main(capsys, f"--ckpt={tmp_path / 'notes.pt'}", "--max_new_tokens=2")
-    assert rc == 1 and err == f"error: {tmp_path / 'notes.pt'} is not a PyTorch checkpoint file\n"
+    assert rc == 2 and err == f"error: {tmp_path / 'notes.pt'} is not a PyTorch checkpoint file\n"
 
 
 @pytest.fixture(scope="module")
 def compact(tmp_path_factory, tokenizer):
-    """A compact vocabulary as prepare_tinystories.py --vocab_size writes it, and a model on it."""
+    """A compact vocabulary as prepare_tinystories.py --vocab_size writes it, and a model on it
+    whose checkpoint carries it (as train.py's do) or not."""
     words = tokenizer.encode("Once upon a time, there was a cat.")
     gpt2_ids = list(dict.fromkeys(words)) + [EOT]
     size = len(gpt2_ids)
     d = tmp_path_factory.mktemp("compact")
-    meta = {"tokenizer": "gpt2", "vocab_size": size + 1, "eot_token": size - 1,
-            "compact_vocab": {"size": size, "unknown_token": size, "gpt2_ids": gpt2_ids}}
-    (d / "meta.json").write_text(sample.json.dumps(meta))
+    vocabulary = {"tokenizer": "gpt2", "vocab_size": size + 1, "eot_token": size - 1,
+                  "compact_vocab": {"size": size, "unknown_token": size, "gpt2_ids": gpt2_ids}}
     torch.manual_seed(0)
-    torch.save(checkpoint_payload(build_model("prism", **{**TINY, "vocab_size": size + 1})),
-               d / "ckpt.pt")
-    return d, size
+    model = build_model("prism", **{**TINY, "vocab_size": size + 1})
+    torch.save(checkpoint_payload(model), d / "bare.pt")
+    model.vocabulary = vocabulary
+    torch.save(checkpoint_payload(model), d / "ckpt.pt")
+    return d, vocabulary
 
 
 def test_compact_vocabulary(compact, capsys):
-    d, size = compact
-    tok = sample.load_tokenizer(d / "meta.json")
+    d, vocabulary = compact
+    size = vocabulary["compact_vocab"]["size"]
+    tok = sample.load_tokenizer(vocabulary)
     ids = tok.encode("Once upon a dog")
     assert max(ids) == size and all(0 <= i <= size for i in ids)   # " dog" is unknown
     assert tok.decode(ids) == "Once upon a" + sample.UNKNOWN_TEXT
     assert tok.eot == size - 1 and tok.decode([tok.eot]) == "<|endoftext|>"
-    rc, out, err = run_main(capsys, f"--ckpt={d / 'ckpt.pt'}", f"--meta={d / 'meta.json'}",
-                            "--num_samples=1", "--max_new_tokens=4")
+    rc, out, err = run_main(capsys, f"--ckpt={d / 'ckpt.pt'}", "--num_samples=1",
+                            "--max_new_tokens=4")
     assert rc == 0 and out.startswith("Once upon a time"), err
-    rc, out, err = run_main(capsys, f"--ckpt={d / 'ckpt.pt'}", "--max_new_tokens=4")
+    # without its vocabulary the ids cannot be decoded: one line saying so
+    rc, out, err = run_main(capsys, f"--ckpt={d / 'bare.pt'}", "--max_new_tokens=4")
     last = err.splitlines()[-1]
-    assert rc == 1 and out == "" and last.startswith("error: ") and "--meta" in last
+    assert rc == 2 and out == "" and last.startswith("error: ") and "no vocabulary" in last
 
 
 def test_checkpoint_from_train_py_carries_its_compact_vocabulary(compact_data, tmp_path, capsys):
@@ -218,13 +231,45 @@ def test_checkpoint_from_train_py_carries_its_compact_vocabulary(compact_data, t
     cfg = train.TrainConfig(data_dir=str(compact_data), out_dir=str(tmp_path), max_iters=2,
                             eval_interval=2, eval_iters=1, batch_size=2, warmup_iters=1)
     train.train(cfg, dict(n_layer=1, n_embd=32, n_head=2, head_dim=16, block_size=32))
-    meta = sample.json.loads((compact_data / "meta.json").read_text())
+    meta = json.loads((compact_data / "meta.json").read_text())
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["vocabulary"]["compact_vocab"] \
         == meta["compact_vocab"]
     capsys.readouterr()
     rc, out, err = run_main(capsys, f"--ckpt={tmp_path / 'ckpt.pt'}", "--prompt=Once upon a time",
                             "--num_samples=1", "--max_new_tokens=5", "--keep_going")
     assert rc == 0 and out.startswith("Once upon a time"), err
+    # the line says what was loaded, with the run's iteration and best val loss
+    best = torch.load(tmp_path / "ckpt.pt", weights_only=True)["best_val_loss"]
+    assert err == (f"loaded {tmp_path / 'ckpt.pt'}: prism, {count(tmp_path / 'ckpt.pt') / 1e6:.2f}M "
+                   f"parameters, iteration 2, val loss {best:.4f}\n")
+
+
+def test_which_checkpoint(ckpt, tmp_path, monkeypatch, capsys):
+    """Default: the newest out/*/ckpt.pt; --ckpt takes a file or a folder, --out_dir a folder."""
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = run_main(capsys, "--max_new_tokens=1")
+    assert rc == 2 and err == ("error: no checkpoint in out/*/ (train one with `python train.py`, "
+                               "or give --ckpt=PATH)\n")
+    for i, name in enumerate(["old", "new"]):
+        (tmp_path / "out" / name).mkdir(parents=True)
+        (tmp_path / "out" / name / "ckpt.pt").write_bytes(ckpt.read_bytes())
+        os.utime(tmp_path / "out" / name / "ckpt.pt", (time.time() + i, time.time() + i))
+    (tmp_path / "out" / "empty").mkdir()
+    new = os.path.join("out", "new", "ckpt.pt")
+    old = os.path.join("out", "old", "ckpt.pt")
+    cases = [([], new), (["--out_dir=out/old"], old), (["--ckpt=out/old"], old),
+             (["--ckpt=out/old/ckpt.pt"], old)]
+    for argv, path in cases:
+        rc, out, err = run_main(capsys, *argv, "--max_new_tokens=1", "--num_samples=1")
+        assert rc == 0 and err.startswith(f"loaded {path}: prism, "), (argv, err)
+    hint = "(train one with `python train.py`, or give --ckpt=PATH)"
+    for argv, message in [(["--ckpt=out/empty"], f"no checkpoint in out/empty {hint}"),
+                          (["--out_dir=out/none"], f"no checkpoint in out/none {hint}"),
+                          (["--ckpt=out/x.pt"], f"no checkpoint at out/x.pt {hint}"),
+                          (["--ckpt=out/old", "--out_dir=out/old"],
+                           "give --ckpt or --out_dir, not both")]:
+        rc, out, err = run_main(capsys, *argv, "--max_new_tokens=1")
+        assert rc == 2 and out == "" and err == f"error: {message}\n", argv
 
 
 def test_command_line(ckpt):
