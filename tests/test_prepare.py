@@ -16,6 +16,7 @@ import pytest
 import tiktoken
 
 import prepare_tinystories as pt
+from conftest import SHARED
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "prepare_tinystories.py"
@@ -110,12 +111,31 @@ def test_compact_vocabulary_maps_and_counts_unknown_tokens(stories, tmp_path):
         assert cv[f"{split}_coverage"] == pytest.approx(known.mean(), abs=1e-6)
 
 
-def test_compact_vocabulary_size_is_checked(stories, tmp_path, capsys):
+@pytest.mark.parametrize("size, message", [
+    (60000, "--vocab_size must be in [256, 50256], got 60000"),
+    (50257, "--vocab_size must be in [256, 50256], got 50257"),
+    (255, "--vocab_size must be at least 256, got 255: the kept tokens must hold the end-of-text"),
+    (3, "--vocab_size must be at least 256, got 3"),
+    (0, "--vocab_size must be at least 256, got 0"),
+])
+def test_compact_vocabulary_size_is_checked(stories, tmp_path, capsys, size, message):
     train, val = stories
     assert run_main(["--train_file", train, "--val_file", val, "--out_dir", tmp_path / "o",
-                     "--vocab_size", 60000, "--no_progress"]) == 1
-    assert "--vocab_size must be in [2, 50256]" in error_line(capsys)
+                     "--vocab_size", size, "--no_progress"]) == 1
+    line = error_line(capsys)
+    assert line.startswith("error: ") and message in line
     assert_nothing_left(tmp_path / "o")
+
+
+def test_smallest_compact_vocabulary_is_accepted(stories, tmp_path):
+    train, val = stories
+    out = tmp_path / "o"
+    assert run_main(["--train_file", train, "--val_file", val, "--out_dir", out, "--workers", 1,
+                     "--vocab_size", pt.MIN_VOCAB_SIZE, "--no_progress"]) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["vocab_size"] == pt.MIN_VOCAB_SIZE + 1
+    if Path(train) == SHARED / "data" / "tinystories-sample-train.txt":  # the real sample: the error message cites its coverage
+        assert round(meta["compact_vocab"]["train_coverage"], 2) == 0.76
 
 
 def test_split_off_val_every_kth_story(stories, tmp_path):
