@@ -35,6 +35,14 @@ one). val.bin is then the selection split (learning rates, early stopping) and t
 report split, scored once at the end; meta.json gains test_tokens / test_stories / test_bytes and
 report_split (the rule).
 
+--sample makes the small sample of the CPU quickstart and the lab instead (19 MB to download, not
+2.2 GB): it downloads the original validation file TinyStories-valid.txt (v1) into the raw folder
+and cuts it into tinystories-sample-train.txt (its records 2-1,493) and tinystories-sample-val.txt
+(records 1,494-1,658; record 1 of the file is a fragment of a story) beside it, each story
+stripped of the whitespace and blank lines around it and followed by a line <|endoftext|>; those
+two files are then tokenized as local files are. A record is a story as the tokenizer reads it
+(see cut_records). The default output folder is then data/sample.
+
 Local text instead of a download: --train_file and/or --val_file (each replaces its download).
 With only --train_file, every k-th story (k = round(1 / --val_fraction)) goes to val: story i
 (0-based, file order) is a validation story iff i % k == 0, so val always has at least one story.
@@ -55,8 +63,7 @@ $ python prepare_tinystories.py                                   # download V2 
 $ python prepare_tinystories.py --version=v1                      # the original TinyStories files
 $ python prepare_tinystories.py --train_file=my.txt --val_fraction=0.05 --out_dir=data/mine
 $ python prepare_tinystories.py --base_url=http://127.0.0.1:8000  # a local mirror
-$ python prepare_tinystories.py --train_file=../shared/data/tinystories-sample-train.txt \
-      --val_file=../shared/data/tinystories-sample-val.txt --vocab_size=4096 --out_dir=data/sample4k
+$ python prepare_tinystories.py --sample --vocab_size=4096 --report_fraction=0.5  # -> data/sample
 
 --vocab_size=K (small experiments): after tokenizing, the K most frequent tokens of train.bin keep
 ids 0..K-1 (most frequent first) and every other token becomes the unknown token K; meta.json then
@@ -630,6 +637,71 @@ def fetch(version="v2", raw_dir="data/tinystories/raw", base_url=DEFAULT_BASE_UR
 
 
 # -----------------------------------------------------------------------------
+# the CPU study's sample: the start of the original validation file (v1, ~19 MB)
+
+SAMPLE_SOURCE = FILES["v1"][1]       # TinyStories-valid.txt; its record 1 is a fragment
+SAMPLE_RECORDS = {"train": (2, 1493), "val": (1494, 1658)}  # 1-based, inclusive
+SAMPLE_FILES = {"train": "tinystories-sample-train.txt", "val": "tinystories-sample-val.txt"}
+
+
+def cut_records(source, dests, records=SAMPLE_RECORDS):
+    """Write records first..last (1-based, inclusive) of source to dests[split] for each
+    (first, last) = records[split], each story followed by a line <|endoftext|>; returns
+    {split: number of stories}.
+
+    A record is a story as iter_stories reads it: the text between <|endoftext|> separators,
+    stripped of surrounding whitespace (blank lines included; \n or \r\n); a piece holding only
+    whitespace is no record. Inside a story nothing changes (inner blank lines, trailing spaces).
+    Reading stops after the last record wanted. Each file is written under a temporary name and
+    renamed once complete."""
+    last = max(b for _, b in records.values())
+    tmp = {split: _tmp_name(path) for split, path in dests.items()}
+    counts = {split: 0 for split in records}
+    n = 0
+    try:
+        outs = {split: open(path, "wb") for split, path in tmp.items()}
+        try:
+            for n, story in enumerate(iter_stories(source), 1):
+                for split, (a, b) in records.items():
+                    if a <= n <= b:
+                        outs[split].write(f"{story}\n{SEPARATOR}\n".encode("utf-8"))
+                        counts[split] += 1
+                if n == last:
+                    break
+        finally:
+            for f in outs.values():
+                f.close()
+        if n < last:
+            raise PrepareError(f"{source}: only {n:,} records, the sample needs records up to "
+                               f"{last:,} (is it the original {SAMPLE_SOURCE}?)")
+        for split in dests:
+            os.replace(tmp[split], dests[split])
+    finally:
+        for path in tmp.values():
+            if os.path.exists(path):
+                os.remove(path)
+    return counts
+
+
+def fetch_sample(raw_dir, base_url=DEFAULT_BASE_URL, retries=5, retry_wait=1.0, timeout=60.0,
+                 progress=True):
+    """Download TinyStories-valid.txt into raw_dir and cut the sample's train and val text out of
+    it (cut_records, SAMPLE_RECORDS) into raw_dir: {split: (path, sources_extra for meta.json)}."""
+    records = SAMPLE_RECORDS
+    source, url = fetch("v1", raw_dir, base_url, ["val"], retries, retry_wait, timeout,
+                        progress)["val"]
+    dests = {split: os.path.join(raw_dir, SAMPLE_FILES[split]) for split in records}
+    counts = cut_records(source, dests, records)
+    out = {}
+    for split, (a, b) in records.items():
+        print(f"sample {split}: records {a:,}-{b:,} of {SAMPLE_SOURCE} -> {dests[split]} "
+              f"({counts[split]:,} stories)")
+        out[split] = (dests[split], {"url": url, "dataset": "roneneldan/TinyStories v1",
+                                     "records": f"{a}-{b} of {SAMPLE_SOURCE}"})
+    return out
+
+
+# -----------------------------------------------------------------------------
 
 
 def default_workers():
@@ -640,17 +712,24 @@ def default_workers():
 
 
 def parse_args(argv=None):
+    sample_train, sample_val = (f"{a:,}-{b:,}" for a, b in SAMPLE_RECORDS.values())
     p = argparse.ArgumentParser(
         description="Download TinyStories (or take local text files), tokenize it with GPT-2 BPE "
                     "and write train.bin / val.bin (uint16 token ids) and meta.json.",
         epilog="Example: python prepare_tinystories.py --workers=4 (see the module docstring).")
-    p.add_argument("--out_dir", default="data/tinystories",
-                   help="where train.bin, val.bin and meta.json go (default: %(default)s)")
+    p.add_argument("--out_dir", default=None,
+                   help="where train.bin, val.bin and meta.json go (default: data/tinystories, "
+                        "with --sample data/sample)")
     p.add_argument("--raw_dir", default=None,
                    help="where downloaded text files go (default: OUT_DIR/raw)")
-    p.add_argument("--version", choices=sorted(FILES), default="v2",
+    p.add_argument("--version", choices=sorted(FILES), default=None,
                    help="dataset files to download: v2 = TinyStoriesV2-GPT4-{train,valid}.txt, "
-                        "v1 = TinyStories-{train,valid}.txt (default: %(default)s)")
+                        "v1 = TinyStories-{train,valid}.txt (default: v2)")
+    p.add_argument("--sample", action="store_true",
+                   help="the small sample of the CPU quickstart and the lab instead of the full "
+                        f"data: download {SAMPLE_SOURCE} (v1, ~19 MB), take its records "
+                        f"{sample_train} as train and {sample_val} as val (text files "
+                        "in RAW_DIR), tokenize those")
     p.add_argument("--base_url", default=DEFAULT_BASE_URL,
                    help="files are fetched from BASE_URL/<file name>; point it at a mirror "
                         "(default: %(default)s)")
@@ -685,6 +764,14 @@ def parse_args(argv=None):
                         "(default: %(default)s)")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
+    if args.sample:
+        given = [f"--{k}" for k in ("train_file", "val_file", "version")
+                 if getattr(args, k) is not None]
+        if given:
+            p.error(f"--sample makes its own train and val text from {SAMPLE_SOURCE}: drop "
+                    f"{' and '.join(given)}")
+    args.version = args.version or "v2"
+    args.out_dir = args.out_dir or ("data/sample" if args.sample else "data/tinystories")
     if args.workers < 1:
         p.error("--workers must be at least 1")
     if args.retries < 0 or args.retry_wait < 0 or args.timeout <= 0:
@@ -706,9 +793,13 @@ def run(args):
     if args.vocab_size is not None:
         check_vocab_size(args.vocab_size, n_vocab)
     train_file, val_file, extra = args.train_file, args.val_file, {}
+    raw_dir = args.raw_dir or os.path.join(args.out_dir, "raw")
     missing = [] if train_file is not None else ["train", "val"] if val_file is None else ["train"]
-    if missing:
-        raw_dir = args.raw_dir or os.path.join(args.out_dir, "raw")
+    if args.sample:
+        got = fetch_sample(raw_dir, args.base_url, args.retries, args.retry_wait, args.timeout,
+                           progress)
+        (train_file, extra["train"]), (val_file, extra["val"]) = got["train"], got["val"]
+    elif missing:
         got = fetch(args.version, raw_dir, args.base_url, missing, args.retries, args.retry_wait,
                     args.timeout, progress)
         for split, (path, url) in got.items():

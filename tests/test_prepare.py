@@ -134,8 +134,15 @@ def test_smallest_compact_vocabulary_is_accepted(stories, tmp_path):
                      "--vocab_size", pt.MIN_VOCAB_SIZE, "--no_progress"]) == 0
     meta = json.loads((out / "meta.json").read_text())
     assert meta["vocab_size"] == pt.MIN_VOCAB_SIZE + 1
-    if Path(train) == SHARED / "data" / "tinystories-sample-train.txt":  # the real sample: the error message cites its coverage
+    if Path(train) == REFERENCE["train"]:  # the real sample: the error message cites its coverage
         assert round(meta["compact_vocab"]["train_coverage"], 2) == 0.76
+
+
+def test_vocab_size_is_checked_before_any_download(mirror, tmp_path, capsys):
+    assert run_main(download_argv(mirror, tmp_path / "o", "--sample", "--vocab_size", 3)) == 1
+    assert "--vocab_size must be at least 256" in error_line(capsys)
+    assert mirror.log == []
+    assert_nothing_left(tmp_path / "o")
 
 
 def test_split_off_val_every_kth_story(stories, tmp_path):
@@ -431,6 +438,191 @@ def test_download_connection_refused_fails_after_retries(tmp_path, capsys):
     line = error_line(capsys)
     assert line.startswith("error: download failed after 2 attempts") and f":{port}/" in line
     assert_nothing_left(out)
+
+
+# -----------------------------------------------------------------------------
+# --sample: the CPU study's sample, cut from TinyStories-valid.txt
+
+
+def core_story(n):
+    """Story n as the sample keeps it: inner blank lines, trailing spaces and tabs stay."""
+    return (f"Story {n}. Lily saw a “big” dog. \nShe smiled.",
+            f"Story {n}.\n\n  Tom ran.\tHe was happy.",
+            f"Story {n}. The end.")[n % 3]
+
+
+def messy_valid_file(n_records):
+    """A TinyStories-valid.txt in every form a real one might take: record 1 a fragment, then
+    stories wrapped in newlines, spaces and blank lines, \r\n, a separator on the story's own line,
+    and pieces of only whitespace between separators (which are no records)."""
+    wraps = ("\n{}\n", "  \n\n{}  \n\n", "\r\n{}\r\n", " {}")
+    text = "ment of a story, said Spot.\n" + SEP
+    for n in range(2, n_records + 1):
+        text += wraps[n % 4].format(core_story(n)) + SEP
+        if n % 5 == 0:
+            text += "\n \n\t" + SEP  # an empty piece
+    return (text + "\n").encode("utf-8")
+
+
+def sample_text(first, last):
+    return "".join(f"{core_story(n)}\n{SEP}\n" for n in range(first, last + 1)).encode("utf-8")
+
+
+def test_cut_records_keeps_exactly_the_records_asked_for(tmp_path):
+    src = tmp_path / pt.SAMPLE_SOURCE
+    src.write_bytes(messy_valid_file(12))
+    dests = {"train": tmp_path / "t.txt", "val": tmp_path / "v.txt"}
+    counts = pt.cut_records(src, dests, {"train": (2, 4), "val": (5, 7)})
+    assert counts == {"train": 3, "val": 3}
+    assert dests["train"].read_bytes() == sample_text(2, 4)
+    assert dests["val"].read_bytes() == sample_text(5, 7)
+    # spelled out: the ends stripped (\r\n, spaces, blank lines), the inside kept as it was
+    assert dests["train"].read_text(encoding="utf-8") == (
+        "Story 2. The end.\n<|endoftext|>\n"
+        "Story 3. Lily saw a “big” dog. \nShe smiled.\n<|endoftext|>\n"
+        "Story 4.\n\n  Tom ran.\tHe was happy.\n<|endoftext|>\n")
+    assert dests["val"].read_bytes().startswith(b"Story 5. The end.\n<|endoftext|>\nStory 6. ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([src.name, "t.txt", "v.txt"])
+
+
+def test_cut_records_refuses_a_file_too_short(tmp_path):
+    src = tmp_path / pt.SAMPLE_SOURCE
+    src.write_bytes(messy_valid_file(6))
+    dests = {"train": tmp_path / "t.txt", "val": tmp_path / "v.txt"}
+    with pytest.raises(pt.PrepareError, match="only 6 records, the sample needs records up to 7"):
+        pt.cut_records(src, dests, {"train": (2, 4), "val": (5, 7)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [src.name]  # no output, no temporaries
+
+
+def test_sample_downloads_cuts_and_tokenizes_into_data_sample(mirror, tmp_path, monkeypatch):
+    (a, b), (c, d) = pt.SAMPLE_RECORDS["train"], pt.SAMPLE_RECORDS["val"]
+    assert (a, b + 1, d) == (2, c, 1658)
+    mirror.files = {pt.SAMPLE_SOURCE: messy_valid_file(d + 40)}
+    monkeypatch.chdir(tmp_path)
+    argv = ["--sample", "--base_url", mirror.url, "--retry_wait", 0.001, "--workers", 1,
+            "--report_fraction", 0.5, "--no_progress"]
+    assert run_main(argv) == 0
+    out, raw = tmp_path / "data" / "sample", tmp_path / "data" / "sample" / "raw"
+    assert (raw / pt.SAMPLE_SOURCE).read_bytes() == mirror.files[pt.SAMPLE_SOURCE]
+    assert (raw / "tinystories-sample-train.txt").read_bytes() == sample_text(a, b)
+    assert (raw / "tinystories-sample-val.txt").read_bytes() == sample_text(c, d)
+    meta = json.loads((out / "meta.json").read_text())
+    assert (meta["train_stories"], meta["val_stories"] + meta["test_stories"]) == (1492, 165)
+    for split, name, records in (("train", "tinystories-sample-train.txt", "2-1493"),
+                                 ("val", "tinystories-sample-val.txt", "1494-1658")):
+        src = meta["sources"][split]
+        assert src["path"] == str(raw / name) and src["sha256"] == sha256(raw / name)
+        assert src["url"] == f"{mirror.url}/{pt.SAMPLE_SOURCE}"
+        assert src["records"] == f"{records} of {pt.SAMPLE_SOURCE}"
+    _, ids, _ = reference(sample_text(a, b).decode("utf-8"))
+    assert np.array_equal(np.memmap(out / "train.bin", dtype=np.uint16, mode="r"), ids)
+    assert mirror.log == [(pt.SAMPLE_SOURCE, None)]
+    assert run_main(argv) == 0  # the download is kept: not fetched again
+    assert len(mirror.log) == 1
+
+
+def test_sample_from_a_file_too_short_fails_in_one_line(mirror, tmp_path, capsys):
+    mirror.files = {pt.SAMPLE_SOURCE: messy_valid_file(100)}
+    out = tmp_path / "o"
+    assert run_main(download_argv(mirror, out, "--sample")) == 1
+    line = error_line(capsys)
+    assert line.startswith("error: ") and "only 100 records" in line and "up to 1,658" in line
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    assert left == ["raw", f"raw/{pt.SAMPLE_SOURCE}"]  # the download only: it is kept
+
+
+@pytest.mark.parametrize("extra", [["--train_file", "x.txt"], ["--val_file", "x.txt"],
+                                   ["--version", "v1"]])
+def test_sample_refuses_other_sources(extra, capsys):
+    with pytest.raises(SystemExit) as e:
+        pt.parse_args(["--sample", *extra])
+    assert e.value.code == 2
+    assert f"--sample makes its own train and val text from {pt.SAMPLE_SOURCE}: drop {extra[0]}" \
+        in error_line(capsys)
+
+
+def test_default_out_dir_depends_on_sample():
+    assert pt.parse_args([]).out_dir == "data/tinystories"
+    assert pt.parse_args(["--sample"]).out_dir == "data/sample"
+    assert pt.parse_args(["--sample", "--out_dir", "elsewhere"]).out_dir == "elsewhere"
+
+
+REFERENCE = {split: SHARED / "data" / name for split, name in pt.SAMPLE_FILES.items()}
+MIRROR_TOOL = SHARED / "tools" / "tinystories-mirror"
+
+
+def start_mirror_tool(tries=3):
+    """The shared mirror tool on a free port: (process, base URL) once it answers."""
+    import socket
+    import urllib.request
+    for _ in range(tries):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen([str(MIRROR_TOOL), str(port)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 20
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                urllib.request.urlopen(f"{url}/{pt.SAMPLE_SOURCE}", timeout=5).close()
+                return proc, url
+            except OSError:
+                time.sleep(0.1)
+        stop_mirror_tool(proc)  # the port was taken meanwhile, or it never answered: again
+    pytest.fail("the mirror tool did not start")
+
+
+def stop_mirror_tool(proc):
+    proc.terminate()  # its trap stops the server it started
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # its own session: the tool and its server only
+        proc.wait()
+
+
+QUICKSTART = ["--vocab_size", 4096, "--report_fraction", 0.5, "--workers", 1, "--no_progress"]
+
+
+@pytest.fixture(scope="module")
+def shared_sample(tmp_path_factory):
+    """data/sample as the CPU quickstart makes it (--sample --vocab_size=4096
+    --report_fraction=0.5), downloaded from the shared mirror tool."""
+    if not (all(p.is_file() for p in REFERENCE.values()) and MIRROR_TOOL.is_file()):
+        pytest.skip(f"this test checks --sample against the shared reference files and mirror "
+                    f"tool, and {SHARED} does not hold them")
+    proc, url = start_mirror_tool()
+    try:
+        out = tmp_path_factory.mktemp("sample") / "data" / "sample"
+        assert run_main(["--sample", "--base_url", url, "--out_dir", out, *QUICKSTART]) == 0
+    finally:
+        stop_mirror_tool(proc)
+    return out
+
+
+def test_sample_reproduces_the_reference_files_byte_for_byte(shared_sample):
+    for split, path in REFERENCE.items():
+        assert (shared_sample / "raw" / path.name).read_bytes() == path.read_bytes(), split
+
+
+def test_sample_tokenizes_as_the_reference_files_do(shared_sample, tmp_path):
+    ref = tmp_path / "ref"
+    assert run_main(["--train_file", REFERENCE["train"], "--val_file", REFERENCE["val"],
+                     "--out_dir", ref, *QUICKSTART]) == 0
+    assert sorted(p.name for p in ref.iterdir()) == sorted([*OUTPUTS, "test.bin"])
+    for name in ("train.bin", "val.bin", "test.bin"):
+        assert (shared_sample / name).read_bytes() == (ref / name).read_bytes(), name
+    got, want = (json.loads((d / "meta.json").read_text()) for d in (shared_sample, ref))
+    assert sorted(got["sources"]) == ["test", "train", "val"]  # test: the val file's share
+    for split, src in got["sources"].items():
+        name = REFERENCE["train" if split == "train" else "val"].name
+        assert src.pop("path") == str(shared_sample / "raw" / name)
+        assert src.pop("url").endswith(f"/{pt.SAMPLE_SOURCE}")
+        assert src.pop("dataset") == "roneneldan/TinyStories v1"
+        assert src.pop("records").endswith(f" of {pt.SAMPLE_SOURCE}")
+        want["sources"][split].pop("path")
+    assert got == want
 
 
 # -----------------------------------------------------------------------------
