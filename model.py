@@ -157,8 +157,8 @@ def _check(config, name, ok, why):
 # and value, so at ρ = 2 the dictionary and the back-projection hold 4d² weights, what standard
 # attention spends on separate q, k, v and output (exact count, tested): the overcompleteness is
 # bought with the weights that q = k = v saves. The back-projection B_k ∈ R^{p×d} is a learned,
-# decoupled matrix, as CRATE's output projection is; §2's own form ties it, B_k = U_kᵀ with a step
-# η (the lab measures that variant, lab/RESULTS.md).
+# decoupled matrix, as CRATE's output projection is (§2's own form would tie it: B_k = U_kᵀ with
+# one learned step η).
 # A consequence of q = k (exact): a token's score with itself is ‖w_t‖² and w_tᵀw_s ≤ ‖w_t‖‖w_s‖
 # (Cauchy–Schwarz; RoPE keeps norms), so the diagonal is the row's largest score against keys no
 # longer than w_t, but not against longer ones. analyze_heads.py reports the self-attention mass
