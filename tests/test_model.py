@@ -196,6 +196,22 @@ def test_bad_config_names_its_field(field, value):
         PrismConfig(**args)
 
 
+def test_a_subclass_swaps_the_blocks_attention_and_mlp():
+    """The lab's models subclass Prism and set attention_class / mlp_class; Block calls both
+    with the config."""
+    from model import MLP, PrismAttention
+
+    class Marked(MLP):
+        pass
+
+    class Variant(Prism):
+        mlp_class = Marked
+
+    model = Variant(tiny().config)
+    assert all(type(b.mlp) is Marked and type(b.attn) is PrismAttention for b in model.transformer.h)
+    assert all(type(b.mlp) is MLP for b in tiny().transformer.h)
+
+
 def test_build_model_rejects_unknown_fields():
     with pytest.raises(ValueError, match="no field 'n_heads'"):
         build_model("prism", n_heads=4)
