@@ -56,7 +56,8 @@ def compressed_coding_rate(Z, subspaces, eps=0.5):
 # (b) Heuristic: the Neumann series (I + βG)⁻¹ = I − βG + β²G² − …, cut after two terms,
 #         −∇_Z R^c ≈ Σ_k (−β W_k + β² G_k W_k) U_kᵀ                  (neumann_descent_direction)
 #     accurate to O(β³) only where β·λ_max(G_k) < 1 (neumann_radius). Where the model runs it is
-#     far above 1: 120–130 for PRISM-50M's initial dictionary on isotropic tokens; in the study's
+#     far above 1: 121–132 per layer for PRISM-50M's initial dictionary on 512 isotropic tokens
+#     (one draw; the tests check 115–135); in the study's
 #     trained cpu-small PRISMs (lab/results/cpu-small/prism/lr0.016/seed*/heads.json, 9 seeds)
 #     1.5·10⁴ to 8.8·10⁴ per layer. There even the two-term series can point uphill.
 # (c) A construction choice: keep only the second-order term and put a softmax in place of the
@@ -66,10 +67,11 @@ def compressed_coding_rate(Z, subspaces, eps=0.5):
 #     it is −βZ Σ_k U_kU_kᵀ: a uniform shrink −cβZ for any tight frame (Σ_k U_kU_kᵀ = cI, exact),
 #     not in general.
 # What is left is multi-head self-attention with query = key = value = W_k, one head per subspace:
-#         Z ← Z + η Σ_k softmax_causal(W_k W_kᵀ/√p) W_k U_kᵀ.
+#         Z ← Z + η Σ_k softmax_causal(W_k W_kᵀ/√p) W_k U_kᵀ    (the model learns B_k for ηU_kᵀ, §3).
 # This is not a descent step on R^c. For one subspace, or mutually orthogonal ones, the kept term
-# raises R^c (exact): ⟨G_k W_k U_kᵀ, ∇R^c⟩ = β tr(W_kᵀ G_k (I + βG_k)⁻¹ W_k · U_kᵀU_k) ≥ 0, the
-# trace of a product of two positive semi-definite matrices, and then all the descent of the
+# cannot lower R^c to first order (exact): ⟨G_k W_k U_kᵀ, ∇R^c⟩ = β tr(W_kᵀ G_k (I + βG_k)⁻¹ W_k ·
+# U_kᵀU_k) ≥ 0, the trace of a product of two positive semi-definite matrices (orthogonal spans:
+# the cross terms vanish, U_jᵀU_k = 0), and then all the descent of the
 # truncated series lives in the dropped term. For overlapping subspaces (every overcomplete
 # dictionary) the cross terms ⟨G_j W_j U_jᵀ, (I + βG_k)⁻¹ W_k U_kᵀ⟩ have no sign and the sum can
 # point either way (the tests hold a case where it is −69100/559 ≈ −124). With the softmax, on

@@ -368,7 +368,7 @@ def test_the_dropped_term_is_a_uniform_shrink_for_a_tight_frame_not_in_general()
 
 
 def test_the_series_radius_at_the_paper_models_initial_dictionary():
-    """§2 (b): β·λ_max(G_k) is 120–130 for PRISM-50M's initial dictionary (std 0.02, 16 heads of
+    """§2 (b): β·λ_max(G_k) is 115–135 for PRISM-50M's initial dictionary (std 0.02, 16 heads of
     p = 64, d = 512) on 512 isotropic tokens at ε = 0.5: the series is far outside its radius."""
     from model import neumann_radius
 
