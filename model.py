@@ -24,8 +24,9 @@ from torch.nn import functional as F
 # -----------------------------------------------------------------------------
 # 1. The rates (exact definitions). The coding rate of n tokens up to precision ε,
 #     R(Z) = ½ log det(I_d + d/(n ε²) ZᵀZ),
-# is a rate per token (MCR², Yu et al. 2020): coding all n tokens takes ((n + d)/2) log det(…)
-# nats, (n + d)·R. The compressed rate codes each projection W_k = Z U_k on its own,
+# is a rate per token (MCR², Yu et al. 2020): coding all n tokens takes L = ((n + d)/2) log det(…)
+# nats, so L/n → R for n ≫ d; it is not the nats for all n. The compressed rate codes each
+# projection W_k = Z U_k on its own,
 #     R^c(Z; U) = Σ_k R(Z U_k) = Σ_k ½ log det(I_p + β W_kᵀW_k),    β = p/(n ε²),
 # CRATE's form (Yu et al. 2023; MCR²'s own R^c partitions the tokens by class-membership matrices
 # instead). A good representation has a large rate reduction ΔR = R(Z) − R^c(Z; U): diverse as a
@@ -238,8 +239,9 @@ def apply_rotary(x, cos, sin):
 
 
 class PrismAttention(nn.Module):
-    """One MSSA step (§2-4): Z ← Z + Σ_k softmax_causal(q_k k_kᵀ/√p) W_k B_k, with W_k = Z U_k the
-    one projection, q_k = k_k = W_k rotated by π-RoPE, and the value W_k itself."""
+    """One MSSA step (§2-4): Σ_k softmax_causal(q_k k_kᵀ/√p) W_k B_k, which Block adds to the
+    residual, with W_k = Z U_k the one projection, q_k = k_k = W_k rotated by π-RoPE, and the value
+    W_k itself."""
 
     def __init__(self, config):
         super().__init__()
