@@ -58,9 +58,9 @@ def compressed_coding_rate(Z, subspaces, eps=0.5):
 #         −∇_Z R^c ≈ Σ_k (−β W_k + β² G_k W_k) U_kᵀ                  (neumann_descent_direction)
 #     accurate to O(β³) only where β·λ_max(G_k) < 1 (neumann_radius). Where the model runs it is
 #     far above 1: 121–132 per layer for PRISM-50M's initial dictionary on 512 isotropic tokens
-#     (one draw; the tests check 115–135); in the study's
-#     trained cpu-small PRISMs (lab/results/cpu-small/prism/lr0.016/seed*/heads.json, 9 seeds)
-#     1.5·10⁴ to 8.8·10⁴ per layer. There even the two-term series can point uphill.
+#     (tested), 1.5·10⁴ to 8.8·10⁴ per layer in the study's trained cpu-small PRISMs
+#     (lab/results/cpu-small/prism/lr0.016/seed*/heads.json, 9 seeds). There even the two-term
+#     series can point uphill (tested).
 # (c) A construction choice: keep only the second-order term and put a softmax in place of the
 #     similarity G_k (CRATE); for language the softmax is causal, as in CRATE's own language model
 #     (model/crate_gpt.py in Ma-Lab-Berkeley/CRATE): row t of softmax(G_k/√p) weighs tokens s ≤ t.
@@ -69,17 +69,16 @@ def compressed_coding_rate(Z, subspaces, eps=0.5):
 #     not in general.
 # What is left is multi-head self-attention with query = key = value = W_k, one head per subspace:
 #         Z ← Z + η Σ_k softmax_causal(W_k W_kᵀ/√p) W_k U_kᵀ    (the model learns B_k for ηU_kᵀ, §3).
-# This is not a descent step on R^c. For one subspace, or mutually orthogonal ones, the kept term
-# cannot lower R^c to first order (exact): ⟨G_k W_k U_kᵀ, ∇R^c⟩ = β tr(W_kᵀ G_k (I + βG_k)⁻¹ W_k ·
-# U_kᵀU_k) ≥ 0, the trace of a product of two positive semi-definite matrices (orthogonal spans:
-# the cross terms vanish, U_jᵀU_k = 0), and then all the descent of the
-# truncated series lives in the dropped term. For overlapping subspaces (every overcomplete
-# dictionary) the cross terms ⟨G_j W_j U_jᵀ, (I + βG_k)⁻¹ W_k U_kᵀ⟩ have no sign and the sum can
-# point either way (the tests hold a case where it is −69100/559 ≈ −124). With the softmax, on
-# random tokens and subspaces the tests measure a negative cosine with −∇R^c and a rise of R^c
-# along the step (measured, not proven). So the layer is CRATE's attention form, motivated by the
-# series, not implied by it; training decides what it does to R^c. Nor is it a step on ΔR: the
-# expansion term +∇R(Z) is not part of the layer.
+# This is not a descent step on R^c. For one subspace the kept term cannot lower R^c to first
+# order (exact): ⟨G_k W_k U_kᵀ, ∇R^c⟩ = β tr(W_kᵀ G_k (I + βG_k)⁻¹ W_k · U_kᵀU_k) ≥ 0, the trace
+# of a product of two positive semi-definite matrices; the same holds for mutually orthogonal
+# subspaces, whose cross terms vanish (U_jᵀU_k = 0), and there all the descent of the truncated
+# series lives in the dropped term. For overlapping subspaces (every overcomplete dictionary) the
+# cross terms have no sign, and the sum can point either way (the tests hold a case where it is
+# −69100/559 ≈ −124). With the softmax, on random tokens and subspaces, the tests measure a
+# negative cosine with −∇R^c and a rise of R^c along the step (measured, not proven). So the
+# layer is CRATE's attention form, motivated by the series, not implied by it; training decides
+# what it does to R^c. Nor is it a step on ΔR: the expansion term +∇R(Z) is not in the layer.
 
 
 def compressed_rate_gradient(Z, subspaces, eps=0.5):
@@ -170,22 +169,15 @@ def _check(config, name, ok, why):
 # 4. Constraint 2, π-RoPE. Every head rotates the 2-D pairs (x_i, x_{i+p/2}) of its q = k by the
 # angle t·ω_i at position t, so q_sᵀk_t depends on the positions only through s − t (exact).
 # Signal heads use the standard ladder ω_i = θ^(−2i/p), i = 0 … p/2 − 1; noise heads use π·ω_i.
-# What this does and does not do (band_facts computes the numbers; for p = 32, θ = 10⁴):
-#   - it shifts the noise band up by ×π, and the bands overlap: 14 of the 16 noise pairs lie
-#     inside the signal band, 2 above it; the fastest noise pair sits exactly at ω = π, the
-#     Nyquist frequency, where e^{iπΔ} = (−1)^Δ encodes only the parity of the distance Δ;
-#   - slow pairs see no full turn in the context: at T = 128, 10 of 16 signal and 8 of 16 noise
-#     pairs have wavelengths 2π/ω longer than T;
-#   - no phase ever re-aligns exactly, Δ(π·ω_j − ω_i) ∉ 2πZ for every integer Δ ≥ 1, because π is
-#     transcendental and the ω_i are algebraic (exact); but a ratio of 3 has the same property
-#     wherever 3ω_j ≠ ω_i, which always holds here (3 is no rational power of θ = 10⁴), and near
-#     re-alignments within 512 tokens come within ~1e-5 rad for both ratios;
-#   - it cannot make subspaces incoherent: a rotation acts inside each head's p coordinates and
-#     leaves span(U_k) ⊂ R^d unchanged.
-# So the ×π shift gives the two groups different but overlapping bands (heuristic: nothing makes
-# a head use one end of its band; which frequencies a head relies on is what analyze_heads.py
-# measures). RoPE rotates q = k but not the value: one more departure from §2, whose exact form
-# for the rotated tokens would rotate each value by R_{s−t} too.
+# What the shift does, computed by band_facts (docs/PRISM.md §4 has the numbers and the proofs):
+# the bands overlap (p = 32: 14 of the 16 noise pairs lie inside the signal band, 2 above it); the
+# fastest noise pair sits at ω = π, the Nyquist frequency, where it sees only the parity of a
+# distance; no phase ever re-aligns exactly, for the ratio π (π is transcendental, the ω_i
+# algebraic) as for 3 (3ω_j ≠ ω_i); and a rotation inside each head's p coordinates leaves
+# span(U_k) unchanged, so it cannot make the subspaces incoherent. The two groups get different
+# but overlapping bands (heuristic: which frequencies a head relies on is learned, and is what
+# analyze_heads.py measures). RoPE rotates q = k but not the value: one more departure from §2,
+# whose exact form for the rotated tokens would rotate each value by R_{s−t} too.
 
 
 def rotary_frequencies(head_dim, theta):
