@@ -404,7 +404,7 @@ def plot_head_spectra(result, path):
     n_heads = max(h["head"] for h in heads) + 1
     fig, axes = plt.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True,
                              layout="constrained",
-                             figsize=(3.8 * ncols + 1.2, (0.2 * n_heads + 1.2) * nrows + 1.2))
+                             figsize=(3.8 * ncols + 1.2, max(2.6, 0.2 * n_heads + 1.2) * nrows + 1.3))
     vmax = max(max(h["spectrum"]) / max(sum(h["spectrum"]), 1e-300) for h in heads)
     norm, mesh = Normalize(0, vmax), None
     for l, ax in enumerate(axes.ravel()):
@@ -429,6 +429,7 @@ def plot_head_spectra(result, path):
                                    color=GROUP_COLORS.get(h["group"], "#7f7f7f")))
         ax.set_xscale("log")
         ax.set_ylim(n_heads - 0.5, -0.5)
+        ax.set_yticks(range(n_heads))
         ax.set_title(f"layer {l}", fontsize=10)
         if l % ncols == 0:
             ax.set_ylabel("head")
@@ -479,7 +480,7 @@ def plot_distance_vs_centroid(result, path):
     plt = _plt()
     heads = result["heads"]
     if not any(h["spectral_centroid"] for h in heads):
-        fig, ax = plt.subplots(figsize=(7, 5))
+        fig, ax = plt.subplots(figsize=(9, 5))
         _scatter_heads(ax, heads, None)
         ax.set_xticks(range(len(result["layers"])))
         ax.set_xlabel("layer (no rotary heads, so no frequencies to plot)")
@@ -521,7 +522,7 @@ def plot_coding_rate(result, path):
     fig, (ax, ax_r) = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": [3, 2]})
     styles = [("R", "R: the cost of coding the tokens all together", "black", "-"),
               ("Rc_orth", "R$^c$: the cost of coding them subspace by subspace", "#1f77b4", "-"),
-              ("dR_orth", "ΔR = R − R$^c$ (MCR² raises it)", "#2ca02c", "-"),
+              ("dR_orth", "ΔR = R − R$^c$: the gain MCR² maximises", "#2ca02c", "-"),
               ("Rc", "R$^c$ of the dictionary at its learned scale", "#1f77b4", "--"),
               ("dR", "ΔR of the dictionary at its learned scale", "#2ca02c", "--")]
     for key, label, color, ls in styles:
@@ -534,8 +535,11 @@ def plot_coding_rate(result, path):
     ax.axhline(0, color="grey", linewidth=0.5)
     ax.legend(fontsize=7)
     ax.grid(True, alpha=0.3)
-    ax.set_title(f"MCR² coding rates of each layer's input (ε = {result['eps']}, "
-                 f"{layers[0]['n_tokens']} tokens)", fontsize=9)
+    title = f"MCR² coding rates of each layer's input (ε = {result['eps']}, {layers[0]['n_tokens']} tokens)"
+    if layers[0]["Rc"] is not None:
+        title += ("\nsolid: each subspace as an orthonormal basis, dashed: as learned\nan overcomplete "
+                  "dictionary can make ΔR negative even for ideal tokens: compare layers, not its sign")
+    ax.set_title(title, fontsize=9)
     radius = [(x, d["neumann_radius"]) for x, d in zip(xs, layers) if d["neumann_radius"]]
     if radius:
         ax_r.semilogy(*zip(*radius), marker="o", color="#9467bd")
@@ -543,6 +547,7 @@ def plot_coding_rate(result, path):
         ax_r.text(xs[0], 1, " the series converges below this line", va="bottom", fontsize=8)
         ax_r.set_xticks(xs)
         ax_r.set_xlabel("layer")
+        ax_r.set_ylabel("β·λmax, the largest over the layer's heads")
         ax_r.grid(True, alpha=0.3)
         ax_r.set_title("Neumann radius: how far the series the attention is derived from\n"
                        "is from converging (it converges below 1)", fontsize=9)

@@ -3,6 +3,7 @@ structure, the coding rates against a direct log-det, the figures, models where 
 analysis do not apply, and the command line."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -209,6 +210,8 @@ def check_outputs(out_dir):
         img = plt.imread(path)
         assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100, name
         assert img.std() > 0.01, name   # not a blank image
+        if name == "head_spectra.png":  # a grid of panels, not one long strip
+            assert img.shape[1] < 2.5 * img.shape[0], img.shape
     return json.loads((out_dir / "heads.json").read_text())
 
 
@@ -304,8 +307,25 @@ def test_cli_end_to_end(gpt2_ckpt, gpt2_data, tmp_path, capsys):
     assert "label-shuffle p" in out
 
 
+def test_cli_defaults_to_the_newest_checkpoint_on_its_own_data(compact_data, tmp_path,
+                                                               monkeypatch, capsys):
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    cfg = train.TrainConfig(data_dir=str(compact_data), out_dir="out/run", max_iters=2,
+                            eval_interval=2, eval_iters=1, batch_size=2, warmup_iters=1)
+    train.train(cfg, dict(n_layer=1, n_embd=32, n_head=2, head_dim=16, block_size=32))
+    capsys.readouterr()
+    assert ah.main(["--num_batches=2", "--batch_size=1", "--max_tokens=16", "--device=cpu",
+                    "--no_progress"]) == 0
+    data = json.loads((tmp_path / "out" / "analysis" / "heads.json").read_text())
+    assert data["data"]["ckpt"] == str(Path("out") / "run" / "ckpt.pt")
+    assert data["data"]["data_dir"] == str(compact_data)
+    assert capsys.readouterr().err.startswith(f"loaded {Path('out') / 'run' / 'ckpt.pt'}: prism, ")
+
+
 @pytest.mark.parametrize("case", ["missing_ckpt", "corrupt_ckpt", "missing_data", "bad_tokens",
-                                  "too_long", "bad_eps"])
+                                  "too_long", "bad_eps", "no_data_dir"])
 def test_cli_errors(case, gpt2_ckpt, gpt2_data, tmp_path, capsys):
     ckpt, data, extra = gpt2_ckpt, gpt2_data, []
     if case == "missing_ckpt":
@@ -322,8 +342,8 @@ def test_cli_errors(case, gpt2_ckpt, gpt2_data, tmp_path, capsys):
         extra = ["--block_size=33"]
     elif case == "bad_eps":
         extra = ["--eps=0"]
-    rc = ah.main([f"--ckpt={ckpt}", f"--data_dir={data}", f"--out_dir={tmp_path / 'o'}",
-                  "--num_batches=1", "--no_progress", *extra])
+    rc = ah.main([f"--ckpt={ckpt}", f"--out_dir={tmp_path / 'o'}", "--num_batches=1",
+                  "--no_progress", *extra, *([] if case == "no_data_dir" else [f"--data_dir={data}"])])
     err = capsys.readouterr().err
     assert rc == 2
     errors = [line for line in err.splitlines() if "error" in line.lower()]
