@@ -1,11 +1,11 @@
-"""MFU against the device's own peak: the GPU table, and estimate_mfu's lookup and fallback."""
-import math
-
+"""MFU against the device's own peak: train.py's GPU table, its lookup and fallback, and
+estimate_mfu against the peak it is given."""
 import pytest
 import torch
 
-import model as model_module
-from model import Prism, PrismConfig, gpu_peak_flops
+import train
+from model import Prism, PrismConfig
+from train import current_gpu_peak_flops, gpu_peak_flops
 
 
 @pytest.mark.parametrize("name, dtype, tflops", [
@@ -53,26 +53,32 @@ def tiny():
                              head_dim=8))
 
 
-def test_estimate_mfu_uses_the_current_gpu_and_reports_nothing_for_an_unknown_one(monkeypatch):
+def test_estimate_mfu_is_the_model_flops_over_the_given_peak():
     m = tiny()
     flops = m.flops_per_token() * 16 * 4  # 4 sequences of block_size
-    assert m.estimate_mfu(4, 0.5, peak_flops=1e12) == pytest.approx(flops / 0.5 / 1e12)
+    assert m.estimate_mfu(4, 0.5, 1e12) == pytest.approx(flops / 0.5 / 1e12)
+    assert m.estimate_mfu(8, 0.5, 1e12) == pytest.approx(2 * m.estimate_mfu(4, 0.5, 1e12))
+
+
+def test_the_current_gpus_peak_and_nothing_for_an_unknown_one(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 PCIe")
-    assert m.estimate_mfu(4, 0.5) == pytest.approx(flops / 0.5 / 756.5e12)
-    assert m.estimate_mfu(4, 0.5, dtype="tf32") == pytest.approx(flops / 0.5 / 378.0e12)
+    assert current_gpu_peak_flops() == pytest.approx(756.5e12)  # dtype=auto's bfloat16
+    assert current_gpu_peak_flops("tf32") == pytest.approx(378.0e12)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert current_gpu_peak_flops() == pytest.approx(756.5e12)  # float16
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some Future GPU")
     with pytest.warns(UserWarning, match="unknown device 'Some Future GPU'.*MFU not reported"):
-        assert math.isnan(m.estimate_mfu(4, 0.5))
+        assert current_gpu_peak_flops() is None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.warns(UserWarning, match="no CUDA device"):
-        assert math.isnan(m.estimate_mfu(4, 0.5))
+        assert current_gpu_peak_flops() is None
 
 
 def test_every_table_row_is_well_formed():
-    for pattern, *peaks in model_module.GPU_PEAK_TFLOPS:
-        assert len(peaks) == len(model_module.PEAK_DTYPES), pattern
+    for pattern, *peaks in train.GPU_PEAK_TFLOPS:
+        assert len(peaks) == len(train.PEAK_DTYPES), pattern
         assert any(p is not None for p in peaks), pattern
         bf16, fp16, tf32, fp32 = peaks
         # tensor cores are never slower than the plain float32 units of the same GPU
