@@ -1,60 +1,52 @@
 """
-Measure what every attention head of a checkpoint does on held-out text (PRISM.md §6): how far
-back it looks, how much it attends to itself, which rotary frequencies it uses, whether the
-designed signal heads differ from the noise heads, and how each layer's tokens code under MCR².
+What every attention head of a checkpoint does on held-out text (PRISM.md §6): how far back it
+looks, how much it attends to itself, which rotary frequencies it uses, whether the designed signal
+heads differ from the noise heads, and how each layer's tokens code under MCR².
 
     python analyze_heads.py                      # the newest out/*/ckpt.pt, on its own data
     python analyze_heads.py --ckpt=out/prism_50m --num_batches=20 --out_dir=out/analysis_50m
 
-Writes to out_dir: heads.json (every number, schema in `write_json`) and three figures:
-head_spectra.png (which rotary frequencies each head uses), distance_vs_centroid.png (how far
-each head looks against where it sits in frequency) and coding_rate.png (the MCR² rates and the
-Neumann radius by layer).
+Writes heads.json (every number; schema in `write_json`) and three figures to out_dir:
+head_spectra.png, distance_vs_centroid.png and coding_rate.png. The text is num_batches ×
+batch_size windows at evenly spaced offsets of data_dir/<split>.bin, the same every run; its loss
+is the mean over these windows, and differs a little from train.py's (random windows).
 
-The data: num_batches × batch_size windows of block_size tokens at evenly spaced offsets of
-data_dir/<split>.bin (the same windows every run). The loss reported is the mean over these
-windows; train.py's val loss is over random windows, so the two differ a little.
-
-The headline: signal − noise contrasts. The claim under test is that signal heads look further
-back and sit lower in their frequency band than noise heads. Per layer, a contrast is the mean over
-the signal heads minus the mean over the noise heads (so anything shared by a layer's heads
-cancels), of
+The headline: signal − noise contrasts. The claim under test is that signal heads look further back
+and sit lower in their frequency band than noise heads. Per layer a contrast is the mean over the
+signal heads minus the mean over the noise heads (so anything shared by a layer's heads cancels) of
   log_distance          ln mean_distance             (> 0: signal heads look further back)
   log_distance_no_self  ln mean_distance_no_self     (the same without attention to itself)
   log_centroid_in_band  ln centroid_in_band          (< 0: signal heads lower in their band)
   self_attention        self_attention               (q = k makes every head lean to itself)
-and layer "all" is their mean over layers. contrast_tests: the layer-"all" contrast against
-shuffles of the group labels within each layer (two-sided Monte Carlo p). Across seeds the lab
-tests them with lab/heads.py.
+and layer "all" is their mean over layers, tested against shuffles of the group labels within each
+layer (contrast_tests). lab/heads.py tests them across seeds.
 
 Definitions (A: a head's causal attention matrix, rows i = queries, columns j <= i = keys; queries
 i >= 1, since position 0 can only attend to itself):
   mean_distance      Σ_j A_ij (i − j), averaged over the queries, in tokens.
   self_attention     A_ii, averaged over the queries.
   mean_distance_no_self  Σ_i Σ_j A_ij (i − j) / Σ_i (1 − A_ii): the mean distance of the mass not
-                     on the token itself (null for a head that only attends to itself). Where
-                     rows sum to less than 1 (a sink), the sink counts as distance 0.
+                     on the token itself (null for a head that only attends to itself). Where rows
+                     sum to less than 1 (a sink, in the lab), the sink counts as distance 0.
   entropy            −Σ_j A_ij ln A_ij, averaged over the queries, in nats.
   spectrum E(i)      mean over tokens of ‖q^(i)‖·‖k^(i)‖, x^(i) the rotary pair i of a head, dims
                      (i, i + p/2) (half-split RoPE); the rotation keeps pair norms.
-  spectral_centroid  exp(Σ_i E(i) ln ω_i / Σ_i E(i)): the energy-weighted mean of the log angular
-                     frequency, in radians per token.
-  centroid_in_band   spectral_centroid / ω_0 of the head's own band (its fastest frequency): where
+  spectral_centroid  exp(Σ_i E(i) ln ω_i / Σ_i E(i)), in radians per token: the head's average
+                     frequency, weighted by energy on a log scale.
+  centroid_in_band   spectral_centroid / ω_0, the fastest frequency of the head's own band: where
                      in its band a head sits, the ×π offset of the noise band removed.
-  R, Rc, dR          per layer, on the layer's normalised input tokens Z (at most max_tokens,
-                     drawn evenly from the batches), at precision eps: R = ½ log det(I + d/(n ε²)
-                     ZᵀZ), Rc = Σ_k ½ log det(I + p/(n ε²) (Z U_k)ᵀ(Z U_k)) with the dictionary as
-                     the model holds it (grows with ‖U‖), dR = R − Rc.
-  Rc_orth, dR_orth   the same with each U_k replaced by an orthonormal basis of its span: they
-                     depend on the subspaces only. With ρ = H·p/d = 2 the subspaces hold twice the
-                     dimensions of Z, and at ε = 0.5 dR_orth < 0 even for tokens that lie exactly
-                     in the subspaces (tests/test_analyze.py): read it across layers and against
-                     the untrained checkpoint, not against 0.
-  neumann_radius     max_k β·λ_max(W_kᵀW_k) (model.neumann_radius): the series the attention step
-                     is derived from converges only where this is below 1.
-
-A model without rotary heads (no spectrum, centroid), without designed groups (no contrasts) or
-without a dictionary (no Rc, dR) gets nulls there, and heads.json's `not_applicable` says why.
+  R, Rc, dR          per layer, on the layer's normalised input tokens Z (at most max_tokens, drawn
+                     evenly from the batches): R = ½ log det(I + d/(n ε²) ZᵀZ), Rc = Σ_k ½ log det(I
+                     + p/(n ε²) (Z U_k)ᵀ(Z U_k)) with the dictionary as held (grows with ‖U‖),
+                     dR = R − Rc.
+  Rc_orth, dR_orth   the same with each U_k replaced by an orthonormal basis of its span, so they
+                     depend on the subspaces only. With ρ = H·p/d = 2 and ε = 0.5, dR_orth < 0 even
+                     for tokens that lie exactly in the subspaces (tests/test_analyze.py): read it
+                     across layers and against the untrained checkpoint, not against 0.
+  neumann_radius     max_k β·λ_max(W_kᵀW_k) (model.neumann_radius): the series the attention step is
+                     derived from converges only where this is below 1.
+A model without rotary heads, designed groups or a dictionary gets nulls for what needs them, and
+heads.json's `not_applicable` says why.
 """
 
 import argparse
@@ -63,8 +55,16 @@ import math
 import sys
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import torch
+from tqdm import tqdm
+
+matplotlib.use("Agg")  # figures to files, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from model import coding_rate, compressed_coding_rate, neumann_radius
 from sample import UsageError, find_checkpoint, load_checkpoint_model, pick_device
@@ -203,10 +203,6 @@ def label_permutation_test(heads, contrast, draws=9999, seed=0):
 # Running a model over batches.
 
 
-def _finite(x):
-    return None if x is None or not math.isfinite(x) else float(x)
-
-
 def _ratio(num, den):
     return float(num / den) if den > 1e-12 else None  # a head whose mass is all on itself
 
@@ -216,8 +212,6 @@ def analyze_model(model, batches, eps=0.5, max_tokens=4096, num_batches=None, se
                   progress=True):
     """Run `model.analyze` over `batches` (an iterable of (x, y) LongTensors) and return the
     heads.json content. Per layer only per-head sums and a capped pool of Z rows are kept."""
-    from tqdm import tqdm  # noqa: PLC0415
-
     model.eval()
     arch = model.arch
     n_layer = model.config.n_layer
@@ -263,7 +257,8 @@ def analyze_model(model, batches, eps=0.5, max_tokens=4096, num_batches=None, se
         E = a["E"] / a["nt"] if freqs is not None else None
         centroid = spectral_centroid(E, freqs) if E is not None else None
         for h in range(a["dist"].shape[0]):
-            c = _finite(float(centroid[h])) if centroid is not None else None
+            c = float(centroid[h]) if centroid is not None else None
+            c = c if c is not None and math.isfinite(c) else None  # no q·k energy: no centroid
             heads.append(dict(
                 layer=l, head=h, group=groups[h] if groups is not None else None,
                 mean_distance=float(a["dist"][h] / a["nq"]),
@@ -279,7 +274,9 @@ def analyze_model(model, batches, eps=0.5, max_tokens=4096, num_batches=None, se
             not_applicable["Rc"] = not_applicable["dR"] = f"no dictionary of subspaces (arch {arch})"
         layers_out.append(dict(layer=l, **mcr2_diagnostics(torch.cat(a["Z"]), subspaces, eps)))
 
-    result = dict(arch=arch, model_config=_jsonable(vars(model.config)),
+    config = {k: v for k, v in vars(model.config).items() 
+              if isinstance(v, (int, float, str, bool, type(None)))}
+    result = dict(arch=arch, model_config=config,
                   val_loss=loss_sum / tokens, tokens_analyzed=tokens, eps=eps,
                   max_tokens=max_tokens, layers=layers_out, heads=heads)
     if groups is not None:
@@ -290,10 +287,6 @@ def analyze_model(model, batches, eps=0.5, max_tokens=4096, num_batches=None, se
         not_applicable["contrasts"] = not_applicable["group"]
     result["not_applicable"] = not_applicable
     return result
-
-
-def _jsonable(d):
-    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool, type(None)))}
 
 
 # -----------------------------------------------------------------------------
@@ -358,15 +351,6 @@ def _clean(x):
     return x
 
 
-def _plt():
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    return plt
-
-
 def _note(ax, text):
     ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True, transform=ax.transAxes)
     ax.set_xticks([])
@@ -386,7 +370,6 @@ def _title(result):
 def plot_head_spectra(result, path):
     """One panel per layer, in a grid: per head (rows), the share of its q·k energy at each rotary
     frequency (columns), its group at the left, its centroid as a white tick."""
-    plt = _plt()
     heads = result["heads"]
     n_layers = len(result["layers"])
     if all(h["spectrum"] is None for h in heads):
@@ -396,9 +379,6 @@ def plot_head_spectra(result, path):
         fig.savefig(path, dpi=120)
         plt.close(fig)
         return
-    from matplotlib.colors import Normalize  # noqa: PLC0415
-    from matplotlib.patches import Rectangle  # noqa: PLC0415
-
     ncols = math.ceil(math.sqrt(n_layers))
     nrows = math.ceil(n_layers / ncols)
     n_heads = max(h["head"] for h in heads) + 1
@@ -450,8 +430,6 @@ def plot_head_spectra(result, path):
 def _scatter_heads(ax, heads, xkey):
     """Mean distance against heads' `xkey` (None: spread by layer), coloured by designed group,
     each point labelled with its layer."""
-    from matplotlib.ticker import NullFormatter  # noqa: PLC0415
-
     for group in ("signal", "noise", None):
         hs = [h for h in heads if h["group"] == group and (xkey is None or h[xkey])]
         if not hs:
@@ -477,7 +455,6 @@ def _scatter_heads(ax, heads, xkey):
 def plot_distance_vs_centroid(result, path):
     """One point per head: how far it looks against its average frequency (left) and against
     where that sits in the head's own band (right)."""
-    plt = _plt()
     heads = result["heads"]
     if not any(h["spectral_centroid"] for h in heads):
         fig, ax = plt.subplots(figsize=(9, 5))
@@ -486,8 +463,6 @@ def plot_distance_vs_centroid(result, path):
         ax.set_xlabel("layer (no rotary heads, so no frequencies to plot)")
         ax.set_title(f"How far each head looks, by layer\n{_title(result)}", fontsize=9)
     else:
-        from matplotlib.ticker import NullFormatter  # noqa: PLC0415
-
         fig, axes = plt.subplots(1, 2, figsize=(12, 5.5), sharey=True)
         for ax, key, label in ((axes[0], "spectral_centroid",
                                 "the head's average rotary frequency (radians per token)"),
@@ -516,7 +491,6 @@ def plot_distance_vs_centroid(result, path):
 
 def plot_coding_rate(result, path):
     """Left: the MCR² rates of each layer's input tokens. Right: the Neumann radius by layer."""
-    plt = _plt()
     layers = result["layers"]
     xs = [d["layer"] for d in layers]
     fig, (ax, ax_r) = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": [3, 2]})
