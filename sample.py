@@ -52,13 +52,13 @@ def find_checkpoint(ckpt=None, out_dir=None):
             raise UsageError(f"no checkpoint in out/*/ ({hint})")
         return found[-1]
     path = Path(ckpt if ckpt is not None else out_dir)
-    if path.is_dir() or out_dir is not None:
-        if not (path / "ckpt.pt").is_file():
-            raise UsageError(f"no checkpoint in {path} ({hint})")
-        return path / "ckpt.pt"
-    if not path.is_file():
-        raise UsageError(f"no checkpoint at {path} ({hint})")
-    return path
+    if ckpt is not None and path.is_file():
+        return path
+    if out_dir is not None or path.is_dir() or not path.suffix:  # a folder, or meant as one
+        if (path / "ckpt.pt").is_file():
+            return path / "ckpt.pt"
+        raise UsageError(f"no checkpoint in {path} ({hint})")
+    raise UsageError(f"no checkpoint at {path} ({hint})")
 
 
 def load_checkpoint_model(path, device="cpu"):
@@ -102,9 +102,6 @@ class Tokenizer:
     encode: Callable[[str], list]          # text -> model token ids
     decode_bytes: Callable[[list], bytes]  # model token ids -> UTF-8 bytes (may split a character)
     eot: int                               # the end-of-text token id, in model ids
-
-    def decode(self, ids):
-        return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
 
 def load_tokenizer(vocabulary=None):

@@ -214,8 +214,8 @@ def test_compact_vocabulary(compact, capsys):
     tok = sample.load_tokenizer(vocabulary)
     ids = tok.encode("Once upon a dog")
     assert max(ids) == size and all(0 <= i <= size for i in ids)   # " dog" is unknown
-    assert tok.decode(ids) == "Once upon a" + sample.UNKNOWN_TEXT
-    assert tok.eot == size - 1 and tok.decode([tok.eot]) == "<|endoftext|>"
+    assert tok.decode_bytes(ids).decode() == "Once upon a" + sample.UNKNOWN_TEXT
+    assert tok.eot == size - 1 and tok.decode_bytes([tok.eot]) == b"<|endoftext|>"
     rc, out, err = run_main(capsys, f"--ckpt={d / 'ckpt.pt'}", "--num_samples=1",
                             "--max_new_tokens=4")
     assert rc == 0 and out.startswith("Once upon a time"), err
@@ -264,6 +264,7 @@ def test_which_checkpoint(ckpt, tmp_path, monkeypatch, capsys):
         assert rc == 0 and err.startswith(f"loaded {path}: prism, "), (argv, err)
     hint = "(train one with `python train.py`, or give --ckpt=PATH)"
     for argv, message in [(["--ckpt=out/empty"], f"no checkpoint in out/empty {hint}"),
+                          (["--ckpt=out/cpu_tiny"], f"no checkpoint in out/cpu_tiny {hint}"),
                           (["--out_dir=out/none"], f"no checkpoint in out/none {hint}"),
                           (["--ckpt=out/x.pt"], f"no checkpoint at out/x.pt {hint}"),
                           (["--ckpt=out/old", "--out_dir=out/old"],
