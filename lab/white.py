@@ -1,0 +1,228 @@
+"""
+The white-box PRISM family: the paper's PRISM (model.py) with the changes that survived the
+screen (lab/RESULTS.md, "Screening"), each a module of its own with its reading in MCR² terms.
+
+  - normalised subspaces (normalize_subspaces): scores from RMS-normalised W_k;
+  - the masked diagonal with a sink (mask_self): no token scores with itself;
+  - rotated values (rotate_values): the values in the rotated frame of their keys;
+  - the sparse-coding MLP (mlp = "ista"): one decoupled ISTA step in place of the GELU MLP.
+
+prism-white is the first three together; prism-white-ista adds the fourth (the study's best
+PRISM). Each piece says below whether it is exact, heuristic, or an empirical fix. The screen's
+rejected candidates (a step or a temperature per head, a ρ-scaled init, the tied ISTA block) are
+not here: lab/variants.py's RETIRED names the commit that ran them.
+Notation as in model.py: tokens are rows, W_k = Z U_k ∈ R^{n×p}, w_t its row t.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from model import (MLP, Prism, PrismConfig, apply_rotary, explicit_attention, mlp_width,
+                   rope_frequencies, rotary_tables)
+
+
+@dataclass
+class WhiteConfig(PrismConfig):
+    normalize_subspaces: bool = False  # scores from RMS-normalised W_k (learned gain)
+    mask_self: bool = False            # no score with itself; a learned sink takes the spare mass
+    rotate_values: bool = False        # values rotated like their keys, the output rotated back
+    mlp: str = "gelu"                  # "gelu" (model.MLP) or "ista" (SparseCodingMLP)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.mlp not in ("gelu", "ista"):
+            raise ValueError(f"WhiteConfig.mlp = {self.mlp!r} must be 'gelu' or 'ista'")
+
+
+# -----------------------------------------------------------------------------
+# Attention: model.PrismAttention's step, q = k = v = W_k, with three changes.
+#
+# Normalised subspaces. Scores from q = k = R_t · (g ⊙ w_t / rms(w_t)), RMS norm over the p
+# coordinates of a head with a learned gain g (as QK-norm); the value stays w_t. MCR² reading: MCR²
+# codes features on the unit sphere (Yu et al. 2020); here the tokens' coordinates in each subspace
+# are put on a sphere before they are compared. Heuristic: §2's G_k = W_k W_kᵀ is unnormalised.
+# What it changes, exactly: ‖U_k‖ no longer sets the softmax's temperature (|score| ≤ √p·max g²),
+# only the value's size.
+#
+# The masked diagonal, an empirical fix. With q = k, token t's score with itself is ‖w_t‖² (RoPE
+# keeps norms), and w_tᵀ R_{s−t} w_s ≤ ‖w_t‖‖w_s‖ (Cauchy–Schwarz): the diagonal is the row's
+# largest score against keys no longer than w_t, and only against those. Longer keys can beat it
+# (for random directions in p = 32 with log-normal norms e^{σg}, σ = 1, T = 128, it is the row
+# maximum in about 45% of rows; tests measure it). Masking it departs from §2, whose G_k has its
+# diagonal, and is not derived from MCR²; the screen found it helps (−0.26 nats alone, at one
+# seed), so it is kept as what it is. Masked, position 0 has no key at all, so every head gets a
+# sink: a zero key and a zero value with a learned logit b, where attention can put mass that
+# moves nothing.
+#
+# Rotated values. model.py rotates q and k but not the value. If RoPE is read as rotating the
+# tokens themselves (w̃_s = R_s w_s), §2's kept term on the rotated tokens mixes rotated values,
+# Σ_s A_ts R_s w_s, which back in token t's frame (R_t⁻¹ = R_{−t}) is
+#     y_t = Σ_s A_ts R_{s−t} w_s.
+# Exact as the form of §2's term for the rotated tokens (with the softmax in place of βG_k, the
+# same heuristic as model.py's); it costs no weight.
+
+
+class WhiteAttention(nn.Module):
+    """model.PrismAttention (dictionary U, decoupled back-projection, π-RoPE) with the three
+    changes above, each off unless its WhiteConfig field is set."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.head_dim, self.dropout = config.n_head, config.head_dim, config.dropout
+        self.rotate_values = config.rotate_values
+        inner = config.n_head * config.head_dim
+        self.dictionary = nn.Linear(config.n_embd, inner, bias=config.bias)  # Uᵀ
+        self.back_projection = nn.Linear(inner, config.n_embd, bias=config.bias)
+        self.subspace_norm = (nn.RMSNorm(config.head_dim, eps=1e-6)
+                              if config.normalize_subspaces else None)
+        self.sink_logit = nn.Parameter(torch.zeros(config.n_head)) if config.mask_self else None
+        self.resid_dropout = nn.Dropout(config.dropout)
+        cos, sin = rotary_tables(rope_frequencies(config), config.block_size)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def subspaces(self):
+        """(H, p, d): each head's U_kᵀ."""
+        return self.dictionary.weight.view(self.n_head, self.head_dim, -1)
+
+    def forward(self, x, record=None, cache=None):
+        B, T, _ = x.shape
+        w = self.dictionary(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # W_k
+        start = 0 if cache is None else cache.length  # absolute position of x[:, 0]
+        cos, sin = self.rope_cos[:, start:start + T], self.rope_sin[:, start:start + T]
+        q = k = apply_rotary(w if self.subspace_norm is None else self.subspace_norm(w), cos, sin)
+        v = apply_rotary(w, cos, sin) if self.rotate_values else w  # v_s = R_s w_s
+        if cache is not None:
+            k, v = cache.extend(k, v)
+        dropout = self.dropout if self.training else 0.0
+        if self.sink_logit is None:
+            if record is not None:
+                y = explicit_attention(q, k, v, record)
+            else:  # one new query sees every cached key: no mask
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1)
+        elif record is not None or cache is not None:  # the sink as a key, the explicit bias
+            zeros = q.new_zeros(B, self.n_head, 1, self.head_dim)
+            k, v = torch.cat((zeros, k), dim=2), torch.cat((zeros, v), dim=2)
+            mask = self_masked_bias(T, k.shape[-2] - 1, self.sink_logit, q.dtype)
+            y = (explicit_attention(q, k, v, record, attn_mask=mask) if record is not None else
+                 F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout))
+        else:  # training: the same attention, as causal attention on shifted keys
+            q, k, v = sink_behind_shifted_keys(q, k, v, self.sink_logit)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout,
+                                               scale=self.head_dim ** -0.5)[..., :self.head_dim]
+        if self.rotate_values:  # back to token t's frame: y_t = Σ_s A_ts R_{s−t} w_s
+            y = apply_rotary(y, cos, -sin)
+        return self.resid_dropout(self.back_projection(y.transpose(1, 2).reshape(B, T, -1)))
+
+
+# The sink's attention in two exact forms: the explicit additive bias, which the analysis path and
+# the generation cache use (any number of past positions), and plain causal attention over keys
+# shifted behind the sink, which training uses (no (T, T) float mask: SDPA stays on its causal,
+# fused kernels). Tests check that they agree, in the loss and in its gradient.
+
+
+def self_masked_bias(T, S, sink_logit, dtype):
+    """(H, T, S + 1) additive attention bias for mask_self, T queries at the last T of S positions
+    (S > T with a generation cache): column 0 is the sink (its learned logit), column 1 + j is key
+    j, allowed (0) where j is before the query's position, −inf elsewhere, the diagonal too."""
+    device = sink_logit.device
+    query_pos = torch.arange(S - T, S, device=device)
+    allowed = torch.arange(S, device=device)[None, :] < query_pos[:, None]
+    bias = torch.zeros(T, S, device=device, dtype=dtype).masked_fill(~allowed, float("-inf"))
+    sink = sink_logit.to(dtype)[:, None, None].expand(-1, T, 1)
+    return torch.cat((sink, bias.expand(sink_logit.shape[0], T, S)), dim=-1)
+
+
+def sink_behind_shifted_keys(q, k, v, sink_logit):
+    """mask_self's attention rewritten as plain causal attention, exactly: query t sees the sink
+    and keys 0..t−1, which are positions 0..t of [sink, k_0, ..., k_{T−2}]. The sink's learned
+    logit b rides on one extra channel (1 in every query, b·√p in the sink's key, 0 in the real
+    keys), so with the scale kept at 1/√p the real scores q·k/√p are unchanged and the sink's is
+    b. Zero channels pad q, k and v to one width, a multiple of 8, as the fused (flash) kernels
+    want them; the values' extra channels stay 0 and are cut from the output."""
+    B, H, T, p = q.shape
+    pad = 8 - p % 8  # at least the one channel b needs
+    one, zero = q.new_ones(B, H, T, 1), q.new_zeros(B, H, T, pad - 1)
+    q = torch.cat((q, one, zero), dim=-1)
+    sink = (sink_logit * math.sqrt(p)).to(q.dtype)[None, :, None, None].expand(B, H, 1, 1)
+    sink_key = torch.cat((q.new_zeros(B, H, 1, p), sink, q.new_zeros(B, H, 1, pad - 1)), dim=-1)
+    shifted = torch.cat((k[:, :, :-1], q.new_zeros(B, H, T - 1, pad)), dim=-1)
+    k = torch.cat((sink_key, shifted), dim=2)
+    v = F.pad(torch.cat((v.new_zeros(B, H, 1, p), v[:, :, :-1]), dim=2), (0, pad))
+    return q, k, v
+
+
+# -----------------------------------------------------------------------------
+# The sparse-coding MLP (mlp = "ista").
+#
+# ISTA, exact. The non-negative LASSO of a token z ∈ R^d against a dictionary D ∈ R^{d×m},
+#     min_{a ≥ 0} ½‖z − D a‖² + λᵀa        (λᵀa = λ‖a‖₁ for a ≥ 0 and a constant λ),
+# has the proximal-gradient step a ← ReLU(a + η Dᵀ(z − D a) − ηλ) (ista_step). With
+# L = λ_max(DᵀD), each step satisfies F(a⁺) ≤ F(a) − (1/η − L/2)‖a⁺ − a‖², so η < 2/L suffices
+# for the objective not to increase (η ≤ 1/L is the textbook choice, not the condition), and the
+# sign of λ does not enter: λᵀa plus the constraint a ≥ 0 is convex for any λ, and its prox is the
+# same ReLU. Above 2/L a step can increase it. Tests check all three statements.
+#
+# CRATE's MLP takes one such step from a = z with a complete d×d dictionary and outputs the code.
+# CRATE-α's (UCSC-VLAA/CRATE-alpha) takes two steps from a = 0 with one overcomplete dictionary
+# and a fixed η = λ = 0.1, then decodes the code with a separate matrix: its decoder is decoupled,
+# its encoder is the dictionary.
+#
+# Ours, what it is. One step from a = 0 gives a = ReLU(ηDᵀz − ηλ); we learn an encoder D₁ ∈
+# R^{m×d} in place of ηDᵀ and a threshold θ = ηλ per atom, and decode with D:
+#     x ← x + D · ReLU(D₁ x − θ).
+# That is a ReLU MLP without biases but with a learned threshold per hidden unit. With D₁ ≠ ηDᵀ it
+# is an ISTA step of no LASSO in general, so the descent property above is a motivation, not a
+# property of the trained block. (The GELU MLP it replaces has no biases either; the screen did
+# not separate the sparse code from the hidden threshold.)
+
+
+def ista_step(z, D, threshold, step, a=None):
+    """One ISTA step of the non-negative LASSO: ReLU(a + η Dᵀ(z − D a) − ηλ), tokens as rows
+    (z (…, d), D (d, m), threshold λ (m,), step η); a = 0 when not given."""
+    grad = F.linear(z, D.t()) if a is None else F.linear(z - F.linear(a, D), D.t())
+    a = 0 if a is None else a
+    return F.relu(a + step * grad - step * threshold)
+
+
+def lasso_objective(z, D, threshold, a):
+    """½‖z − D a‖² + Σ λ_i a_i per token (a ≥ 0, so λ‖a‖₁ = Σ λ a_i)."""
+    return 0.5 * (z - F.linear(a, D)).pow(2).sum(-1) + (a * threshold).sum(-1)
+
+
+class SparseCodingMLP(nn.Module):
+    """x ← D · ReLU(D₁ x − θ): the decoupled one-step ISTA block (above); m = mlp_width."""
+
+    def __init__(self, config):
+        super().__init__()
+        width = mlp_width(config)
+        self.proj = nn.Linear(width, config.n_embd, bias=False)     # the dictionary D (d × m)
+        self.encoder = nn.Linear(config.n_embd, width, bias=False)  # D₁, in place of ηDᵀ
+        self.threshold = nn.Parameter(torch.zeros(width))           # θ = ηλ, per atom
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.proj(F.relu(self.encoder(x) - self.threshold)))
+
+
+def white_mlp(config):
+    """The block's MLP for a WhiteConfig: model.MLP or SparseCodingMLP."""
+    return SparseCodingMLP(config) if config.mlp == "ista" else MLP(config)
+
+
+class PrismWhite(Prism):
+    """PRISM with the white-box changes its WhiteConfig switches on (all off: the paper's PRISM,
+    with the same parameters)."""
+
+    arch = "prism-white"
+    attention_class = WhiteAttention
+    mlp_class = staticmethod(white_mlp)
+
+    @classmethod
+    def sizes_like_prism(cls, prism_model_args):
+        """Every PRISM size is a prism-white size: WhiteConfig extends PrismConfig."""
+        return dict(prism_model_args)
