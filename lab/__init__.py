@@ -1,3 +1,8 @@
 """The lab: the study built on the tutorial (baselines, white-box variants, the comparison, its
-records). Importing it registers its architectures in model.ARCHS."""
-from lab import baselines  # noqa: F401  (registers gpt2, gemma3)
+records). Importing it registers its architectures in model.ARCHS; model.get_arch imports it on
+the first arch name the tutorial does not know (the one hook from the tutorial into the lab)."""
+import model
+from lab import baselines  # noqa: F401  (registers gpt2, gemma3, rope-attention)
+from lab.white import PrismWhite, WhiteConfig
+
+model.ARCHS["prism-white"] = (WhiteConfig, PrismWhite)

@@ -1,15 +1,18 @@
 """
-The baselines PRISM is compared against (docs/PRISM.md §7), the registry of every arch by name
-(PRISM's included) with the checkpoint helpers, the size presets at which every arch has the same
-parameter count (±5%), and the ablations of PRISM as config values. Imports run one way:
-model.py <- this file <- train.py, sample.py, analyze_heads.py, compare.py, bench.py.
-
-Both baselines share everything but their blocks with PRISM (model.LanguageModel): the loss,
-generation, the optimizer, MFU, checkpoints and the analysis path.
+The baselines PRISM is compared against (docs/PRISM.md §7). Each shares everything but its blocks
+with PRISM (model.LanguageModel): the loss, generation, the optimizer, MFU, checkpoints and the
+analysis path.
   - gpt2:   learned absolute positions, LayerNorm, GELU MLP, separate q, k, v (nanoGPT's shape).
   - gemma3: RMSNorm before and after each sub-block, GeGLU MLP, QK-norm, RoPE with θ = 10⁴ on
             local (sliding-window) layers and 10⁶ on global ones, five local layers per global
             one, embeddings scaled by √d, tied output.
+  - rope-attention: PRISM's block and embedding with the plain attention of a standard
+            transformer in its place: q, k, v apart, standard RoPE on q and k (one band), H·p = d.
+            What PRISM's two constraints (the overcomplete shared dictionary, π-RoPE) are
+            measured against with everything else equal.
+Each model class has sizes_like_prism(prism_model_args): its sizes at the preset of
+lab/variants.py whose PRISM has these sizes, so that `python train.py --arch=gpt2` trains the
+matched baseline from a PRISM config file.
 """
 
 import math
@@ -20,9 +23,23 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import model
-from model import (Block, KVCache, LanguageModel, _check, apply_rotary, build_model,
-                   causal_mask, explicit_attention, get_arch, mlp_width, rotary_frequencies,
-                   rotary_tables)
+from model import (Block, KVCache, LanguageModel, apply_rotary, causal_mask, explicit_attention,
+                   rotary_frequencies, rotary_tables)
+
+
+def _check(config, name, ok, why):
+    if not ok:
+        raise ValueError(f"{type(config).__name__}.{name} = {getattr(config, name)!r} {why}")
+
+
+class MatchedToPrism:
+    """sizes_like_prism for a baseline: its PRESETS entry at PRISM's sizes (lab/variants.py)."""
+
+    @classmethod
+    def sizes_like_prism(cls, prism_model_args):
+        from lab.variants import sizes_like_prism  # noqa: PLC0415 — variants reads config/ files
+        return sizes_like_prism(cls.arch, prism_model_args)
+
 
 # -----------------------------------------------------------------------------
 # GPT-2
@@ -72,7 +89,7 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
-class GPT2(LanguageModel):
+class GPT2(MatchedToPrism, LanguageModel):
     arch = "gpt2"
 
     def __init__(self, config):
@@ -194,7 +211,7 @@ class GemmaBlock(nn.Module):
         return x + self.dropout(self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x))))
 
 
-class Gemma3(LanguageModel):
+class Gemma3(MatchedToPrism, LanguageModel):
     arch = "gemma3"
 
     def __init__(self, config):
@@ -219,146 +236,81 @@ class Gemma3(LanguageModel):
         return 6 * self.get_num_params() + 12 * c.n_head * c.head_dim * attended
 
 
-model.ARCHS.update(gpt2=(GPT2Config, GPT2), gemma3=(Gemma3Config, Gemma3))
-
-
 # -----------------------------------------------------------------------------
-# What the comparison runs: size presets and PRISM's ablations, all as config values.
-
-# Sizes at which every arch has PRISM's parameter count within ±5% (check_preset says so). The
-# shipped training configs name one (train.py's `preset`), so that every arch trains from them.
-PRESETS = {
-    # config/cpu_tiny.py: PRISM d = 64, 4 layers, 4 heads of p = 32; 3.4M parameters, nearly all
-    # of them the GPT-2-vocabulary embedding.
-    "cpu-tiny": {
-        "block_size": 128,
-        "prism": dict(n_layer=4, n_embd=64, n_head=4, head_dim=32),
-        "gpt2": dict(n_layer=4, n_embd=64, n_head=2),
-        "gemma3": dict(n_layer=4, n_embd=64, n_head=2, head_dim=32, mlp_hidden=172,
-                       sliding_window=64, global_every=4),
-    },
-    # 4 layers hold no 5-local-to-1-global group: Gemma's last layer is its global one here.
-    "cpu-small": {
-        "block_size": 128,
-        "prism": dict(n_layer=4, n_embd=128, n_head=8, head_dim=32),
-        "gpt2": dict(n_layer=4, n_embd=128, n_head=4),
-        "gemma3": dict(n_layer=4, n_embd=128, n_head=4, head_dim=32, mlp_hidden=344,
-                       sliding_window=64, global_every=4),
-    },
-    # PRISM.md §5 and config/prism_50m.py: d = 512, 8 layers, 16 heads of p = 64, context 512;
-    # the baselines at the same d.
-    "paper-50m": {
-        "block_size": 512,
-        "prism": dict(n_layer=8, n_embd=512, n_head=16, head_dim=64),
-        "gpt2": dict(n_layer=8, n_embd=512, n_head=8),
-        "gemma3": dict(n_layer=8, n_embd=512, n_head=8, head_dim=64, mlp_hidden=1376,
-                       sliding_window=128),
-    },
-}
-
-# The scout's best three changes to PRISM's attention (PRISM.md §8), which prism-white combines.
-WHITE = {"normalize_subspaces": True, "mask_self": True, "rotate_values": True}
-
-# name -> (arch, overrides of the preset's sizes). PRISM's ablations change one constraint each;
-# variant_args then gives each PRISM-arch variant the MLP width that brings it back to PRISM's
-# parameter count, so "does this constraint help?" is asked at the same size.
-VARIANTS = {
-    "prism": ("prism", {}),
-    "gpt2": ("gpt2", {}),
-    "gemma3": ("gemma3", {}),
-    "prism-pi-off": ("prism", {"rope_ratio": 1.0}),                # both groups in one band: is a second band needed?
-    "prism-band-split": ("prism", {"rope_bands": "split"}),        # disjoint slow/fast bands instead of the ×π overlap
-    "prism-complete": ("prism", {"overcompleteness": 1}),          # ρ = 1: H·p = d
-    "prism-tied": ("prism", {"tie_dictionary": True}),             # back-project with U itself
-    "prism-qk": ("prism", {"qkv_sharing": "qk"}),                  # q = k, a value of its own
-    "prism-separate": ("prism", {"qkv_sharing": "none"}),          # q, k, v apart, π-RoPE kept
-    # Plain RoPE attention as a standard transformer has it: q, k, v apart, one frequency band,
-    # H·p = d.
-    "rope-attention": ("prism", {"qkv_sharing": "none", "rope_ratio": 1.0, "overcompleteness": 1}),
-    # White-box candidates (PRISM.md §8): the paper's PRISM plus one MCR²-motivated change each,
-    # and the scout's best three together.
-    "prism-head-step": ("prism", {"head_step": True}),
-    "prism-head-temperature": ("prism", {"head_temperature": True}),
-    "prism-normalized": ("prism", {"normalize_subspaces": True}),
-    "prism-no-self": ("prism", {"mask_self": True}),
-    "prism-rotated-values": ("prism", {"rotate_values": True}),
-    "prism-rho-init": ("prism", {"rho_init": True}),
-    "prism-ista": ("prism", {"mlp": "ista"}),
-    "prism-ista-tied": ("prism", {"mlp": "ista-tied"}),
-    "prism-white": ("prism", WHITE),
-    # prism-white less one of its three changes each: which of them carries it.
-    "prism-white-unnormalized": ("prism", {"mask_self": True, "rotate_values": True}),
-    "prism-white-with-self": ("prism", {"normalize_subspaces": True, "rotate_values": True}),
-    "prism-white-unrotated": ("prism", {"normalize_subspaces": True, "mask_self": True}),
-    # prism-white with the screen's next lead, the decoupled sparse-coding MLP ...
-    "prism-white-ista": ("prism", {**WHITE, "mlp": "ista"}),
-    # ... and what the paper's two constraints cost on top of it: π-RoPE off, ρ = 1.
-    "prism-white-ista-pi-off": ("prism", {**WHITE, "mlp": "ista", "rope_ratio": 1.0}),
-    "prism-white-ista-complete": ("prism", {**WHITE, "mlp": "ista", "overcompleteness": 1}),
-}
+# Plain RoPE attention
 
 
-def preset_sizes(preset, arch):
-    """The model fields (block_size included) of `arch` at a size preset."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    get_arch(arch)
-    return dict(PRESETS[preset][arch], block_size=PRESETS[preset]["block_size"])
+@dataclass
+class RopeAttentionConfig:
+    vocab_size: int = 50257       # GPT-2 BPE; the embedding is padded to a multiple of 64 inside
+    block_size: int = 512         # context length
+    n_layer: int = 8              # blocks (attention + MLP)
+    n_embd: int = 512             # d
+    n_head: int = 16              # attention heads
+    head_dim: int = 32            # dimensions per head (q, k and v alike); H·p = d by default
+    rope_theta: float = 10000.0   # RoPE base θ of every head
+    dropout: float = 0.0          # dropout rate on the embedding, attention and MLP outputs
+    bias: bool = False            # biases in Linear and LayerNorm
+    mlp_hidden: int = 0           # GELU MLP width (model.MLP); 0 = 4·n_embd
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_embd", "n_head", "head_dim"):
+            _check(self, name, getattr(self, name) > 0, "must be positive")
+        _check(self, "head_dim", self.head_dim % 2 == 0, "must be even (RoPE rotates pairs)")
+        _check(self, "rope_theta", self.rope_theta > 1, "must be > 1")
+        _check(self, "dropout", 0 <= self.dropout < 1, "must be in [0, 1)")
+
+    def rope_frequencies(self):
+        return rotary_frequencies(self.head_dim, self.rope_theta).expand(self.n_head, -1)
 
 
-def _preset_args(preset, variant, vocab_size):
-    """(arch, model_args) of a variant at a size preset, before its size is matched."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
-    arch, overrides = VARIANTS[variant]
-    args = dict(preset_sizes(preset, arch), vocab_size=vocab_size)
-    overrides = dict(overrides)
-    if "overcompleteness" in overrides:  # ρ is a ratio of sizes, not a config field
-        args["head_dim"] = overrides.pop("overcompleteness") * args["n_embd"] // args["n_head"]
-    return arch, {**args, **overrides}
+class RopeSelfAttention(nn.Module):
+    """softmax_causal(q kᵀ/√p) v with q, k, v = Z W_q, Z W_k, Z W_v apart and RoPE on q and k. The
+    weights are named and ordered as PRISM's (one `dictionary` holding [W_q; W_k; W_v], then
+    the `back_projection`), so a seed draws the weights it drew as PRISM with q, k, v apart."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.head_dim, self.dropout = config.n_head, config.head_dim, config.dropout
+        inner = config.n_head * config.head_dim
+        self.dictionary = nn.Linear(config.n_embd, 3 * inner, bias=config.bias)
+        self.back_projection = nn.Linear(inner, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        cos, sin = rotary_tables(config.rope_frequencies(), config.block_size)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, x, record=None, cache=None):
+        B, T, _ = x.shape
+        qkv = self.dictionary(x).view(B, T, 3 * self.n_head, self.head_dim).transpose(1, 2)
+        q, k, v = qkv.split(self.n_head, dim=1)
+        start = 0 if cache is None else cache.length  # absolute position of x[:, 0]
+        cos, sin = self.rope_cos[:, start:start + T], self.rope_sin[:, start:start + T]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.extend(k, v)
+        if record is not None:
+            y = explicit_attention(q, k, v, record)
+        else:  # one new query sees every cached key: no mask
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=T > 1)
+        return self.resid_dropout(self.back_projection(y.transpose(1, 2).reshape(B, T, -1)))
 
 
-def variant_args(preset, variant, vocab_size):
-    """(arch, model_args) of a variant at a size preset. A PRISM-arch variant's MLP width is the
-    one whose parameter count is nearest PRISM's (parameters are linear in the width, so one
-    unit's cost, measured, gives it); the MLP's default width stays unset."""
-    arch, args = _preset_args(preset, variant, vocab_size)
-    if arch != "prism" or variant == "prism" or "mlp_hidden" in VARIANTS[variant][1]:
-        return arch, args
-    target = count_params(*_preset_args(preset, "prism", vocab_size))
-    width = mlp_width(get_arch(arch)[0](**args))
-    per_unit = (count_params(arch, {**args, "mlp_hidden": width + 1})
-                - count_params(arch, {**args, "mlp_hidden": width}))
-    hidden = width + round((target - count_params(arch, args)) / per_unit)
-    if hidden < 1:
-        raise ValueError(f"preset {preset!r}: no MLP width brings {variant} down to PRISM's "
-                         f"{target:,} parameters")
-    if hidden != width:
-        args["mlp_hidden"] = hidden
-    return arch, args
+class RopeAttention(MatchedToPrism, LanguageModel):
+    arch = "rope-attention"
+
+    def __init__(self, config):
+        super().__init__()
+        self._build(config, [Block(config, RopeSelfAttention) for _ in range(config.n_layer)],
+                    nn.LayerNorm(config.n_embd, bias=config.bias))
+
+    def embed(self, idx, start=0):
+        return self.transformer.wte(idx)  # no absolute positions: RoPE carries them
+
+    def rope_frequencies(self, layer=0):
+        return self.config.rope_frequencies()
 
 
-def count_params(arch, model_args):
-    """Parameter count of a model without allocating its weights."""
-    return model_size(arch, model_args)[0]
-
-
-def model_size(arch, model_args):
-    """(parameters, training FLOPs per token) of a model, without allocating its weights."""
-    with torch.device("meta"):
-        model = build_model(arch, **model_args)
-        return model.get_num_params(), model.flops_per_token()
-
-
-def check_preset(preset, vocab_size, tolerance=0.05, variants=None):
-    """{variant: params} at a preset (every variant of VARIANTS, or those given); ValueError if one
-    is more than `tolerance` off PRISM."""
-    variants = list(VARIANTS) if variants is None else variants
-    prism = count_params(*variant_args(preset, "prism", vocab_size))
-    params = {v: count_params(*variant_args(preset, v, vocab_size)) for v in variants}
-    for v, n in params.items():
-        if abs(n / prism - 1) > tolerance:
-            raise ValueError(f"preset {preset!r}: {v} has {n:,} parameters, "
-                             f"{100 * (n / prism - 1):+.1f}% off PRISM's "
-                             f"{prism:,} (allowed ±{100 * tolerance:.0f}%)")
-    return params
+model.ARCHS.update(gpt2=(GPT2Config, GPT2), gemma3=(Gemma3Config, Gemma3),
+                   **{"rope-attention": (RopeAttentionConfig, RopeAttention)})

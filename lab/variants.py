@@ -1,0 +1,221 @@
+"""
+What the comparison runs: the size presets, at which every arch has PRISM's parameter count (±5%),
+and the variants, each an arch with config values. compare.py and bench.py take their arms from
+here; train.py's --arch with a PRISM config file reaches sizes_like_prism through the model
+classes (lab/baselines.py).
+"""
+
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+import train
+from model import Prism, PrismConfig, build_model, get_arch, mlp_width
+
+ROOT = Path(__file__).resolve().parent.parent
+PRISM_SIZES = ("n_layer", "n_embd", "n_head", "head_dim")
+
+
+def _prism_of(config_file):
+    """block_size and PRISM's sizes as a shipped config file states them (where they live)."""
+    path = ROOT / "config" / config_file
+    settings = train.read_config_file(str(path))
+    missing = [k for k in ("block_size", *PRISM_SIZES) if k not in settings]
+    if missing:
+        raise ValueError(f"{path} does not state {', '.join(missing)}")
+    return {"block_size": settings["block_size"],
+            "prism": {k: settings[k] for k in PRISM_SIZES}}
+
+
+# Sizes at which every arch has PRISM's parameter count within ±5% (check_preset says so); the
+# PRISM family (prism, prism-white) takes the "prism" entry. A PRISM size lives in one place: the
+# config file that trains it, or, for cpu-tiny (quick tests only), here.
+PRESETS = {
+    # PRISM d = 64, 4 layers, 4 heads of p = 32: nearly all of its parameters are the embedding.
+    "cpu-tiny": {
+        "block_size": 128,
+        "prism": dict(n_layer=4, n_embd=64, n_head=4, head_dim=32),
+        "gpt2": dict(n_layer=4, n_embd=64, n_head=2),
+        "gemma3": dict(n_layer=4, n_embd=64, n_head=2, head_dim=32, mlp_hidden=172,
+                       sliding_window=64, global_every=4),
+        "rope-attention": dict(n_layer=4, n_embd=64, n_head=4, head_dim=16),
+    },
+    # config/cpu_small.py, the study's size (d = 128, 4 layers, 8 heads of p = 32). 4 layers hold
+    # no 5-local-to-1-global group: Gemma's last layer is its global one here.
+    "cpu-small": {
+        **_prism_of("cpu_small.py"),
+        "gpt2": dict(n_layer=4, n_embd=128, n_head=4),
+        "gemma3": dict(n_layer=4, n_embd=128, n_head=4, head_dim=32, mlp_hidden=344,
+                       sliding_window=64, global_every=4),
+        "rope-attention": dict(n_layer=4, n_embd=128, n_head=8, head_dim=16),
+    },
+    # config/prism_50m.py, the paper's (PRISM.md §5: d = 512, 8 layers, 16 heads of p = 64,
+    # context 512); the baselines at the same d.
+    "paper-50m": {
+        **_prism_of("prism_50m.py"),
+        "gpt2": dict(n_layer=8, n_embd=512, n_head=8),
+        "gemma3": dict(n_layer=8, n_embd=512, n_head=8, head_dim=64, mlp_hidden=1376,
+                       sliding_window=128),
+        "rope-attention": dict(n_layer=8, n_embd=512, n_head=16, head_dim=32),
+    },
+}
+
+# The scout's best three changes to PRISM's attention (lab/white.py), which prism-white combines.
+WHITE = {"normalize_subspaces": True, "mask_self": True, "rotate_values": True}
+
+# name -> (arch, overrides of the preset's sizes). Every variant of the PRISM family but prism
+# itself then gets the MLP width that brings it back to PRISM's parameter count (variant_args), so
+# "does this change help?" is asked at the same size. The model_args a variant makes are the ones
+# its records hold (compare.py checks them exactly): a variant with records is not changed.
+VARIANTS = {
+    "prism": ("prism", {}),
+    "gpt2": ("gpt2", {}),
+    "gemma3": ("gemma3", {}),
+    # PRISM's two constraints, one at a time: π-RoPE off (both groups in one band), ρ = 1 (H·p = d).
+    "prism-pi-off": ("prism", {"rope_ratio": 1.0}),
+    "prism-complete": ("prism", {"overcompleteness": 1}),
+    # Plain RoPE attention as a standard transformer has it (lab/baselines.py).
+    "rope-attention": ("rope-attention", {}),
+    # White-box candidates that survived the screen (lab/white.py), one at a time ...
+    "prism-normalized": ("prism-white", {"normalize_subspaces": True}),
+    "prism-no-self": ("prism-white", {"mask_self": True}),
+    "prism-rotated-values": ("prism-white", {"rotate_values": True}),
+    "prism-ista": ("prism-white", {"mlp": "ista"}),
+    # ... the first three together ...
+    "prism-white": ("prism-white", WHITE),
+    # ... less one of them each: which of them carries it ...
+    "prism-white-unnormalized": ("prism-white", {"mask_self": True, "rotate_values": True}),
+    "prism-white-with-self": ("prism-white", {"normalize_subspaces": True, "rotate_values": True}),
+    "prism-white-unrotated": ("prism-white", {"normalize_subspaces": True, "mask_self": True}),
+    # ... with the sparse-coding MLP (the study's best PRISM) ...
+    "prism-white-ista": ("prism-white", {**WHITE, "mlp": "ista"}),
+    # ... and what the paper's two constraints cost on top of it: π-RoPE off, ρ = 1.
+    "prism-white-ista-pi-off": ("prism-white", {**WHITE, "mlp": "ista", "rope_ratio": 1.0}),
+    "prism-white-ista-complete": ("prism-white", {**WHITE, "mlp": "ista", "overcompleteness": 1}),
+}
+
+# Candidates the screen rejected (lab/RESULTS.md, "Screening at preset cpu-small"): deleted from
+# the code; their records stay in lab/results/, made by the code at `commit`, where their
+# FLOPs/token (model_size at the compact 4,097-token vocabulary) were computed too.
+RETIRED = {
+    "prism-head-step": dict(
+        commit="2549a1f",
+        reason="a learned step per head: −0.04 nats at one seed, inside the grid's noise; and in "
+               "§2 the step is shared by all subspaces (what differs per head, ‖G_k‖, the softmax "
+               "normalises away)",
+        params={"cpu-small": 1320096, "paper-50m": 27304576},
+        flops_per_token={"cpu-small": 9493440, "paper-50m": 214159104}),
+    "prism-head-temperature": dict(
+        commit="2549a1f",
+        reason="a learned softmax temperature per head: −0.01 nats at one seed, noise; with a "
+               "decoupled back-projection it adds no function (U_k·√τ, B_k/√τ)",
+        params={"cpu-small": 1320096, "paper-50m": 27304576},
+        flops_per_token={"cpu-small": 9493440, "paper-50m": 214159104}),
+    "prism-rho-init": dict(
+        commit="2549a1f",
+        reason="dictionary init std 0.02/√ρ (ρ = 1's ‖U‖_F², not its per-entry variance): −0.06 "
+               "nats at one seed, inside the grid's noise",
+        params={"cpu-small": 1320064, "paper-50m": 27304448},
+        flops_per_token={"cpu-small": 9493248, "paper-50m": 214158336}),
+    "prism-ista-tied": dict(
+        commit="2549a1f",
+        reason="the ISTA block with one dictionary as encoder and decoder: +0.31 nats, worse than "
+               "PRISM, at 1.33× its FLOPs",
+        params={"cpu-small": 1320036, "paper-50m": 27304392},
+        flops_per_token={"cpu-small": 12614232, "paper-50m": 314624688}),
+}
+
+
+def _sizes_entry(preset, arch):
+    """The PRESETS entry an arch's sizes come from: "prism" for the PRISM family."""
+    model_cls = get_arch(arch)[1]
+    entry = "prism" if issubclass(model_cls, Prism) else arch
+    if entry not in PRESETS[preset]:
+        raise ValueError(f"preset {preset!r} has no sizes for arch {arch!r}")
+    return entry
+
+
+def preset_sizes(preset, arch):
+    """The model fields (block_size included) of `arch` at a size preset."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    sizes = PRESETS[preset][_sizes_entry(preset, arch)]
+    return dict(sizes, block_size=PRESETS[preset]["block_size"])
+
+
+def sizes_like_prism(arch, prism_model_args):
+    """The model args of `arch` at the preset whose PRISM has the sizes of `prism_model_args`
+    (PrismConfig fields; unset ones keep PrismConfig's defaults), with the other fields both
+    configs have (dropout, bias, ...) carried over; PRISM-only fields (rope_ratio, ...) have no
+    counterpart and are left out. ValueError when no preset has this PRISM."""
+    prism = PrismConfig(**prism_model_args)
+    size_fields = ("block_size", *PRISM_SIZES, "mlp_hidden")
+    wanted = {k: getattr(prism, k) for k in size_fields}
+    for preset in PRESETS:
+        at_preset = PrismConfig(**preset_sizes(preset, "prism"))
+        if all(getattr(at_preset, k) == v for k, v in wanted.items()):
+            shared = {f.name for f in fields(get_arch(arch)[0])} - set(size_fields) - {"vocab_size"}
+            return {**{k: v for k, v in prism_model_args.items() if k in shared},
+                    **preset_sizes(preset, arch)}
+    shown = ", ".join(f"{k}={v}" for k, v in wanted.items())
+    raise ValueError(f"{arch} has sizes matched to PRISM only at the presets of lab/variants.py "
+                     f"({', '.join(PRESETS)}); no preset has a PRISM with {shown}")
+
+
+def _preset_args(preset, variant, vocab_size):
+    """(arch, model_args) of a variant at a size preset, before its size is matched."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    arch, overrides = VARIANTS[variant]
+    args = dict(preset_sizes(preset, arch), vocab_size=vocab_size)
+    overrides = dict(overrides)
+    if "overcompleteness" in overrides:  # ρ is a ratio of sizes, not a config field
+        args["head_dim"] = overrides.pop("overcompleteness") * args["n_embd"] // args["n_head"]
+    return arch, {**args, **overrides}
+
+
+def variant_args(preset, variant, vocab_size):
+    """(arch, model_args) of a variant at a size preset. A PRISM-family variant's MLP width is the
+    one whose parameter count is nearest PRISM's (parameters are linear in the width, so one
+    unit's cost, measured, gives it); the MLP's default width stays unset."""
+    arch, args = _preset_args(preset, variant, vocab_size)
+    if not issubclass(get_arch(arch)[1], Prism) or variant == "prism":
+        return arch, args
+    target = count_params(*_preset_args(preset, "prism", vocab_size))
+    width = mlp_width(get_arch(arch)[0](**args))
+    per_unit = (count_params(arch, {**args, "mlp_hidden": width + 1})
+                - count_params(arch, {**args, "mlp_hidden": width}))
+    hidden = width + round((target - count_params(arch, args)) / per_unit)
+    if hidden < 1:
+        raise ValueError(f"preset {preset!r}: no MLP width brings {variant} down to PRISM's "
+                         f"{target:,} parameters")
+    if hidden != width:
+        args["mlp_hidden"] = hidden
+    return arch, args
+
+
+def count_params(arch, model_args):
+    """Parameter count of a model without allocating its weights."""
+    return model_size(arch, model_args)[0]
+
+
+def model_size(arch, model_args):
+    """(parameters, training FLOPs per token) of a model, without allocating its weights."""
+    with torch.device("meta"):
+        model = build_model(arch, **model_args)
+        return model.get_num_params(), model.flops_per_token()
+
+
+def check_preset(preset, vocab_size, tolerance=0.05, variants=None):
+    """{variant: params} at a preset (every variant of VARIANTS, or those given); ValueError if one
+    is more than `tolerance` off PRISM."""
+    variants = list(VARIANTS) if variants is None else variants
+    prism = count_params(*variant_args(preset, "prism", vocab_size))
+    params = {v: count_params(*variant_args(preset, v, vocab_size)) for v in variants}
+    for v, n in params.items():
+        if abs(n / prism - 1) > tolerance:
+            raise ValueError(f"preset {preset!r}: {v} has {n:,} parameters, "
+                             f"{100 * (n / prism - 1):+.1f}% off PRISM's "
+                             f"{prism:,} (allowed ±{100 * tolerance:.0f}%)")
+    return params
