@@ -1,0 +1,103 @@
+"""The generation cache (model.KVCache) on the lab's archs: the same logits and tokens as
+recomputing the whole context, for the baselines, plain RoPE attention and the white-box PRISMs
+(the sink with a cache, rotated values, normalised subspaces, the ISTA MLP), past block_size and
+across Gemma's sliding window."""
+import pytest
+import torch
+
+from model import build_model
+
+SIZES = dict(vocab_size=97, block_size=24, n_layer=2, n_embd=32)
+MODELS = {
+    "prism-white": ("prism-white", dict(n_head=4, head_dim=16, normalize_subspaces=True,
+                                        mask_self=True, rotate_values=True)),
+    # the sink alone: its explicit bias with cached keys, queries one position at a time
+    "prism-no-self": ("prism-white", dict(n_head=4, head_dim=16, mask_self=True)),
+    "prism-rotated-values": ("prism-white", dict(n_head=4, head_dim=16, rotate_values=True)),
+    "prism-white-ista": ("prism-white", dict(n_head=4, head_dim=16, normalize_subspaces=True,
+                                             mask_self=True, rotate_values=True, mlp="ista")),
+    "rope-attention": ("rope-attention", dict(n_head=4, head_dim=8)),
+    "gpt2": ("gpt2", dict(n_head=4)),
+    # layer 0 local with a 5-token window, layer 1 global: 40 tokens cross the window many times
+    "gemma3": ("gemma3", dict(n_head=4, head_dim=8, mlp_hidden=48, sliding_window=5,
+                              global_every=2)),
+}
+
+
+def make(name, seed=0):
+    arch, args = MODELS[name]
+    torch.manual_seed(seed)
+    model = build_model(arch, **SIZES, **args).eval()
+    with torch.no_grad():  # larger weights than the init: logits far apart, no near-ties
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8)
+            elif name.startswith("prism") and p.dim() == 1 and p.shape[0] == 4:  # sink logits
+                p.copy_(torch.tensor([-2.0, -0.5, 1.0, 3.0]))
+    return model
+
+
+def prompt(B=2, T=3):
+    return torch.randint(0, SIZES["vocab_size"], (B, T), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_cached_logits_equal_the_full_forward(name):
+    model = make(name)
+    tokens = torch.randint(0, SIZES["vocab_size"], (2, SIZES["block_size"]),
+                           generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full, _ = model(tokens)
+        cache = model.new_cache()
+        steps = [model._head(model.forward_hidden(tokens[:, :4], cache=cache), None)[0]]
+        for t in range(4, tokens.shape[1]):  # then one token at a time
+            steps.append(model._head(model.forward_hidden(tokens[:, t:t + 1], cache=cache),
+                                     None)[0])
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="longer than block_size"):
+        model.forward_hidden(tokens[:, :1], cache=cache)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_greedy_and_sampled_tokens_are_the_same_with_and_without_cache(name):
+    model = make(name)
+    new = 40  # 3 + 40 tokens: past block_size = 24, where the cached path falls back
+    greedy = [model.generate(prompt(), new, temperature=0, use_cache=c) for c in (True, False)]
+    assert torch.equal(greedy[0], greedy[1])
+    sampled = []
+    for use_cache in (True, False):
+        torch.manual_seed(5)
+        sampled.append(model.generate(prompt(), new, temperature=1.0, top_k=50, top_p=0.95,
+                                      use_cache=use_cache))
+    assert torch.equal(sampled[0], sampled[1])
+    assert not torch.equal(sampled[0], greedy[0])  # the sampled run did sample
+
+
+def test_a_local_layers_cache_holds_only_its_window():
+    model = make("gemma3")
+    cache = model.new_cache()
+    with torch.no_grad():
+        model.forward_hidden(prompt(T=3), cache=cache)
+        for _ in range(10):
+            model.forward_hidden(prompt(T=1), cache=cache)
+    local, global_ = cache
+    assert local.length == global_.length == 13
+    assert local.tensors[0].shape[-2] == 4  # the window of 5 = 4 kept + the next token
+    assert global_.tensors[0].shape[-2] == 13
+
+
+def test_the_white_cache_keeps_the_rotated_key_and_the_rotated_value():
+    # with rotate_values the value is R_s w_s, the key R_s w_s normalised: two tensors, neither W
+    model = make("prism-white")
+    cache = model.new_cache()
+    with torch.no_grad():
+        model.forward_hidden(prompt(T=3), cache=cache)
+    key, value = cache[0].tensors
+    attn = model.transformer.h[0].attn
+    w = attn.dictionary(model.transformer.h[0].ln_1(model.embed(prompt(T=3))))
+    w = w.view(2, 3, 4, 16).transpose(1, 2)
+    torch.testing.assert_close(value[:, :, 0], w[:, :, 0])  # position 0: no rotation
+    torch.testing.assert_close(value.norm(dim=-1), w.norm(dim=-1))  # rotations keep norms
+    assert not torch.allclose(value[:, :, 1:], w[:, :, 1:])
+    # at its initial gain of 1 the RMS norm commutes with R_s
+    torch.testing.assert_close(key, attn.subspace_norm(value))
