@@ -118,9 +118,3 @@ def bimodality_null(n, draws=2000, seed=0):
     return dict(what=f"bimodality of {n} iid normal values (one mode)", draws=draws, seed=seed,
                 median=float(np.median(score)), p95=float(np.percentile(score, 95)))
 
-
-def heads_bimodality(result):
-    """The pooled score of a heads.json: bimodality of ln(spectral_centroid) over every head with
-    one (None for a model without rotary heads), as the first study's heads.json carried it."""
-    x = [math.log(h["spectral_centroid"]) for h in result["heads"] if h.get("spectral_centroid")]
-    return bimodality(x)[0] if x else None

@@ -87,13 +87,6 @@ def test_bimodality_null_matches_theory():
     assert null["p95"] > null["median"]
 
 
-def test_heads_bimodality_of_a_heads_json():
-    low, high = [dict(spectral_centroid=math.exp(v)) for v in (0.1, -0.1, 0.0)], \
-        [dict(spectral_centroid=math.exp(v)) for v in (5.0, 5.1, 4.9)]
-    assert heads.heads_bimodality({"heads": low + high}) == pytest.approx(5.0 / math.sqrt(0.04 / 6))
-    assert heads.heads_bimodality({"heads": [dict(spectral_centroid=None)] * 4}) is None
-
-
 def test_a_layer_effect_reads_as_bimodality():
     """The contrasts cancel a layer effect (tests/test_analyze.py); the pooled score calls the
     shifted layer a second mode."""
