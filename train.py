@@ -24,6 +24,7 @@ every evaluation, the point --init_from=resume continues from, exactly).
 """
 
 import dataclasses
+import gc
 import inspect
 import json
 import math
@@ -401,9 +402,17 @@ def train(cfg, model_args=None):
             torch.cuda.set_device(device)
         torch.distributed.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     try:
-        return _train(cfg, model_config, ckpt, train_data, val_data, meta, rank, world_size, accum, log)
+        summary = _train(cfg, model_config, ckpt, train_data, val_data, meta, rank, world_size, accum, log)
+        if ddp:  # no process closes its connections while another still writes or talks
+            torch.distributed.barrier()
+        return summary
     finally:
         if ddp:
+            # The DDP wrapper sits in a reference cycle: only the cyclic collector frees it and its
+            # Reducer (which holds the process group and its gloo work), at some later moment, maybe
+            # after the group is destroyed or during interpreter shutdown, where gloo can abort the
+            # process (SIGABRT). Free it now, while the group is alive.
+            gc.collect()
             torch.distributed.destroy_process_group()
 
 
