@@ -271,10 +271,11 @@ def analyze_model(model, batches, eps=0.5, max_tokens=4096, num_batches=None, se
                 frequencies=[float(v) for v in freqs[h]] if E is not None else None))
         subspaces = model.subspaces(l)
         if subspaces is None:
-            not_applicable["Rc"] = not_applicable["dR"] = f"no dictionary of subspaces (arch {arch})"
+            why = f"no dictionary of subspaces (arch {arch})"
+            not_applicable["Rc"] = not_applicable["dR"] = why
         layers_out.append(dict(layer=l, **mcr2_diagnostics(torch.cat(a["Z"]), subspaces, eps)))
 
-    config = {k: v for k, v in vars(model.config).items() 
+    config = {k: v for k, v in vars(model.config).items()
               if isinstance(v, (int, float, str, bool, type(None)))}
     result = dict(arch=arch, model_config=config,
                   val_loss=loss_sum / tokens, tokens_analyzed=tokens, eps=eps,
@@ -384,7 +385,8 @@ def plot_head_spectra(result, path):
     n_heads = max(h["head"] for h in heads) + 1
     fig, axes = plt.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True,
                              layout="constrained",
-                             figsize=(3.8 * ncols + 1.2, max(2.6, 0.2 * n_heads + 1.2) * nrows + 1.3))
+                             figsize=(3.8 * ncols + 1.2,
+                                      max(2.6, 0.2 * n_heads + 1.2) * nrows + 1.3))
     vmax = max(max(h["spectrum"]) / max(sum(h["spectrum"]), 1e-300) for h in heads)
     norm, mesh = Normalize(0, vmax), None
     for l, ax in enumerate(axes.ravel()):
@@ -419,8 +421,8 @@ def plot_head_spectra(result, path):
            if any(h["group"] for h in heads) else "no designed head groups")
     fig.suptitle("Which rotary frequencies each head uses: the share of its query·key energy at "
                  "each frequency\n(fast frequencies on the right tell apart nearby positions, "
-                 f"slow ones on the left far ones; white tick: the head's average frequency;\n{bar};"
-                 f" blank: outside the head's own band)\n{_title(result)}", fontsize=9)
+                 "slow ones on the left far ones; white tick: the head's average frequency;\n"
+                 f"{bar}; blank: outside the head's own band)\n{_title(result)}", fontsize=9)
     fig.colorbar(mesh, ax=axes.ravel().tolist(), label="share of the head's energy", shrink=0.9,
                  fraction=0.04, pad=0.02)
     fig.savefig(path, dpi=120)
@@ -509,10 +511,12 @@ def plot_coding_rate(result, path):
     ax.axhline(0, color="grey", linewidth=0.5)
     ax.legend(fontsize=7)
     ax.grid(True, alpha=0.3)
-    title = f"MCR² coding rates of each layer's input (ε = {result['eps']}, {layers[0]['n_tokens']} tokens)"
+    title = (f"MCR² coding rates of each layer's input (ε = {result['eps']}, "
+             f"{layers[0]['n_tokens']} tokens)")
     if layers[0]["Rc"] is not None:
-        title += ("\nsolid: each subspace as an orthonormal basis, dashed: as learned\nan overcomplete "
-                  "dictionary can make ΔR negative even for ideal tokens: compare layers, not its sign")
+        title += ("\nsolid: each subspace as an orthonormal basis, dashed: as learned\nan "
+                  "overcomplete dictionary can make ΔR negative even for ideal tokens: compare "
+                  "layers, not its sign")
     ax.set_title(title, fontsize=9)
     radius = [(x, d["neumann_radius"]) for x, d in zip(xs, layers) if d["neumann_radius"]]
     if radius:

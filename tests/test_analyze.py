@@ -170,7 +170,7 @@ def test_planted_self_head_through_model():
     assert head["self_attention"] == pytest.approx(1.0, abs=1e-5)
     assert head["mean_distance"] == pytest.approx(0.0, abs=1e-4)
     assert head["entropy"] == pytest.approx(0.0, abs=1e-3)
-    assert head["mean_distance_no_self"] == pytest.approx(6.0, abs=0.1)  # float32 rounding of 1 − A_ii
+    assert head["mean_distance_no_self"] == pytest.approx(6.0, abs=0.1)  # float32 1 − A_ii
     # its energy sits on pair 0 only: the centroid is ω_0 = 1
     assert head["spectral_centroid"] == pytest.approx(1.0, rel=1e-9)
 
@@ -343,7 +343,8 @@ def test_cli_errors(case, gpt2_ckpt, gpt2_data, tmp_path, capsys):
     elif case == "bad_eps":
         extra = ["--eps=0"]
     rc = ah.main([f"--ckpt={ckpt}", f"--out_dir={tmp_path / 'o'}", "--num_batches=1",
-                  "--no_progress", *extra, *([] if case == "no_data_dir" else [f"--data_dir={data}"])])
+                  "--no_progress", *extra,
+                  *([] if case == "no_data_dir" else [f"--data_dir={data}"])])
     err = capsys.readouterr().err
     assert rc == 2
     errors = [line for line in err.splitlines() if "error" in line.lower()]

@@ -240,8 +240,9 @@ def test_checkpoint_from_train_py_carries_its_compact_vocabulary(compact_data, t
     assert rc == 0 and out.startswith("Once upon a time"), err
     # the line says what was loaded, with the run's iteration and best val loss
     best = torch.load(tmp_path / "ckpt.pt", weights_only=True)["best_val_loss"]
-    assert err == (f"loaded {tmp_path / 'ckpt.pt'}: prism, {count(tmp_path / 'ckpt.pt') / 1e6:.2f}M "
-                   f"parameters, iteration 2, val loss {best:.4f}\n")
+    path = tmp_path / "ckpt.pt"
+    assert err == (f"loaded {path}: prism, {count(path) / 1e6:.2f}M parameters, iteration 2, "
+                   f"val loss {best:.4f}\n")
 
 
 def test_which_checkpoint(ckpt, tmp_path, monkeypatch, capsys):

@@ -1,6 +1,7 @@
 """lab/heads.py: the across-seed test of the signal − noise contrasts (power on a planted effect,
 quiet on none, paired against a control), and the pooled 2-means bimodality score (its definition,
-its null, and why it is no headline: a layer effect reads as two modes, a designed split does not)."""
+its null, and why it is no headline: a layer effect reads as two modes, a designed split does
+not)."""
 import math
 
 import numpy as np
