@@ -1,17 +1,17 @@
 """
-The comparison (PRISM.md §7, issue 11): PRISM against GPT-2, Gemma 3 and plain RoPE attention of
-the same parameter count, and PRISM's ablations, under a protocol whose answer can decide.
+The comparison (docs/PRISM.md §7): PRISM against GPT-2, Gemma 3 and plain RoPE attention of the
+same parameter count, and PRISM's white-box variants, under a protocol whose answer can decide.
 
-    python prepare_tinystories.py --train_file=../shared/data/tinystories-sample-train.txt \\
-        --val_file=../shared/data/tinystories-sample-val.txt --vocab_size=4096 \\
-        --report_fraction=0.5 --out_dir=data/sample4k
-    python compare.py --data_dir=data/sample4k --preset=cpu-small --dry_run     # the whole plan
-    python compare.py --data_dir=data/sample4k --preset=cpu-small               # the study
-    python compare.py --preset=cpu-small --report_only          # the tables again, from records
+    python prepare_tinystories.py --sample --vocab_size=4096 --report_fraction=0.5  # data/sample
+    python -m lab.compare --data_dir=data/sample --preset=cpu-small --dry_run   # the whole plan
+    python -m lab.compare --data_dir=data/sample --preset=cpu-small             # the study
+    python -m lab.compare --preset=cpu-small --report_only      # the tables again, from records
 
 The protocol. Every run is train.py's train() and every head analysis is analyze_heads.py.
-  1. Arms: variants of baselines.VARIANTS, each within ±5% of PRISM's parameters (checked); the
-     table gives each one's training FLOPs per token beside its parameters.
+  1. Arms: variants of lab.variants.VARIANTS, each within ±5% of PRISM's parameters (checked);
+     the table gives each one's training FLOPs per token beside its parameters. A candidate of
+     lab.variants.RETIRED (rejected by the screen, its code deleted) still reports from its
+     records; to run it again, check out the commit RETIRED names.
   2. Splits: train.bin trains; val.bin is the selection split (it picks the learning rate and is
      the curve train.py logs); test.bin, the report split (prepare_tinystories.py
      --report_fraction), is scored once per run, on all its windows (train.evaluate_split).
@@ -21,25 +21,31 @@ The protocol. Every run is train.py's train() and every head analysis is analyze
      (--max_extensions at most; the table says so). The grid seed is not reported: its chosen
      run won a selection, and its report-split loss shares that run's luck (same weights), so
      reusing it would bias each arm by how flat its learning-rate curve is.
-  4. Seeds: the other seeds of --seeds are the report seeds. A seed fixes the initialisation and
-     the data order, so every arm sees the same batches and arms are compared seed by seed.
+  4. Seeds: the other seeds of --seeds are the report seeds. A seed fixes the data order, so
+     every arm sees the same batches, and arms are compared seed by seed; it also fixes each
+     arm's initialisation, but arms differ in shape, so what the pairing shares is the data
+     order, not the weights.
   5. Statistics (stats.py): per arm, the per-seed difference of its report-split loss from the
      reference arm's (--reference, PRISM by default); mean, Student-t 95% interval, exact
      sign-flip p, Holm-corrected over the arms. The sign-flip test cannot go below 2/2^n for n
      seeds: the dry run says what the seeds allow.
   6. Heads: prism and prism-pi-off are analysed after training and at their initialisation (the
      model train.py builds for that seed, saved by a run of 0 iterations); the per-layer
-     signal-minus-noise contrasts of analyze_heads.py are tested across seeds. Other PRISM-arch
-     arms (issue 12's candidates) get their trained heads analysed too, reported as exploratory.
-  7. Records: each finished run leaves summary.json, log.jsonl (its curve) and, for PRISM-arch
-     arms, heads.json under --records/<preset>/<variant>/lr<lr>/seed<seed>/ (untrained:
+     signal-minus-noise contrasts of analyze_heads.py are tested across seeds (lab.heads). The
+     other PRISM-family arms (the white-box candidates) get their trained heads analysed too,
+     reported as exploratory.
+  7. Records: each finished run leaves summary.json, log.jsonl (its curve) and, for
+     PRISM-family arms, heads.json under --records/<preset>/<variant>/lr<lr>/seed<seed>/ (untrained:
      .../<variant>/init/seed<seed>/): small files meant to be committed. A record is a finished
      run (one made with another budget or data is refused); checkpoints stay in --out_dir, where
-     an unfinished run resumes. --report_only re-makes the tables and the figure from the records
-     alone. Runs are independent: processes with disjoint --archs can share one records folder.
+     an unfinished run resumes. A summary also says what made it ("code": the commit, with
+     "-dirty" for uncommitted changes to tracked .py files, and torch's version); that is not
+     matched. --report_only re-makes the tables and the figure from the records alone: it reads
+     no data (the data's fingerprint comes from the records). Runs are independent: processes
+     with disjoint --archs can share one records folder.
 The report goes between the markers of its section (--section, the preset by default) in
 --results, the curves to --figure.
---screen (issue 12) runs step 3 only, at the first seed, and writes one table of each arm's best
+--screen runs step 3 only, at the first seed, and writes one table of each arm's best
 selection-split loss: which candidates deserve the full protocol, not a comparison.
 """
 
@@ -47,16 +53,20 @@ import argparse
 import json
 import math
 import os
+import subprocess
 import statistics
 import sys
 import time
 from pathlib import Path
 
 from lab import stats
-from lab.baselines import PRESETS, VARIANTS, check_preset, model_size, variant_args
+from lab.variants import PRESETS, RETIRED, VARIANTS, check_preset, model_size, variant_args
 
 STUDY_ARMS = ("prism", "prism-pi-off", "prism-complete", "gpt2", "gemma3", "rope-attention")
 HEAD_ARMS = ("prism", "prism-pi-off")  # the claim: head regimes with π-RoPE, weaker without
+# The archs analyze_heads.py reads (PRISM's subspaces): their runs record heads.json. Every
+# retired candidate was a PRISM variant too.
+PRISM_ARCHS = ("prism", "prism-white")
 REFERENCE = "prism"                    # by default every arm's difference is taken from it
 # What makes two runs the same run: a record whose values differ is another study's.
 BUDGET_KEYS = ("iters", "batch_size", "block_size", "warmup_iters", "min_lr_ratio", "evals",
@@ -76,11 +86,14 @@ def build_parser():
                     "report split, and write the paired statistics, the grid, the head contrasts "
                     "and the curves (see the module docstring for the protocol).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data_dir", default="data/tinystories",
-                   help="prepared data with test.bin (prepare_tinystories.py --report_fraction)")
+    p.add_argument("--data_dir", default="data/sample",
+                   help="prepared data with test.bin (python prepare_tinystories.py --sample "
+                        "--vocab_size=4096 --report_fraction=0.5 makes the study's); "
+                        "--report_only reads none")
     p.add_argument("--preset", default="cpu-small", choices=sorted(PRESETS), help="model sizes")
     p.add_argument("--archs", default=",".join(STUDY_ARMS),
-                   help=f"comma-separated variants of baselines.VARIANTS ({', '.join(VARIANTS)})")
+                   help=f"comma-separated variants of lab.variants.VARIANTS ({', '.join(VARIANTS)}); "
+                        f"with --report_only also the retired {', '.join(RETIRED)}")
     p.add_argument("--seeds", default="1,2,3,4,5,6,7,8,9",
                    help="comma-separated seeds; the first one runs the learning-rate grid only, "
                         "the others are the paired report seeds")
@@ -111,7 +124,7 @@ def build_parser():
     p.add_argument("--time_steps", type=int, default=3,
                    help="training steps the dry run times per arm for its estimate (0: none)")
     p.add_argument("--screen", action="store_true",
-                   help="screening (issue 12): only each arm's learning-rate grid at the first "
+                   help="screening: only each arm's learning-rate grid at the first "
                         "seed, and one table of the best selection-split losses; no report "
                         "seeds, no statistics")
     p.add_argument("--dry_run", action="store_true",
@@ -140,31 +153,59 @@ def fingerprint(meta):
         "compact_vocab": (meta.get("compact_vocab") or {}).get("size")}
 
 
-def load_data_fingerprint(args):
-    """The data's fingerprint: from meta.json, or (--report_only without the data) a record's."""
-    meta_path = Path(args.data_dir) / "meta.json"
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if "test_tokens" not in meta:
-            raise CompareError(f"{args.data_dir} has no report split (test.bin): prepare it with "
-                               f"prepare_tinystories.py --report_fraction=0.5")
-        return fingerprint(meta)
+def first_record(args, variants):
+    """The first summary.json of these variants under --records (None if there is none)."""
+    for v in variants:
+        for path in sorted((Path(args.records) / args.preset / v).glob("*/seed*/summary.json")):
+            return json.loads(path.read_text())
+    return None
+
+
+def load_data_fingerprint(args, variants):
+    """The data's fingerprint: from meta.json, or with --report_only (which reads no data) from a
+    record of the arms (every record read is then checked against it)."""
     if args.report_only:
-        for path in sorted((Path(args.records) / args.preset).glob("*/*/seed*/summary.json")):
-            return json.loads(path.read_text())["data"]
-        raise CompareError(f"no records under {Path(args.records) / args.preset} and no data in "
-                           f"{args.data_dir}")
-    raise CompareError(f"no meta.json in {args.data_dir}: run prepare_tinystories.py first")
+        summary = first_record(args, variants)
+        if summary is None:
+            raise CompareError(f"no records of {', '.join(variants)} under "
+                               f"{Path(args.records) / args.preset}")
+        return summary["data"]
+    meta_path = Path(args.data_dir) / "meta.json"
+    if not meta_path.is_file():
+        raise CompareError(f"no meta.json in {args.data_dir}: run prepare_tinystories.py first "
+                           f"(python prepare_tinystories.py --sample --vocab_size=4096 "
+                           f"--report_fraction=0.5 makes the study's data/sample)")
+    meta = json.loads(meta_path.read_text())
+    if "test_tokens" not in meta:
+        raise CompareError(f"{args.data_dir} has no report split (test.bin): prepare it with "
+                           f"prepare_tinystories.py --report_fraction=0.5")
+    return fingerprint(meta)
+
+
+def retired_size(args, variant):
+    """(params, FLOPs/token) of a retired candidate: its records' parameter count and the FLOPs
+    RETIRED keeps (its code is gone, so nothing can be rebuilt or counted)."""
+    flops = RETIRED[variant]["flops_per_token"].get(args.preset)
+    summary = first_record(args, [variant])
+    if summary is None or flops is None:
+        raise CompareError(f"{variant} is retired and has no records at preset {args.preset}")
+    return summary["params"], flops
 
 
 def make_plan(args):
     """Everything the study will do, checked before anything trains."""
-    data = load_data_fingerprint(args)
     variants = [v for v in args.archs.split(",") if v]
+    retired = [v for v in variants if v in RETIRED]
+    if retired and not args.report_only:
+        v = retired[0]
+        raise CompareError(f"{v} is retired ({RETIRED[v]['reason']}); its code is gone: to run it, "
+                           f"git checkout {RETIRED[v]['commit']}")
+    data = load_data_fingerprint(args, variants)
+    live = [v for v in variants if v not in RETIRED]
     try:
-        for v in variants:
+        for v in live:
             variant_args(args.preset, v, data["vocab_size"])
-        check_preset(args.preset, data["vocab_size"], variants=variants)
+        check_preset(args.preset, data["vocab_size"], variants=live)
     except ValueError as e:
         raise CompareError(str(e)) from None
     seeds = _numbers(args.seeds, "seeds", int)
@@ -191,7 +232,8 @@ def make_plan(args):
     budget = dict(iters=iters, batch_size=args.batch_size, block_size=block_size,
                   warmup_iters=max(1, iters // 20), min_lr_ratio=0.1, evals=args.evals,
                   eval_iters=args.eval_iters, analysis_batches=args.analysis_batches)
-    sizes = {v: model_size(*variant_args(args.preset, v, data["vocab_size"])) for v in variants}
+    sizes = {v: retired_size(args, v) if v in RETIRED else
+             model_size(*variant_args(args.preset, v, data["vocab_size"])) for v in variants}
     return dict(preset=args.preset, data=data, variants=variants,
                 reference=args.reference or REFERENCE,
                 grid_seed=seeds[0],
@@ -259,14 +301,17 @@ def _write_json(path, obj, indent=1):
 
 
 def read_record(plan, rec, variant, seed, lr=None):
-    """A finished run's summary, checked to be this study's run; None where there is none."""
+    """A finished run's summary, checked to be this study's run; None where there is none. What
+    made it ("code") is not matched, nor a retired candidate's model_args (no code to compare
+    them with)."""
     path = rec / "summary.json"
     if not path.is_file():
         return None
     summary = json.loads(path.read_text())
     want = dict(variant=variant, seed=seed, preset=plan["preset"], data=plan["data"],
-                budget=plan["budget"],
-                model_args=variant_args(plan["preset"], variant, plan["data"]["vocab_size"])[1])
+                budget=plan["budget"])
+    if variant not in RETIRED:
+        want["model_args"] = variant_args(plan["preset"], variant, plan["data"]["vocab_size"])[1]
     if lr is not None:
         want["lr"] = lr
     differ = [k for k, v in want.items() if summary.get(k) != v]
@@ -275,6 +320,24 @@ def read_record(plan, rec, variant, seed, lr=None):
                            f"differ{'s' if len(differ) == 1 else ''}): give this one another "
                            f"--records folder")
     return summary
+
+
+def code_version(root=Path(__file__).resolve().parent.parent):
+    """What made a record: the commit of the checkout at root (with "-dirty" where tracked .py
+    files have uncommitted changes; "unknown" outside a git checkout) and torch's version."""
+    import torch  # noqa: PLC0415
+
+    def git(*argv):
+        return subprocess.run(["git", *argv], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        if git("diff", "--name-only", "HEAD", "--", "*.py"):
+            commit += "-dirty"
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return dict(commit=commit, torch=torch.__version__)
 
 
 def _train_config(args, plan, variant, lr, seed, run_dir, iters):
@@ -347,7 +410,7 @@ def run_once(args, plan, variant, lr, seed):
                    selection_loss=scores["val"], report_loss=scores["test"],
                    report_bpb=scores["test"] / math.log(2) * d["test_tokens"] / d["test_bytes"],
                    curve_val_loss=result["val_loss"], train_loss=result["train_loss"],
-                   tokens_per_sec=result["tokens_per_sec"])
+                   tokens_per_sec=result["tokens_per_sec"], code=code_version())
     _write_json(rec / "summary.json", summary)  # last: it marks the record finished
     return summary
 
@@ -371,7 +434,8 @@ def init_heads(args, plan, variant, seed):
     _write_json(rec / "summary.json", dict(
         variant=variant, preset=args.preset, seed=seed, iters=0, data=plan["data"],
         budget=plan["budget"],
-        model_args=variant_args(args.preset, variant, plan["data"]["vocab_size"])[1]))
+        model_args=variant_args(args.preset, variant, plan["data"]["vocab_size"])[1],
+        code=code_version()))
     return heads
 
 
@@ -388,9 +452,9 @@ def analyze(args, ckpt, out):
 
 
 def records_heads(variant):
-    """Whether a run of `variant` records heads.json: every PRISM-arch arm (the head arms, and the
-    others beside them)."""
-    return VARIANTS[variant][0] == "prism"
+    """Whether a run of `variant` records heads.json: every PRISM-family arm (the head arms, and
+    the others beside them)."""
+    return variant in RETIRED or VARIANTS[variant][0] in PRISM_ARCHS
 
 
 def read_curve(rec):
@@ -479,7 +543,7 @@ def paired_differences(plan, study):
 def head_contrasts(study):
     """[(title, contrast_test rows)]: PRISM and its π-off ablation, each against its untrained
     self and against 0, and against each other; paired by seed."""
-    import analyze_heads  # noqa: PLC0415
+    from lab.heads import contrast_test  # noqa: PLC0415
 
     tests = []
     for v in HEAD_ARMS:
@@ -489,13 +553,13 @@ def head_contrasts(study):
     if all(v in study for v in HEAD_ARMS):
         a, b = HEAD_ARMS
         tests.append((f"{a} − {b}, both trained", study[a]["heads"], study[b]["heads"]))
-    for v, s in study.items():  # other PRISM-arch arms (issue 12's candidates): exploratory
+    for v, s in study.items():  # the other PRISM-family arms (the candidates): exploratory
         if v not in HEAD_ARMS and "heads" in s:
             tests.append((f"{v} trained (against 0)", s["heads"], None))
             if HEAD_ARMS[0] in study:
                 tests.append((f"{v} − {HEAD_ARMS[0]}, both trained", s["heads"],
                               study[HEAD_ARMS[0]]["heads"]))
-    rows = [(title, analyze_heads.contrast_test(t, c)) for title, t, c in tests]
+    rows = [(title, contrast_test(t, c)) for title, t, c in tests]
     return [(title, r) for title, r in rows if r]
 
 
@@ -533,12 +597,13 @@ def _mean_sd(values):
 
 
 def study_command(args):
-    """The command that runs (or resumes) this study, without the machine's own paths."""
+    """The command that runs (or resumes) this study, without the machine's own paths: the data
+    folder is DATA (data/sample for the study's sample), which --report_only does not read."""
     keys = ("preset", "archs", "seeds", "epochs", "batch_size", "lrs", "max_extensions", "evals",
             "eval_iters", "analysis_batches", "records")
     optional = [f"--{k}={getattr(args, k)!r}" if " " in str(getattr(args, k)) else
                 f"--{k}={getattr(args, k)}" for k in ("reference", "section") if getattr(args, k)]
-    return " ".join(["python compare.py --data_dir=DATA",
+    return " ".join(["python -m lab.compare --data_dir=DATA",
                      *(f"--{k}={getattr(args, k)}" for k in keys), *optional])
 
 
@@ -707,7 +772,7 @@ def plot_curves(plan, study, path, title):
         vals = [[dict(c)[it] for c in s["curves"] if it in dict(c)] for it in iters]
         xs = [it * per_epoch for it in iters]
         line, = ax.plot(xs, [statistics.fmean(x) for x in vals], label=f"{v} (lr {s['lr']:g})",
-                        linestyle="-" if VARIANTS[v][0] != "prism" or v == "prism" else "--")
+                        linestyle="--" if records_heads(v) and v != "prism" else "-")
         ax.fill_between(xs, [min(x) for x in vals], [max(x) for x in vals],
                         color=line.get_color(), alpha=0.15)
         lows += [x for vs in vals[len(vals) // 3:] for x in vs]
@@ -793,7 +858,7 @@ def dry_run(args, plan):
              f"{args.max_extensions} more rates" if len(grid) > 1 else ", one rate: no grid")
           + f"), each at seed {plan['grid_seed']} for the full budget, scored on the whole "
           f"selection split (val.bin, {d['val_tokens']:,} tokens)"
-          + ("" if len(grid) >= 5 else "; fewer than 5 rates: not the issue-11 protocol"))
+          + ("" if len(grid) >= 5 else "; fewer than 5 rates: not the study's protocol"))
     if args.screen:
         n = 0
         print(f"screen: the grid at seed {plan['grid_seed']} only, one table of each arm's best "

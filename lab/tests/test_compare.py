@@ -1,14 +1,26 @@
 import json
 import math
 import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-import analyze_heads
-from lab import compare
-from lab import stats
-from lab.baselines import PRESETS, count_params, variant_args
+from lab import compare, heads
+from lab.variants import PRESETS, RETIRED, count_params, variant_args
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def elsewhere(tmp_path_factory, monkeypatch):
+    """Every test runs in an empty folder of its own: nothing depends on what the user's data/,
+    out/ or runs/ hold, and a default path (--results, --records) never reaches the repository's."""
+    cwd = tmp_path_factory.mktemp("cwd")
+    monkeypatch.chdir(cwd)
+    return cwd
 
 
 @pytest.fixture(scope="session")
@@ -193,7 +205,7 @@ def test_paired_differences_pair_by_seed_not_by_position():
 
 
 # -----------------------------------------------------------------------------
-# Head contrasts: compare hands analyze_heads.contrast_test the right pairs
+# Head contrasts: compare hands lab.heads.contrast_test the right pairs
 
 
 def test_head_contrasts_pair_trained_untrained_and_the_two_arms(monkeypatch):
@@ -204,26 +216,26 @@ def test_head_contrasts_pair_trained_untrained_and_the_two_arms(monkeypatch):
         return [{"layer": layer, "contrast": "log_distance", "n": len(treated), "mean": 0.5,
                  "lo": 0.1, "hi": 0.9, "p": 0.0078} for layer in (0, "all")]
 
-    monkeypatch.setattr(analyze_heads, "contrast_test", contrast_test)
-    heads = {v: {"heads": [{"arm": v, "seed": s} for s in (1, 2)],
+    monkeypatch.setattr(heads, "contrast_test", contrast_test)
+    study = {v: {"heads": [{"arm": v, "seed": s} for s in (1, 2)],
                  "init_heads": [{"arm": v, "init": True, "seed": s} for s in (1, 2)]}
              for v in ("prism", "prism-pi-off")}
-    out = compare.head_contrasts(heads)
+    out = compare.head_contrasts(study)
     assert [t for t, _ in out] == [
         "prism trained (against 0)", "prism trained − prism untrained",
         "prism-pi-off trained (against 0)", "prism-pi-off trained − prism-pi-off untrained",
         "prism − prism-pi-off, both trained"]
-    assert calls[1] == (heads["prism"]["heads"], heads["prism"]["init_heads"])
-    assert calls[4] == (heads["prism"]["heads"], heads["prism-pi-off"]["heads"])
+    assert calls[1] == (study["prism"]["heads"], study["prism"]["init_heads"])
+    assert calls[4] == (study["prism"]["heads"], study["prism-pi-off"]["heads"])
     assert calls[0][1] is None
     # a candidate with recorded heads adds exploratory rows; the pre-registered family stays
     family = compare.claim_tests(out)
     assert [t for t, _, _ in family] == list(compare.CLAIM_COMPARISONS)
-    heads["prism-white"] = {"heads": [{"arm": "prism-white", "seed": s} for s in (1, 2)]}
-    more = compare.head_contrasts(heads)
+    study["prism-white"] = {"heads": [{"arm": "prism-white", "seed": s} for s in (1, 2)]}
+    more = compare.head_contrasts(study)
     assert [t for t, _ in more[5:]] == ["prism-white trained (against 0)",
                                         "prism-white − prism, both trained"]
-    assert calls[-1] == (heads["prism-white"]["heads"], heads["prism"]["heads"])
+    assert calls[-1] == (study["prism-white"]["heads"], study["prism"]["heads"])
     assert compare.claim_tests(more) == family
 
 
@@ -231,8 +243,31 @@ def test_head_contrasts_pair_trained_untrained_and_the_two_arms(monkeypatch):
 # End to end: a tiny study, its records, resuming and the report from records alone
 
 
+def git(root, *argv):
+    return subprocess.run(["git", *argv], cwd=root, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_a_record_names_the_commit_dirty_only_for_uncommitted_python(tmp_path):
+    import torch
+
+    git(tmp_path, "init", "-q")
+    (tmp_path / "model.py").write_text("x = 1\n")
+    (tmp_path / "notes.md").write_text("a\n")
+    git(tmp_path, "add", ".")
+    git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    head = git(tmp_path, "rev-parse", "HEAD")
+    assert compare.code_version(tmp_path) == {"commit": head, "torch": torch.__version__}
+    (tmp_path / "notes.md").write_text("b\n")        # not code
+    (tmp_path / "scratch.py").write_text("y = 2\n")  # untracked
+    assert compare.code_version(tmp_path)["commit"] == head
+    (tmp_path / "model.py").write_text("x = 2\n")
+    assert compare.code_version(tmp_path)["commit"] == head + "-dirty"
+    assert compare.code_version(tmp_path / "nowhere")["commit"] == "unknown"
+
+
 def test_a_tiny_study_leaves_records_resumes_and_reports_from_records_alone(
-        report_data, tmp_path, capsys, monkeypatch):
+        report_data, compact_data, tmp_path, capsys, monkeypatch, elsewhere):
     records, results = tmp_path / "results", tmp_path / "docs" / "RESULTS.md"
     argv = [f"--data_dir={report_data}", "--preset=cpu-small", "--epochs=0.015", "--seeds=2,3,4",
             "--archs=prism,gpt2", "--lrs=1e-3,2e-3", "--max_extensions=0", "--evals=2",
@@ -263,6 +298,14 @@ def test_a_tiny_study_leaves_records_resumes_and_reports_from_records_alone(
         assert s["seed"] == seed and s["budget"]["iters"] == 2 and s["report_loss"] > 0
         assert (run / "log.jsonl").is_file() and (run / "heads.json").is_file()
         assert (rec / "prism" / "init" / f"seed{seed}" / "heads.json").is_file()
+    # every summary says what made it: the commit and torch's version
+    import torch
+
+    for path in rec.rglob("summary.json"):  # (HEAD may move while the test runs: others commit)
+        code = json.loads(path.read_text())["code"]
+        assert code["torch"] == torch.__version__
+        assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", code["commit"])
+        git(REPO, "cat-file", "-e", code["commit"].removesuffix("-dirty") + "^{commit}")
     assert not (rec / "gpt2" / "lr0.001" / "seed2" / "heads.json").exists()
     assert not list(records.rglob("*.pt"))
     # The untrained checkpoint is the model the seed's trained runs started from: train.py's
@@ -289,6 +332,19 @@ def test_a_tiny_study_leaves_records_resumes_and_reports_from_records_alone(
     alone = [a for a in argv if not a.startswith(("--data_dir", "--out_dir"))]
     code, out = run_compare(capsys, *alone, f"--data_dir={tmp_path / 'gone'}",
                             f"--out_dir={tmp_path / 'gone'}", "--report_only")
+    assert code == 0, out.err
+    assert results.read_text() == section
+    # --report_only reads no data at all, not even a default folder that is there but has no
+    # report split (a quickstart's data/sample or data/tinystories without test.bin); and what
+    # made a record is not part of what makes it this study's
+    for folder in ("sample", "tinystories"):
+        shutil.copytree(compact_data, elsewhere / "data" / folder)
+        assert "test_tokens" not in json.loads((compact_data / "meta.json").read_text())
+    for path in rec.rglob("summary.json"):
+        summary = json.loads(path.read_text())
+        path.write_text(json.dumps(summary | {"code": {"commit": "0" * 40, "torch": "0"}}))
+    results.unlink()
+    code, out = run_compare(capsys, *alone, "--report_only")
     assert code == 0, out.err
     assert results.read_text() == section
     # A record made with another budget is refused, not silently reused.
@@ -338,7 +394,7 @@ def test_a_checkpoint_carrying_code_in_the_runs_folder_is_refused(report_data, t
     assert not marker.exists()
 
 
-def test_screen_runs_only_the_grid_and_ranks_the_arms(report_data, tmp_path, capsys):
+def test_screen_runs_only_the_grid_and_ranks_the_arms(report_data, tmp_path, capsys, monkeypatch):
     records, results = tmp_path / "results", tmp_path / "R.md"
     argv = [f"--data_dir={report_data}", "--preset=cpu-small", "--epochs=0.015", "--seeds=2",
             "--archs=prism,prism-no-self", "--lrs=1e-3,2e-3", "--max_extensions=0", "--evals=2",
@@ -351,16 +407,19 @@ def test_screen_runs_only_the_grid_and_ranks_the_arms(report_data, tmp_path, cap
     assert code == 0, out.err
     section = results.read_text()
     assert "## Screening at preset `cpu-small`" in section and "--screen" in section
+
+    def speed_of(v):
+        return np.mean([json.loads((records / "cpu-small" / v / f"lr{lr}" / "seed2" /
+                                    "summary.json").read_text())["tokens_per_sec"]
+                        for lr in ("0.001", "0.002")])
+
     best = {}
     for v in ("prism", "prism-no-self"):
         losses = [json.loads((records / "cpu-small" / v / f"lr{lr}" / "seed2" / "summary.json")
                              .read_text())["selection_loss"] for lr in ("0.001", "0.002")]
         best[v] = min(losses)
         assert f"| {best[v]:.4f} |" in section
-        speed = np.mean([json.loads((records / "cpu-small" / v / f"lr{lr}" / "seed2" /
-                                     "summary.json").read_text())["tokens_per_sec"]
-                         for lr in ("0.001", "0.002")])
-        assert f"| {speed:,.0f} |" in section
+        assert f"| {speed_of(v):,.0f} |" in section
     assert f"| {best['prism-no-self'] - best['prism']:+.4f} |" in section
     assert "| +0.0000 |" in section                     # prism against itself
     assert not list(records.rglob("seed3"))              # no report seeds were trained
@@ -374,3 +433,40 @@ def test_screen_runs_only_the_grid_and_ranks_the_arms(report_data, tmp_path, cap
     assert "<!-- compare.py cpu-small screen vs prism-no-self -->" in text
     assert "## Screening at preset `cpu-small`, against prism-no-self" in text
     assert f"| {best['prism'] - best['prism-no-self']:+.4f} |" in text.split("screen vs prism-no-self -->")[1]
+    # A retired candidate (its code deleted) still reports from its records: nothing rebuilds it,
+    # its model_args are not checked, its params come from the records and its FLOPs/token from
+    # RETIRED; running it is refused with the commit to check out.
+    gone = records / "cpu-small" / "prism-gone"
+    shutil.copytree(records / "cpu-small" / "prism-no-self", gone)
+    for path in gone.rglob("summary.json"):
+        summary = json.loads(path.read_text())
+        path.write_text(json.dumps(summary | {"variant": "prism-gone", "params": 1234567,
+                                              "model_args": {"no_such_field": 1}}))
+    monkeypatch.setitem(RETIRED, "prism-gone", dict(commit="abc1234", reason="noise at one seed",
+                                                    flops_per_token={"cpu-small": 7.5e6}))
+    retired = [a.replace("--archs=prism,prism-no-self", "--archs=prism,prism-gone") for a in argv]
+    code, out = run_compare(capsys, *retired, "--report_only", "--section=retired")
+    assert code == 0, out.err
+    own = results.read_text().split("<!-- compare.py retired -->")[1]
+    assert f"| prism-gone | 1,234,567 | 7.50M | {speed_of('prism-no-self'):,.0f} |" in own
+    assert f"| {best['prism-no-self'] - best['prism']:+.4f} |" in own
+    code, out = run_compare(capsys, *retired)
+    assert code == 1 and len(out.err.strip().splitlines()) == 1
+    assert "prism-gone is retired" in out.err and "git checkout abc1234" in out.err
+
+
+def test_the_committed_screens_re_make_from_the_records_alone(tmp_path, capsys):
+    """Every committed record still reads: the two screens of lab/RESULTS.md (the retired
+    candidates among them) come out the same from lab/results, with no data folder."""
+    committed = (REPO / "lab" / "RESULTS.md").read_text()
+    results = tmp_path / "RESULTS.md"
+    for name in ("cpu-small screen", "cpu-small screen vs prism-white"):
+        start, end = f"<!-- compare.py {name} -->\n", f"<!-- /compare.py {name} -->"
+        body = committed.split(start)[1].split(end)[0]
+        command = re.search(r"Screen: `python -m lab.compare --data_dir=DATA (.*?)`", body)[1]
+        code, out = run_compare(capsys, *command.split(), "--report_only",
+                                f"--records={REPO / 'lab' / 'results'}", f"--results={results}",
+                                f"--out_dir={tmp_path / 'runs'}")
+        assert code == 0, out.err
+        remade = results.read_text().split(start)[1].split(end)[0]
+        assert remade.replace(str(REPO / "lab" / "results"), "lab/results") == body
