@@ -1,8 +1,9 @@
 """
-Speed and memory of every arch, side by side, and how they grow with context (issue 7).
+Speed and memory of every arch, side by side, and how they grow with context.
 
-For each arch (any name in baselines.VARIANTS, ablations included) and each context length T it
-builds the model at a size preset (baselines.PRESETS) with block_size = T, and times one training
+For each arch (any name in lab.variants.VARIANTS, white-box variants included) and each context
+length T it builds the model at a size preset (lab.variants.PRESETS) with block_size = T, and
+times one training
 step on random tokens:
 
     step = forward + backward of the mean cross-entropy on a (batch_size, T) batch of random token
@@ -23,12 +24,12 @@ threads on two busy cores); there, --threads=1 is the meaningful setting.
 
 Peak memory. CUDA: torch.cuda.max_memory_allocated over the timed steps. CPU: the max RSS of the
 process (getrusage ru_maxrss). Max RSS only ever grows within a process, so every configuration is
-measured in a fresh Python subprocess (`python -c "import bench; bench.worker(...)"`): its peak is
+measured in a fresh Python subprocess (`python -c "from lab import bench; bench.worker(...)"`): its peak is
 its own. The CPU peak includes Python, torch and the interpreter (base_mem_mb, the RSS just before
 the model is built, says how much); the table shows both.
 
 MFU (GPU only): model.estimate_mfu(batch_size, step) against the GPU's own dense peak for the
-compute dtype (model.GPU_PEAK_TFLOPS; float32 counts as TF32, which bench.py enables), or
+compute dtype (train.GPU_PEAK_TFLOPS; float32 counts as TF32, which bench.py enables), or
 --peak_tflops; a GPU that the table does not know gets no MFU ("-"), with a warning. The record
 keeps the peak used (peak_tflops) and the GPU's name (gpu). On every device the table also shows
 the achieved model FLOP rate, flops_per_token() · tokens / step (6 FLOPs per weight plus the
@@ -47,14 +48,14 @@ measurement ("kind": "train_step"; keys arch, block_size, params, step_ms, token
 peak_mem_mb, mfu, ...) and one for the prepare step ("kind": "prepare"). A configuration that fails
 or runs past --timeout is reported as such (an "error" key) and the others still run.
 
-Examples (the first two made the tables in docs/RESULTS.md):
-$ python bench.py --vocab_size=4097 --threads=1 --steps=5 --warmup=1 --repeats=3 --json=cpu.jsonl
-$ python bench.py --preset=paper-50m --block_sizes=128,256,512 --batch_size=2 --threads=1 \
+Examples, from the repository's root (the first two made the tables in lab/RESULTS.md):
+$ python -m lab.bench --vocab_size=4097 --threads=1 --steps=5 --warmup=1 --repeats=3 --json=cpu.jsonl
+$ python -m lab.bench --preset=paper-50m --block_sizes=128,256,512 --batch_size=2 --threads=1 \
       --steps=3 --warmup=1 --repeats=2
-$ python bench.py                         # cpu-small, prism,gpt2,gemma3, T 128…2048
-$ python bench.py --archs=prism,prism-qk,prism-separate,rope-attention --block_sizes=512
-$ python bench.py --archs=prism,gpt2 --block_sizes=512 --profile      # torch.profiler tables
-$ python bench.py --preset=paper-50m --block_sizes=512 --device=cuda --compile --batch_size=16
+$ python -m lab.bench                     # cpu-small, prism,gpt2,gemma3, T 128…2048
+$ python -m lab.bench --archs=prism,prism-white-ista,rope-attention --block_sizes=512
+$ python -m lab.bench --archs=prism,gpt2 --block_sizes=512 --profile  # torch.profiler tables
+$ python -m lab.bench --preset=paper-50m --block_sizes=512 --device=cuda --compile --batch_size=16
 """
 import argparse
 import contextlib
@@ -70,7 +71,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 # Text for the prepare line when --prepare_file is not given: the first of these that exists.
-PREPARE_CANDIDATES = (REPO.parent / "shared" / "data" / "tinystories-sample-train.txt",
+PREPARE_CANDIDATES = (REPO / "data" / "sample" / "raw" / "tinystories-sample-train.txt",
                       REPO / "data" / "tinystories" / "raw" / "TinyStoriesV2-GPT4-valid.txt")
 
 REQUIRED_KEYS = ("arch", "block_size", "params", "step_ms", "tokens_per_sec", "peak_mem_mb")
@@ -111,19 +112,20 @@ def parse_block_sizes(text):
 
 
 def build_parser():
-    from lab import baselines  # torch loads only once the arguments are parsed
+    from lab import variants  # torch loads only once the arguments are parsed
 
     p = _OneLineParser(
-        prog="bench.py",
+        prog="python -m lab.bench",
         description="Forward+backward step time, tokens/s, peak memory, parameters and MFU of "
                     "each arch at each context length, side by side (one fresh process per "
                     "configuration), plus the prepare step's tokenisation throughput.",
-        epilog="Examples are in the module docstring (python -c 'import bench; help(bench)').")
-    p.add_argument("--preset", default="cpu-small", choices=sorted(baselines.PRESETS),
-                   help="size preset of baselines.PRESETS (default: %(default)s)")
+        epilog="Examples are in the module docstring (python -c 'from lab import bench; "
+               "help(bench)').")
+    p.add_argument("--preset", default="cpu-small", choices=sorted(variants.PRESETS),
+                   help="size preset of lab.variants.PRESETS (default: %(default)s)")
     p.add_argument("--archs", default="prism,gpt2,gemma3",
-                   help="comma-separated names from baselines.VARIANTS: "
-                        f"{', '.join(baselines.VARIANTS)} (default: %(default)s)")
+                   help="comma-separated names from lab.variants.VARIANTS: "
+                        f"{', '.join(variants.VARIANTS)} (default: %(default)s)")
     p.add_argument("--block_sizes", default="128,256,512,1024,2048",
                    help="comma-separated context lengths; each model is built with block_size = "
                         "T (default: %(default)s)")
@@ -154,7 +156,7 @@ def build_parser():
                    help="torch CPU threads per measurement (default: 0 = torch's default)")
     p.add_argument("--peak_tflops", type=float, default=None,
                    help="device peak for MFU in TFLOP/s (default: the GPU's dense peak for the "
-                        "dtype, from model.GPU_PEAK_TFLOPS); MFU is reported on CUDA only")
+                        "dtype, from train.GPU_PEAK_TFLOPS); MFU is reported on CUDA only")
     p.add_argument("--ref", default=None,
                    help="arch the others are compared against at each T "
                         "(default: gpt2 if benchmarked, else the first arch)")
@@ -168,9 +170,9 @@ def build_parser():
                    help="write one JSON record per measurement (JSON Lines) to PATH")
     p.add_argument("--prepare_file", default=None,
                    help="text file whose tokenisation throughput is measured; '' skips it "
-                        "(default: the first that exists of ../shared/data/tinystories-sample-"
-                        "train.txt, data/tinystories/raw/TinyStoriesV2-GPT4-valid.txt, both "
-                        "beside bench.py)")
+                        "(default: the first that exists of data/sample/raw/tinystories-sample-"
+                        "train.txt, from prepare_tinystories.py --sample, and data/tinystories/"
+                        "raw/TinyStoriesV2-GPT4-valid.txt, both in the repository's root)")
     p.add_argument("--profile", action="store_true",
                    help="after timing, run torch.profiler over 2 steps of each configuration and "
                         "print its top operators")
@@ -180,16 +182,16 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    from lab import baselines
+    from lab import variants
 
     p = build_parser()
     args = p.parse_args(argv)
     try:
         args.archs = parse_list(args.archs, "archs")
         for name in args.archs:
-            if name not in baselines.VARIANTS:
+            if name not in variants.VARIANTS:
                 raise BenchError(f"--archs: unknown arch {name!r}; choose from "
-                                 f"{', '.join(baselines.VARIANTS)}")
+                                 f"{', '.join(variants.VARIANTS)}")
         args.block_sizes = parse_block_sizes(args.block_sizes)
         for name in ("vocab_size", "batch_size", "steps", "repeats"):
             if getattr(args, name) < 1:
@@ -234,9 +236,9 @@ def measure(cfg):
     optimizer, threads, peak_tflops, profile, profile_rows."""
     import torch
 
-    from lab import baselines
+    from lab import variants
     from model import build_model
-    from model import current_gpu_peak_flops
+    from train import current_gpu_peak_flops
 
     device, device_type, dtype = _resolve_device_dtype(cfg["device"], cfg["dtype"])
     if cfg.get("threads"):
@@ -245,7 +247,7 @@ def measure(cfg):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     T, B = cfg["block_size"], cfg["batch_size"]
-    arch, model_args = baselines.variant_args(cfg["preset"], cfg["arch"], cfg["vocab_size"])
+    arch, model_args = variants.variant_args(cfg["preset"], cfg["arch"], cfg["vocab_size"])
     model_args["block_size"] = T
     base_mem = _max_rss_mb() if device_type != "cuda" else 0.0
 
