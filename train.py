@@ -457,7 +457,8 @@ def _train(cfg, model_config, ckpt, train_data, val_data, meta, rank, world_size
         set_rng_states(ckpt["rng"][rank % len(ckpt["rng"])], rng, device)
         changed = [f"{k}={v!r} (was {ckpt['train_config'].get(k)!r})" for k, v in asdict(cfg).items()
                    if k != "init_from" and ckpt["train_config"].get(k) != v]
-        log(f"resuming from {ckpt_path} at iter {iter_num}" + (f"; changed: {', '.join(changed)}" if changed else ""))
+        log(f"resuming from {ckpt_path} at iter {iter_num}"
+            + (f"; changed: {', '.join(changed)}" if changed else ""))
     if master:  # a fresh log, or the log up to the checkpoint (a crash may come between the two)
         kept = []
         if ckpt is not None and os.path.isfile(log_path):
@@ -509,7 +510,8 @@ def _train(cfg, model_config, ckpt, train_data, val_data, meta, rank, world_size
                 log(f"eval iter {iter_num}: train loss {train_loss:.4f} | val loss {val_loss:.4f} | "
                     f"val ppl {record['val_ppl']:.2f} | val bpb {record['val_bpb']:.4f}"
                     + (" (best)" if val_loss == best_val_loss else ""))
-                summary.update({k: record[k] for k in ("train_loss", "val_loss", "val_ppl", "val_bpb", "tokens")},
+                summary.update({k: record[k] for k in ("train_loss", "val_loss", "val_ppl", "val_bpb",
+                                                       "tokens")},
                                iters=iter_num, best_val_loss=best_val_loss,
                                best_val_bpb=bits_per_byte(best_val_loss, meta))
                 states = [rng_states(rng, device)]
@@ -523,7 +525,8 @@ def _train(cfg, model_config, ckpt, train_data, val_data, meta, rank, world_size
                         save_checkpoint(ckpt_path, {
                             **checkpoint_payload(raw_model), "optimizer": optimizer.state_dict(),
                             "scaler": scaler.state_dict(), "train_config": asdict(cfg), "iter_num": iter_num,
-                            "best_val_loss": best_val_loss, "rng": states, "elapsed_s": time.time() - run_start})
+                            "best_val_loss": best_val_loss, "rng": states,
+                            "elapsed_s": time.time() - run_start})
                     ckpt_iter = iter_num
                 t_seg = t_log = time.time()
                 seg_iters = 0
@@ -564,7 +567,7 @@ def _train(cfg, model_config, ckpt, train_data, val_data, meta, rank, world_size
                     step_mfu = raw_model.estimate_mfu(cfg.batch_size * accum, dt, peak_flops)
                     mfu = step_mfu if mfu < 0 else 0.9 * mfu + 0.1 * step_mfu
                 log(f"iter {iter_num}/{cfg.max_iters} | loss {mean_loss:.4f} | lr {lr:.2e} | "
-                    f"{tokens_per_iter / dt:,.0f} tok/s | {dt * 1000:.1f} ms/iter | "  # eta: evals not included
+                    f"{tokens_per_iter / dt:,.0f} tok/s | {dt * 1000:.1f} ms/iter | "  # eta without the evals
                     f"eta {format_duration((cfg.max_iters - iter_num) * dt)}"
                     + (f" | mfu {mfu * 100:.1f}%" if peak_flops else ""))
                 t_log, log_iters, loss_sum = time.time(), 0, 0.0

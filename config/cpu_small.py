@@ -2,9 +2,10 @@
 #   python prepare_tinystories.py --sample --vocab_size=4096 --report_fraction=0.5
 #   python train.py config/cpu_small.py        (what `python train.py` picks without CUDA)
 # d = 128, 4 layers, 8 heads of p = 32 (overcompleteness ρ = H·p/d = 2, 4 signal + 4 noise heads
-# with π-RoPE), context 128, on the TinyStories sample with a compact 4,096-token vocabulary:
-# 1.32M parameters (0.53M of them the tied embedding). The study's cpu-small PRISM: 4 passes over the sample's 278K training
-# tokens (543 iterations of 16 x 128 tokens) at its best learning rate.
+# with π-RoPE), context 128, compact 4,096-token vocabulary: 1.32M parameters, 0.53M of them the
+# tied embedding. The study's cpu-small PRISM: 4 passes over the sample's 278K training tokens
+# (543 iterations of 16 x 128 tokens) at its best learning rate. Measured: val 1.350 bits/byte
+# (3.76 nats/token) at the end; 1.11M tokens, about 2-6 minutes at 3,000-10,000 tokens/s.
 data_dir = "data/sample"
 out_dir = "out/cpu_small"
 
