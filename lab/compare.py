@@ -81,6 +81,7 @@ class CompareError(Exception):
 
 def build_parser():
     p = argparse.ArgumentParser(
+        prog="python -m lab.compare",
         description="Train every arm on the same data, seeds, optimizer and schedule under a "
                     "learning-rate grid chosen on a selection split, score each run on the whole "
                     "report split, and write the paired statistics, the grid, the head contrasts "
@@ -198,8 +199,8 @@ def make_plan(args):
     retired = [v for v in variants if v in RETIRED]
     if retired and not args.report_only:
         v = retired[0]
-        raise CompareError(f"{v} is retired ({RETIRED[v]['reason']}); its code is gone: to run it, "
-                           f"git checkout {RETIRED[v]['commit']}")
+        raise CompareError(f"{v} is a retired candidate, its code deleted: to run it, git checkout "
+                           f"{RETIRED[v]['commit']} (its records still report with --report_only)")
     data = load_data_fingerprint(args, variants)
     live = [v for v in variants if v not in RETIRED]
     try:

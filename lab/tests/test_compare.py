@@ -452,7 +452,7 @@ def test_screen_runs_only_the_grid_and_ranks_the_arms(report_data, tmp_path, cap
     assert f"| {best['prism-no-self'] - best['prism']:+.4f} |" in own
     code, out = run_compare(capsys, *retired)
     assert code == 1 and len(out.err.strip().splitlines()) == 1
-    assert "prism-gone is retired" in out.err and "git checkout abc1234" in out.err
+    assert "prism-gone is a retired candidate" in out.err and "git checkout abc1234" in out.err
 
 
 def test_the_committed_screens_re_make_from_the_records_alone(tmp_path, capsys):
