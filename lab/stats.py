@@ -1,9 +1,11 @@
 """
-Paired statistics over seeds, used by compare.py (losses) and analyze_heads.py (head contrasts).
+Paired statistics over seeds, used by lab/compare.py (losses) and lab/heads.py (head contrasts).
 
 A comparison here is paired: arm A and arm B are trained with the same seeds, and a seed fixes the
-initialisation and the data order, so the unit of evidence is the per-seed difference
-d_s = A_s − B_s. With n seeds:
+data order (and each arm's own initialisation: arms of different shapes share no weights), so the
+unit of evidence is the per-seed difference d_s = A_s − B_s. The tests below need only that the
+seeds are independent, not that A_s and B_s are correlated (in the study they are not: pairing
+then buys no power, but costs no validity). With n seeds:
   - sign_flip_pvalue: the exact permutation test of "d is symmetric about 0" (under the null each
     d_s is as likely to be −d_s): all 2ⁿ sign patterns, statistic |mean d|. No normality assumed.
     Its smallest possible two-sided p is 2/2ⁿ (0.0625 for 5 seeds, 0.031 for 6, 0.0078 for 8), so
