@@ -455,18 +455,23 @@ def test_screen_runs_only_the_grid_and_ranks_the_arms(report_data, tmp_path, cap
     assert "prism-gone is a retired candidate" in out.err and "git checkout abc1234" in out.err
 
 
-def test_the_committed_screens_re_make_from_the_records_alone(tmp_path, capsys):
-    """Every committed record still reads: the two screens of lab/RESULTS.md (the retired
-    candidates among them) come out the same from lab/results, with no data folder."""
+def test_the_committed_sections_re_make_from_the_records_alone(tmp_path, capsys):
+    """Every committed record still reads: each section compare.py wrote into lab/RESULTS.md (the
+    retired candidates' screen among them) comes out the same from lab/results by the command it
+    prints, with --report_only and no data folder."""
     committed = (REPO / "lab" / "RESULTS.md").read_text()
+    names = re.findall(r"^<!-- compare.py (.+?) -->$", committed, re.M)
+    assert len(names) == 5
     results = tmp_path / "RESULTS.md"
-    for name in ("cpu-small screen", "cpu-small screen vs prism-white"):
+    for name in names:
         start, end = f"<!-- compare.py {name} -->\n", f"<!-- /compare.py {name} -->"
         body = committed.split(start)[1].split(end)[0]
-        command = re.search(r"Screen: `python -m lab.compare --data_dir=DATA (.*?)`", body)[1]
+        command = re.search(r"(?:Study|Screen): `python -m lab.compare --data_dir=DATA (.*?)`",
+                            body)[1]
         code, out = run_compare(capsys, *command.split(), "--report_only",
                                 f"--records={REPO / 'lab' / 'results'}", f"--results={results}",
                                 f"--out_dir={tmp_path / 'runs'}")
         assert code == 0, out.err
         remade = results.read_text().split(start)[1].split(end)[0]
-        assert remade.replace(str(REPO / "lab" / "results"), "lab/results") == body
+        remade = remade.replace(str(REPO / "lab" / "results"), "lab/results")
+        assert remade == body
