@@ -395,43 +395,24 @@ def train(cfg, model_args=None):
     for name, data in (("train", train_data), ("val", val_data)):
         if len(data) <= block_size + 1:
             raise TrainError(f"{name}.bin has {len(data)} tokens, too few for block_size = {block_size}")
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    ckpt = load_checkpoint(ckpt_path, cfg.arch, model_config) if cfg.init_from == "resume" else None
-    if ddp:
-        if device_type == "cuda":
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    try:
-        summary = _train(cfg, model_config, ckpt, train_data, val_data, meta, rank, world_size, accum, log)
-        if ddp:  # no process closes its connections while another still writes or talks
-            torch.distributed.barrier()
-        return summary
-    finally:
-        if ddp:
-            # The DDP wrapper sits in a reference cycle: only the cyclic collector frees it and its
-            # Reducer (which holds the process group and its gloo work), at some later moment, maybe
-            # after the group is destroyed or during interpreter shutdown, where gloo can abort the
-            # process (SIGABRT). Free it now, while the group is alive.
-            gc.collect()
-            torch.distributed.destroy_process_group()
-
-
-def _train(cfg, model_config, ckpt, train_data, val_data, meta, rank, world_size, accum, log):
-    device, device_type, master = cfg.device, torch.device(cfg.device).type, rank == 0
-    block_size = model_config["block_size"]
-    tokens_per_iter = cfg.batch_size * cfg.grad_accum * block_size
     ckpt_path, log_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "log.jsonl")
+    ckpt = load_checkpoint(ckpt_path, cfg.arch, model_config) if cfg.init_from == "resume" else None
+    tokens_per_iter = cfg.batch_size * cfg.grad_accum * block_size
+
+    # -- the device: autocast, TF32, the peak FLOP/s for MFU -------------------------------------------
     log(f"arch {cfg.arch} | device {device} ({world_size} process{'es' if world_size > 1 else ''}) | "
         f"dtype {cfg.dtype} | compile {cfg.compile} | {tokens_per_iter:,} tokens/iter "
         f"({cfg.batch_size} x {cfg.grad_accum} x {block_size})")
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
     if device_type == "cuda":
+        if ddp:  # this process's GPU, cuda:LOCAL_RANK
+            torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
     ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
-    # MFU against this GPU's peak for the matmuls' type (float32 matmuls run as TF32 here)
+    # float32 matmuls run as TF32 here: that is the peak they reach
     peak_flops = (current_gpu_peak_flops("tf32" if ptdtype == torch.float32 else cfg.dtype)
                   if device_type == "cuda" else None)
 
@@ -468,14 +449,7 @@ def _train(cfg, model_config, ckpt, train_data, val_data, meta, rank, world_size
             f.writelines(kept)
         os.replace(log_path + ".tmp", log_path)
     start_iter = iter_num
-    model = torch.compile(raw_model) if cfg.compile else raw_model
-    eval_model = model  # evaluation needs no gradient all-reduce
-    if world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: PLC0415
-        # The buffers (RoPE tables) are constants: no need to send them at every forward.
-        no_buffers = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
-                      inspect.signature(DDP).parameters else {"broadcast_buffers": False})  # torch < 2.13
-        model = DDP(model, device_ids=[device] if device_type == "cuda" else None, **no_buffers)
+    model = eval_model = torch.compile(raw_model) if cfg.compile else raw_model  # eval: no all-reduce
     summary = {"arch": cfg.arch, "params": raw_model.get_num_params(), "out_dir": cfg.out_dir}
 
     def sync():
@@ -486,7 +460,15 @@ def _train(cfg, model_config, ckpt, train_data, val_data, meta, rank, world_size
     train_time, train_tokens, mfu = 0.0, 0, -1.0  # this process's run, for the summary and MFU
     t_seg, seg_iters = time.time(), 0  # since the last evaluation, for log.jsonl
     t_log, log_iters, loss_sum = time.time(), 0, 0.0  # since the last progress line
+    if ddp:
+        torch.distributed.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     try:
+        if ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: PLC0415
+            # The buffers (RoPE tables) are constants: no need to send them at every forward.
+            no_buffers = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                          inspect.signature(DDP).parameters else {"broadcast_buffers": False})  # torch < 2.13
+            model = DDP(model, device_ids=[device] if device_type == "cuda" else None, **no_buffers)
         while True:
             lr = get_lr(iter_num, cfg)
             for group in optimizer.param_groups:
@@ -540,7 +522,7 @@ def _train(cfg, model_config, ckpt, train_data, val_data, meta, rank, world_size
             for micro in range(accum):
                 last = micro == accum - 1
                 # Under DDP the gradients are all-reduced once, after the last micro-step.
-                with model.no_sync() if world_size > 1 and not last else nullcontext():
+                with model.no_sync() if ddp and not last else nullcontext():
                     with ctx:
                         loss = model(x, y)[1] / accum
                     if not last:  # fetch the next micro-batch while this one runs on the GPU
@@ -571,8 +553,18 @@ def _train(cfg, model_config, ckpt, train_data, val_data, meta, rank, world_size
                     f"eta {format_duration((cfg.max_iters - iter_num) * dt)}"
                     + (f" | mfu {mfu * 100:.1f}%" if peak_flops else ""))
                 t_log, log_iters, loss_sum = time.time(), 0, 0.0
+        if ddp:  # no process closes its connections while another still writes or talks
+            torch.distributed.barrier()
     except KeyboardInterrupt:
         raise Interrupted(iter_num, ckpt_iter, ckpt_path) from None
+    finally:
+        if ddp:
+            # The DDP wrapper sits in a reference cycle: only the cyclic collector frees it and its
+            # Reducer (which holds the process group and its gloo work), at some later moment, maybe
+            # after the group is destroyed. Free it now, while the group is alive.
+            del model
+            gc.collect()
+            torch.distributed.destroy_process_group()
 
     summary["tokens_per_sec"] = train_tokens / train_time if train_time else None
     log(f"done: {summary['iters']} iters | val loss {summary['val_loss']:.4f} (best "
