@@ -24,8 +24,8 @@ threads on two busy cores); there, --threads=1 is the meaningful setting.
 
 Peak memory. CUDA: torch.cuda.max_memory_allocated over the timed steps. CPU: the max RSS of the
 process (getrusage ru_maxrss). Max RSS only ever grows within a process, so every configuration is
-measured in a fresh Python subprocess (`python -c "from lab import bench; bench.worker(...)"`): its peak is
-its own. The CPU peak includes Python, torch and the interpreter (base_mem_mb, the RSS just before
+measured in a fresh Python subprocess (`python -c "from lab import bench; bench.worker(...)"`):
+its peak is its own. The CPU peak includes Python, torch and the interpreter (base_mem_mb, the RSS just before
 the model is built, says how much); the table shows both.
 
 MFU (GPU only): model.estimate_mfu(batch_size, step) against the GPU's own dense peak for the
@@ -49,7 +49,8 @@ peak_mem_mb, mfu, ...) and one for the prepare step ("kind": "prepare"). A confi
 or runs past --timeout is reported as such (an "error" key) and the others still run.
 
 Examples, from the repository's root (the first two made the tables in lab/RESULTS.md):
-$ python -m lab.bench --vocab_size=4097 --threads=1 --steps=5 --warmup=1 --repeats=3 --json=cpu.jsonl
+$ python -m lab.bench --vocab_size=4097 --threads=1 --steps=5 --warmup=1 --repeats=3 \
+      --json=cpu.jsonl
 $ python -m lab.bench --preset=paper-50m --block_sizes=128,256,512 --batch_size=2 --threads=1 \
       --steps=3 --warmup=1 --repeats=2
 $ python -m lab.bench                     # cpu-small, prism,gpt2,gemma3, T 128…2048

@@ -53,8 +53,8 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -93,8 +93,9 @@ def build_parser():
                         "--report_only reads none")
     p.add_argument("--preset", default="cpu-small", choices=sorted(PRESETS), help="model sizes")
     p.add_argument("--archs", default=",".join(STUDY_ARMS),
-                   help=f"comma-separated variants of lab.variants.VARIANTS ({', '.join(VARIANTS)}); "
-                        f"with --report_only also the retired {', '.join(RETIRED)}")
+                   help=f"comma-separated variants of lab.variants.VARIANTS "
+                        f"({', '.join(VARIANTS)}); with --report_only also the retired "
+                        f"{', '.join(RETIRED)}")
     p.add_argument("--seeds", default="1,2,3,4,5,6,7,8,9",
                    help="comma-separated seeds; the first one runs the learning-rate grid only, "
                         "the others are the paired report seeds")
@@ -219,7 +220,8 @@ def make_plan(args):
     if args.reference is not None and args.reference not in variants:
         raise CompareError(f"--reference={args.reference} is not one of --archs")
     if any(not math.isclose(b / a, 2, rel_tol=1e-6) for a, b in zip(grid, grid[1:])):
-        raise CompareError(f"--lrs must be x2 apart (the grid grows by x2 at its edges), got {grid}")
+        raise CompareError(f"--lrs must be x2 apart (the grid grows by x2 at its edges), "
+                           f"got {grid}")
     block_size = PRESETS[args.preset]["block_size"]
     tokens_per_iter = args.batch_size * block_size
     iters = round(args.epochs * data["train_tokens"] / tokens_per_iter)
@@ -239,7 +241,8 @@ def make_plan(args):
                 reference=args.reference or REFERENCE,
                 grid_seed=seeds[0],
                 seeds=seeds[1:], grid=grid, budget=budget,
-                tokens_per_iter=tokens_per_iter, epochs=iters * tokens_per_iter / data["train_tokens"],
+                tokens_per_iter=tokens_per_iter,
+                epochs=iters * tokens_per_iter / data["train_tokens"],
                 records=Path(args.records) / args.preset, runs=Path(args.out_dir) / args.preset,
                 params={v: n for v, (n, _) in sizes.items()},
                 flops={v: f for v, (_, f) in sizes.items()})
@@ -418,7 +421,7 @@ def run_once(args, plan, variant, lr, seed):
 
 def init_heads(args, plan, variant, seed):
     """heads.json of a variant's untrained model at a seed: train.py's initialisation, saved by a
-    run of 0 iterations (same seed, same build, so the same weights the trained run started from)."""
+    run of 0 iterations (same seed, same build: the weights the trained run started from)."""
     rec = init_dir(plan, variant, seed)
     if read_record(plan, rec, variant, seed) is not None:
         return json.loads((rec / "heads.json").read_text())
@@ -550,7 +553,8 @@ def head_contrasts(study):
     for v in HEAD_ARMS:
         if v in study:
             tests.append((f"{v} trained (against 0)", study[v]["heads"], None))
-            tests.append((f"{v} trained − {v} untrained", study[v]["heads"], study[v]["init_heads"]))
+            tests.append((f"{v} trained − {v} untrained", study[v]["heads"],
+                          study[v]["init_heads"]))
     if all(v in study for v in HEAD_ARMS):
         a, b = HEAD_ARMS
         tests.append((f"{a} − {b}, both trained", study[a]["heads"], study[b]["heads"]))
@@ -727,7 +731,8 @@ def report(args, plan, study, figure):
                       f"interval, exact sign-flip p, and p Holm-corrected over these "
                       f"{len(claim)} tests fixed in advance (the claim: log distances > 0, log "
                       f"centroid in band < 0).", "",
-                  "| comparison | contrast | mean [95% CI] | p | p (Holm) |", "|---|---|---:|---:|---:|"]
+                  "| comparison | contrast | mean [95% CI] | p | p (Holm) |",
+                  "|---|---|---:|---:|---:|"]
         for title, r, p in claim:
             lines.append(f"| {title} | {r['contrast']} | {r['mean']:+.3g} "
                          f"[{_fmt(r.get('lo'), '+.3g')}, {_fmt(r.get('hi'), '+.3g')}] | "
@@ -849,7 +854,8 @@ def dry_run(args, plan):
     print(f"arms ({len(plan['variants'])}; every one within ±5% of prism's parameters, "
           f"checked):")
     w = max(map(len, ["variant", *plan["variants"]]))
-    print(f"  {'variant':{w}s} {'params':>11s} {'FLOPs/token':>12s} {'(beyond 6/weight: attention, tied reuse)'}")
+    print(f"  {'variant':{w}s} {'params':>11s} {'FLOPs/token':>12s} "
+          f"(beyond 6/weight: attention, tied reuse)")
     for v in plan["variants"]:
         f = plan["flops"][v]
         print(f"  {v:{w}s} {plan['params'][v]:>11,} {f / 1e6:>11.2f}M "
@@ -919,7 +925,8 @@ def run(args):
           f"seeds, {plan['budget']['iters']} iters x {plan['tokens_per_iter']:,} tokens, grid "
           f"{', '.join(f'{lr:g}' for lr in plan['grid'])} -> {plan['records']}", flush=True)
     section = args.section or (args.preset + (" screen" if args.screen else "")
-                               + ("" if args.reference in (None, REFERENCE) else f" vs {args.reference}"))
+                               + ("" if args.reference in (None, REFERENCE)
+                                  else f" vs {args.reference}"))
     if args.screen:
         study = {v: choose_arm_lr(args, plan, v) for v in plan["variants"]}
         write_section(args.results, section, screen_report(args, plan, study))

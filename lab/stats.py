@@ -35,7 +35,8 @@ def sign_flip_pvalue(diffs, alternative="two-sided"):
     if n == 0:
         raise ValueError("no differences to test")
     if n > MAX_EXACT_SEEDS:
-        raise ValueError(f"{n} pairs: the exact test enumerates 2^n patterns, at most 2^{MAX_EXACT_SEEDS}")
+        raise ValueError(f"{n} pairs: the exact test enumerates 2^n patterns, "
+                         f"at most 2^{MAX_EXACT_SEEDS}")
     if alternative not in ("two-sided", "greater", "less"):
         raise ValueError(f"alternative must be two-sided, greater or less, not {alternative!r}")
     signs = np.array(list(itertools.product((1.0, -1.0), repeat=n)))  # (2^n, n)

@@ -89,5 +89,6 @@ def test_bad_arguments_are_one_line_errors(arg, message, capsys):
 def test_every_variant_is_accepted_and_repeats_are_dropped():
     args = bench.parse_args(["--archs=prism,prism-white-ista,rope-attention,prism",
                              "--block_sizes=64,32,64"])
-    assert args.archs == ["prism", "prism-white-ista", "rope-attention"] and args.block_sizes == [64, 32]
+    assert args.archs == ["prism", "prism-white-ista", "rope-attention"]
+    assert args.block_sizes == [64, 32]
     assert args.ref == "prism"  # no gpt2 among them: the first arch

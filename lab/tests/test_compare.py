@@ -60,7 +60,8 @@ def test_dry_run_shows_the_whole_plan_and_trains_nothing(report_data, tmp_path, 
         assert re.search(rf"^  {arm} +\d+ ms/step", text.split("estimated")[0], re.M)
     assert "learning-rate grid: 0.001, 0.002, 0.004, 0.008, 0.016 (x2 apart" in text
     assert "report seeds: 2, 3, 4, 5, 6, 7, 8, 9 (8), paired; the grid seed 1 only picks" in text
-    assert f"per run: {iters} iterations x 2,048 tokens = {iters * 2048:,} tokens (4.00 epochs" in text
+    assert (f"per run: {iters} iterations x 2,048 tokens = {iters * 2048:,} tokens (4.00 epochs"
+            in text)
     assert "runs: 30 grid + 48 report seeds = 78 trainings" in text
     assert "Holm-adjusted p at least 0.03906 — below 0.05" in text
     assert "ms/step" in text and "estimated time:" in text and " h in one process" in text
@@ -73,7 +74,8 @@ def test_dry_run_shows_the_whole_plan_and_trains_nothing(report_data, tmp_path, 
 def test_dry_run_warns_when_the_seeds_cannot_reach_significance(report_data, tmp_path, capsys):
     code, out = run_compare(capsys, f"--data_dir={report_data}", "--seeds=1,2,3,4,5",
                             "--time_steps=0", "--dry_run", f"--records={tmp_path}")
-    assert code == 0 and "Holm-adjusted p at least 0.625 — NOT below 0.05" in out.out  # 4 report seeds
+    # 4 report seeds
+    assert code == 0 and "Holm-adjusted p at least 0.625 — NOT below 0.05" in out.out
 
 
 def test_smallest_attainable_adjusted_p():
@@ -320,7 +322,8 @@ def test_a_tiny_study_leaves_records_resumes_and_reports_from_records_alone(
     torch.manual_seed(3)
     fresh = build_model("prism", **init["model_config"]).state_dict()
     assert all(torch.equal(fresh[k], v) for k, v in init["model"].items())
-    assert not (rec / "prism" / ("lr0.002" if chosen == "lr0.001" else "lr0.001") / "seed3").exists()
+    other = "lr0.002" if chosen == "lr0.001" else "lr0.001"
+    assert not (rec / "prism" / other / "seed3").exists()
     # Again, and from the records alone (no data folder, no checkpoints): nothing trains and the
     # section comes out the same.
     import train
@@ -360,7 +363,8 @@ def test_a_tiny_study_leaves_records_resumes_and_reports_from_records_alone(
     text = results.read_text()
     assert text.startswith(section.rstrip()) and "<!-- compare.py against gpt2 -->" in text
     own = text.split("against gpt2 -->")[1]
-    assert "Δ vs gpt2 [95% CI]" in own and "## Comparison at preset `cpu-small`, against gpt2" in own
+    assert "Δ vs gpt2 [95% CI]" in own
+    assert "## Comparison at preset `cpu-small`, against gpt2" in own
     assert "the claim" not in own  # prism-pi-off is not an arm: no pre-registered family here
     assert (tmp_path / "docs" / "compare_against_gpt2.png").is_file()
     assert "--reference=gpt2 --section='against gpt2'" in text  # its own command re-makes it
@@ -432,7 +436,8 @@ def test_screen_runs_only_the_grid_and_ranks_the_arms(report_data, tmp_path, cap
     assert "<!-- compare.py cpu-small screen -->" in text and section in text
     assert "<!-- compare.py cpu-small screen vs prism-no-self -->" in text
     assert "## Screening at preset `cpu-small`, against prism-no-self" in text
-    assert f"| {best['prism'] - best['prism-no-self']:+.4f} |" in text.split("screen vs prism-no-self -->")[1]
+    own = text.split("screen vs prism-no-self -->")[1]
+    assert f"| {best['prism'] - best['prism-no-self']:+.4f} |" in own
     # A retired candidate (its code deleted) still reports from its records: nothing rebuilds it,
     # its model_args are not checked, its params come from the records and its FLOPs/token from
     # RETIRED; running it is refused with the commit to check out.
