@@ -553,15 +553,13 @@ def train(cfg, model_args=None):
                     f"eta {format_duration((cfg.max_iters - iter_num) * dt)}"
                     + (f" | mfu {mfu * 100:.1f}%" if peak_flops else ""))
                 t_log, log_iters, loss_sum = time.time(), 0, 0.0
-        if ddp:  # no process closes its connections while another still writes or talks
-            torch.distributed.barrier()
     except KeyboardInterrupt:
         raise Interrupted(iter_num, ckpt_iter, ckpt_path) from None
     finally:
         if ddp:
-            # The DDP wrapper sits in a reference cycle: only the cyclic collector frees it and its
-            # Reducer (which holds the process group and its gloo work), at some later moment, maybe
-            # after the group is destroyed. Free it now, while the group is alive.
+            # The DDP wrapper goes first: its Reducer holds the process group, which
+            # destroy_process_group does not free. Left alive (a reference cycle can hold it), the
+            # group's gloo threads die with the interpreter, and a rank can abort at exit (SIGABRT).
             del model
             gc.collect()
             torch.distributed.destroy_process_group()
