@@ -34,6 +34,10 @@ def test_every_step_passes_on_the_cpu(compact_data, tmp_path):
     assert steps["sample"]["greedy_tokens_equal"] == 200  # float32: the cache changes nothing
     md = (out / "report.md").read_text()
     assert all(f"| {name} |" in md and f"## {name}: passed" in md for name in STEPS)
+    # On a CPU the report says what it ran and prints no empty values: no MFU or CUDA memory,
+    # the fused setting as a plain answer, the model named as the toy it is.
+    assert "None" not in md and "mfu" not in md and "peak_mem" not in md
+    assert "- fused: False" in md and "- model: a toy PRISM (n_layer=2" in md
     assert os.access(SCRIPT, os.X_OK)
 
 
