@@ -114,7 +114,12 @@ def load_tokenizer(vocabulary=None):
         raise UsageError(f"unsupported tokenizer {vocabulary['tokenizer']!r} (only 'gpt2')")
     import tiktoken  # noqa: PLC0415 — imported late so --help works without its files
 
-    enc = tiktoken.get_encoding("gpt2")
+    try:
+        enc = tiktoken.get_encoding("gpt2")
+    except Exception as e:  # its BPE files are fetched on first use: network errors of all kinds
+        raise UsageError(f"could not load GPT-2's tokenizer ({type(e).__name__}); tiktoken downloads "
+                         "its files on first use: without internet, set TIKTOKEN_CACHE_DIR to a "
+                         "folder holding them") from None
     eot = int(vocabulary.get("eot_token", enc.eot_token))
     compact = vocabulary.get("compact_vocab")
     if not compact:

@@ -281,3 +281,16 @@ def test_command_line(ckpt):
                         text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith("Once upon a time") and ok.stdout.endswith("---------------\n")
+
+
+def test_a_tokenizer_that_cannot_load_is_one_line(monkeypatch):
+    """Offline without tiktoken's cached files, get_encoding raises a network error: one line."""
+    import tiktoken
+
+    def offline(name):
+        raise ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(sample.UsageError, match="could not load GPT-2's tokenizer "
+                                                "\\(ConnectionError\\).*TIKTOKEN_CACHE_DIR"):
+        sample.load_tokenizer(None)
