@@ -58,9 +58,9 @@ def compressed_coding_rate(Z, subspaces, eps=0.5):
 #         −∇_Z R^c ≈ Σ_k (−β W_k + β² G_k W_k) U_kᵀ                  (neumann_descent_direction)
 #     accurate to O(β³) only where β·λ_max(G_k) < 1 (neumann_radius). Where the model runs it is
 #     far above 1: 121–132 per layer for PRISM-50M's initial dictionary on 512 isotropic tokens
-#     (tested), 1.5·10⁴ to 8.8·10⁴ per layer in the study's trained cpu-small PRISMs
-#     (lab/results/cpu-small/prism/lr0.016/seed*/heads.json, 9 seeds). There even the two-term
-#     series can point uphill (tested).
+#     (one draw; the tests check 115–135), 1.5·10⁴ to 8.8·10⁴ per layer in the study's trained
+#     cpu-small PRISMs (lab/results/cpu-small/prism/lr0.016/seed*/heads.json, 9 seeds). There
+#     even the two-term series can point uphill (tested).
 # (c) A construction choice: keep only the second-order term and put a softmax in place of the
 #     similarity G_k (CRATE); for language the softmax is causal, as in CRATE's own language model
 #     (model/crate_gpt.py in Ma-Lab-Berkeley/CRATE): row t of softmax(G_k/√p) weighs tokens s ≤ t.
