@@ -93,6 +93,12 @@ VARIANTS = {
     # ... and what the paper's two constraints cost on top of it: π-RoPE off, ρ = 1.
     "prism-white-ista-pi-off": ("prism-white", {**WHITE, "mlp": "ista", "rope_ratio": 1.0}),
     "prism-white-ista-complete": ("prism-white", {**WHITE, "mlp": "ista", "overcompleteness": 1}),
+    # The ISTA block's attribution controls inside prism-white (lab/white.py): a hidden bias on the
+    # GELU MLP; the ReLU MLP with a hidden bias (the ista block up to init order: the noise);
+    # CRATE-α's two-step sparse code with a separate decoder.
+    "prism-white-gelu-bias": ("prism-white", {**WHITE, "mlp": "gelu-bias"}),
+    "prism-white-relu-bias": ("prism-white", {**WHITE, "mlp": "relu-bias"}),
+    "prism-white-crate-alpha": ("prism-white", {**WHITE, "mlp": "crate-alpha"}),
 }
 
 # Candidates the screen rejected (lab/RESULTS.md, "Screening at preset cpu-small"): deleted from

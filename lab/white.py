@@ -5,7 +5,9 @@ screen (lab/RESULTS.md, "Screening"), each a module of its own with its reading 
   - normalised subspaces (normalize_subspaces): scores from RMS-normalised W_k;
   - the masked diagonal with a sink (mask_self): no token scores with itself;
   - rotated values (rotate_values): the values in the rotated frame of their keys;
-  - the sparse-coding MLP (mlp = "ista"): one decoupled ISTA step in place of the GELU MLP.
+  - the sparse-coding MLP (mlp = "ista"): one decoupled ISTA step in place of the GELU MLP;
+  - its attribution controls (mlp = "gelu-bias", "relu-bias", "crate-alpha"): the GELU and ReLU
+    MLPs with a hidden bias, and CRATE-α's two-step sparse-coding block.
 
 prism-white is the first three together; prism-white-ista adds the fourth (the study's best
 PRISM). Each piece says below whether it is exact, heuristic, or an empirical fix. The screen's
@@ -30,12 +32,13 @@ class WhiteConfig(PrismConfig):
     normalize_subspaces: bool = False  # scores from RMS-normalised W_k (learned gain)
     mask_self: bool = False            # no score with itself; a learned sink takes the spare mass
     rotate_values: bool = False        # values rotated like their keys, the output rotated back
-    mlp: str = "gelu"                  # "gelu" (model.MLP) or "ista" (SparseCodingMLP)
+    mlp: str = "gelu"                  # one of MLPS (white_mlp): "gelu" is model.MLP
 
     def __post_init__(self):
         super().__post_init__()
-        if self.mlp not in ("gelu", "ista"):
-            raise ValueError(f"WhiteConfig.mlp = {self.mlp!r} must be 'gelu' or 'ista'")
+        if self.mlp not in MLPS:
+            raise ValueError(f"WhiteConfig.mlp = {self.mlp!r} must be one of "
+                             + ", ".join(repr(k) for k in MLPS))
 
 
 # -----------------------------------------------------------------------------
@@ -209,9 +212,82 @@ class SparseCodingMLP(nn.Module):
         return self.dropout(self.proj(F.relu(self.encoder(x) - self.threshold)))
 
 
+# -----------------------------------------------------------------------------
+# The attribution controls: which part of the "ista" block's gain is the sparse code?
+#
+# mlp = "gelu-bias": x ← W₂ GELU(W₁x + b), model.MLP with a learned hidden bias b (fc has a bias,
+# proj none). It separates "a hidden bias" from "a sparse code" on the GELU side.
+#
+# mlp = "relu-bias": x ← W₂ ReLU(W₁x + b). Exactly the "ista" block's function class, with
+# W₁ = D₁, b = −θ, W₂ = D: the same forward for copied weights. Training is the same too: b and θ
+# are 1-D, so configure_optimizers decays neither, both start at 0, and AdamW's step is odd in the
+# gradient (−g gives −m, the same v, the negated update), so b tracks −θ step for step (up to
+# rounding; tests train both). W₁, W₂ start as D₁, D do (std 0.02, W₂ residual-scaled like D). So
+# they are the same model up to the initialiser's draws: the same distributions, drawn in another
+# order (SparseCodingMLP creates D before D₁, and nn.Linear's bias draws numbers at construction
+# that θ does not, which shifts every later draw), so one seed starts them from different weights.
+# Its arm measures the noise of the initialisation at a fixed seed and data order.
+#
+# mlp = "crate-alpha": CRATE-α's MLP (UCSC-VLAA/CRATE-alpha, OvercompleteISTABlock). Two ISTA steps
+# of the non-negative LASSO above from a = 0, with one dictionary D ∈ R^{d×m} and fixed
+# η = λ = 0.1 (not learned), then a decoder D₂ of its own, m → d:
+#     a₁ = ReLU(η Dᵀx − ηλ),  a₂ = ReLU(a₁ + η Dᵀ(x − D a₁) − ηλ),  x ← x + D₂ a₂.
+# a₁, a₂ are exact ISTA iterates of min_{a≥0} ½‖x − Da‖² + λ‖a‖₁ (ista_step twice; tests check it);
+# each step does not increase it while η < 2/λ_max(DᵀD), which holds at init (λ_max ≈ 0.46 for
+# d = 128, m = 512, std 0.02, so 2/L ≈ 4) but nothing keeps it in training. Decoding with D₂ in
+# place of D (the LASSO's reconstruction) is CRATE-α's decoupling, a heuristic. Two d·m matrices,
+# no 1-D parameter: the GELU MLP's count at the same width. D is used three times (Dᵀx, D a₁,
+# Dᵀ(x − D a₁)), so it costs two d·m matmuls more than its weights say (flops_per_token). What
+# differs from their code: the width m = mlp_width (theirs 4d), and the init, std 0.02 with D₂
+# residual-scaled like every proj (theirs Kaiming-uniform).
+
+
+class HiddenBiasMLP(nn.Module):
+    """x ← W₂ σ(W₁x + b): model.MLP's shape with a learned hidden bias (fc has one, proj none)."""
+
+    def __init__(self, config, activation):
+        super().__init__()
+        width = mlp_width(config)
+        self.fc = nn.Linear(config.n_embd, width, bias=True)     # W₁, b
+        self.proj = nn.Linear(width, config.n_embd, bias=False)  # W₂
+        self.activation = activation
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.proj(self.activation(self.fc(x))))
+
+
+class CrateAlphaMLP(nn.Module):
+    """x ← D₂ a₂, a₂ two ISTA steps from 0 against one dictionary D, η = λ = 0.1 (above)."""
+
+    step, threshold = 0.1, 0.1  # η, λ: fixed, as CRATE-α has them
+
+    def __init__(self, config):
+        super().__init__()
+        width = mlp_width(config)
+        self.dictionary = nn.Linear(width, config.n_embd, bias=False)  # D (d × m)
+        self.proj = nn.Linear(width, config.n_embd, bias=False)        # D₂, the decoder
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        D, eta, lam = self.dictionary.weight, self.step, self.threshold
+        a1 = F.relu(eta * F.linear(x, D.t()) - eta * lam)                            # a₁
+        a2 = F.relu(a1 + eta * F.linear(x - F.linear(a1, D), D.t()) - eta * lam)     # a₂
+        return self.dropout(self.proj(a2))
+
+
+MLPS = {
+    "gelu": MLP,
+    "ista": SparseCodingMLP,
+    "gelu-bias": lambda config: HiddenBiasMLP(config, F.gelu),
+    "relu-bias": lambda config: HiddenBiasMLP(config, F.relu),
+    "crate-alpha": CrateAlphaMLP,
+}
+
+
 def white_mlp(config):
-    """The block's MLP for a WhiteConfig: model.MLP or SparseCodingMLP."""
-    return SparseCodingMLP(config) if config.mlp == "ista" else MLP(config)
+    """The block's MLP for a WhiteConfig: MLPS[config.mlp]."""
+    return MLPS[config.mlp](config)
 
 
 class PrismWhite(Prism):
@@ -226,3 +302,9 @@ class PrismWhite(Prism):
     def sizes_like_prism(cls, prism_model_args):
         """Every PRISM size is a prism-white size: WhiteConfig extends PrismConfig."""
         return dict(prism_model_args)
+
+    def flops_per_token(self):
+        """model.py's count, plus CRATE-α's two extra uses of D per layer: 6 · L · 2·d·m."""
+        c = self.config
+        extra = 6 * c.n_layer * 2 * c.n_embd * mlp_width(c) if c.mlp == "crate-alpha" else 0
+        return super().flops_per_token() + extra

@@ -1,20 +1,28 @@
 """The white-box PRISM family (lab/white.py): each change keeps the model causal, its analysis
 path equal to its fast path, and trains; the sink's two forms agree; the rotated values are the
 gradient form they claim; ISTA's descent condition is η < 2/L for any λ; the masked diagonal is
-never attended; with every change off it is the paper's PRISM."""
+never attended; with every change off it is the paper's PRISM. The ISTA block's attribution
+controls are what lab/white.py says: relu-bias is the ista block's model, CRATE-α's block is two
+ISTA steps and its FLOPs count D's extra uses."""
 import math
 
 import pytest
 import torch
 
 from model import Prism, PrismConfig, apply_rotary
+from torch.nn import functional as F
+
+from model import mlp_width
 from lab.white import PrismWhite, WhiteConfig, ista_step, lasso_objective
 
+WHITE = {"normalize_subspaces": True, "mask_self": True, "rotate_values": True}
+MLP_CONTROLS = [{**WHITE, "mlp": m} for m in ("gelu-bias", "relu-bias", "crate-alpha")]
 CANDIDATES = [
     {"normalize_subspaces": True}, {"mask_self": True}, {"rotate_values": True}, {"mlp": "ista"},
     {"normalize_subspaces": True, "mask_self": True, "rotate_values": True},
     {"normalize_subspaces": True, "mask_self": True, "rotate_values": True, "mlp": "ista"},
     {"mask_self": True, "rotate_values": True, "rope_ratio": 1.0},
+    *MLP_CONTROLS,
 ]
 SIZES = dict(vocab_size=97, block_size=24, n_layer=2, n_embd=32, n_head=4, head_dim=16)
 
@@ -50,7 +58,7 @@ def test_candidate_shapes_causality_and_analysis_path(overrides):
     assert not torch.allclose(logits[:, t], after[:, t])
 
 
-@pytest.mark.parametrize("overrides", CANDIDATES[:4], ids=name)
+@pytest.mark.parametrize("overrides", CANDIDATES[:4] + MLP_CONTROLS, ids=name)
 def test_candidate_trains(overrides):
     model = tiny(**overrides)
     opt = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), "cpu")
@@ -221,8 +229,137 @@ def test_every_candidate_variant_is_matched_to_prism_at_every_preset():
     from lab.variants import PRESETS, VARIANTS, count_params, variant_args
 
     candidates = [v for v, (arch, _) in VARIANTS.items() if arch == "prism-white"]
-    assert len(candidates) >= 11
+    assert len(candidates) >= 14
+    for v in ("gelu-bias", "relu-bias", "crate-alpha"):
+        assert VARIANTS[f"prism-white-{v}"] == ("prism-white", {**WHITE, "mlp": v})
     for preset in PRESETS:
         prism = count_params(*variant_args(preset, "prism", 4097))
         for v in candidates:
             assert abs(count_params(*variant_args(preset, v, 4097)) / prism - 1) <= 0.05, (preset, v)
+
+
+# -----------------------------------------------------------------------------
+# The attribution controls (lab/white.py).
+
+
+def test_the_hidden_bias_mlps_are_w2_sigma_w1x_plus_b():
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(0))
+    for mlp, sigma in (("gelu-bias", F.gelu), ("relu-bias", torch.relu)):
+        block = tiny(mlp=mlp).transformer.h[0].mlp
+        assert block.fc.bias is not None and block.proj.bias is None
+        with torch.no_grad():
+            block.fc.bias.uniform_(-0.5, 0.5)
+        W1, b, W2 = block.fc.weight, block.fc.bias, block.proj.weight
+        assert torch.allclose(block(x), (W2 @ sigma(W1 @ x.T + b[:, None])).T, atol=1e-6)
+    # one bias per hidden unit more than the GELU MLP, nothing else
+    assert tiny(mlp="gelu-bias").get_num_params() == tiny().get_num_params() + 2 * 4 * 32
+
+
+def ista_twin(relu_model):
+    """An "ista" model holding relu_model's weights: D₁ = W₁, θ = −b, D = W₂."""
+    twin = tiny(**{**relu_model.config.__dict__, "mlp": "ista"})
+    state = {}
+    for k, v in relu_model.state_dict().items():
+        if k.endswith("mlp.fc.bias"):
+            state[k.replace("fc.bias", "threshold")] = -v
+        else:
+            state[k.replace("mlp.fc.weight", "mlp.encoder.weight")] = v
+    twin.load_state_dict(state)
+    return twin
+
+
+def test_relu_bias_is_the_ista_block_up_to_the_init_draws():
+    """ReLU(W₁x + b) then W₂ with b = −θ is the decoupled ISTA block: copied weights give the same
+    logits exactly, and trained side by side with AdamW (weight decay on) they stay together: b
+    and θ are both undecayed and b follows −θ. At one seed the two only start from other draws."""
+    relu = tiny(**WHITE, mlp="relu-bias")
+    with torch.no_grad():
+        for block in relu.transformer.h:
+            block.mlp.fc.bias.uniform_(-0.05, 0.05)
+    ista = ista_twin(relu)
+    start = [b.mlp.fc.bias.detach().clone() for b in relu.transformer.h]
+    assert relu.get_num_params() == ista.get_num_params()
+    idx, targets = tokens(relu, B=4), tokens(relu, B=4, seed=1)
+    assert torch.equal(relu(idx)[0], ista(idx)[0])
+    # the hidden bias and the threshold sit in the no-decay group, the matrices in the other
+    for model, vector in ((relu, "mlp.fc.bias"), (ista, "mlp.threshold")):
+        opt = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu")
+        undecayed = {id(p) for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+        for n, p in model.named_parameters():
+            if n.endswith(vector):
+                assert id(p) in undecayed
+            if n.endswith(("mlp.fc.weight", "mlp.encoder.weight", "mlp.proj.weight")):
+                assert id(p) not in undecayed
+    opts = [m.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu") for m in (relu, ista)]
+    for _ in range(10):
+        for model, opt in zip((relu, ista), opts):
+            _, loss = model(idx, targets)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert torch.allclose(relu(idx)[0], ista(idx)[0], atol=1e-5)
+    for a, b, b0 in zip(relu.transformer.h, ista.transformer.h, start):
+        assert torch.allclose(a.mlp.fc.bias, -b.mlp.threshold, atol=1e-6)
+        assert (a.mlp.fc.bias - b0).abs().max() > 1e-2   # it moved, and −θ moved with it
+    # the same seed draws them differently (the bias's construction draws shift the stream)
+    torch.manual_seed(0)
+    fresh_relu = PrismWhite(WhiteConfig(**SIZES, **WHITE, mlp="relu-bias"))
+    torch.manual_seed(0)
+    fresh_ista = PrismWhite(WhiteConfig(**SIZES, **WHITE, mlp="ista"))
+    assert not torch.equal(fresh_relu.transformer.wte.weight, fresh_ista.transformer.wte.weight)
+
+
+def test_crate_alpha_is_two_ista_steps_from_zero_decoded_by_its_own_matrix():
+    model = tiny(mlp="crate-alpha")
+    block = model.transformer.h[0].mlp
+    x = torch.randn(3, 7, 32, generator=torch.Generator().manual_seed(0))
+    D, D2 = block.dictionary.weight, block.proj.weight            # D (d, m), D₂ (d, m): m -> d
+    assert D.shape == D2.shape == (32, mlp_width(model.config)) == (32, 128)
+    a1 = ista_step(x, D, 0.1, 0.1)
+    a2 = ista_step(x, D, 0.1, 0.1, a1)
+    assert torch.allclose(block(x), a2 @ D2.T, atol=1e-6)
+    # CRATE-α's own form, with their einsums: Dᵀx, D z₁, Dᵀ(D z₁ − x), then D₂ z₂
+    z1 = torch.relu(0.1 * torch.einsum("pd,nlp->nld", D, x) - 0.1 * 0.1)
+    lasso_grad = torch.einsum("pd,nlp->nld", D, torch.einsum("dp,nlp->nld", D, z1) - x)
+    z2 = torch.relu(z1 - 0.1 * lasso_grad - 0.1 * 0.1)
+    assert torch.allclose(block(x), torch.einsum("dp,nlp->nld", D2, z2), atol=1e-6)
+    assert (a2 > 0).any() and (a2 == 0).any()                     # a sparse code, not all off
+    # two d·m matrices and nothing else: the GELU MLP's count at the same width
+    assert [p.dim() for p in block.parameters()] == [2, 2]
+    assert model.get_num_params() == tiny().get_num_params()
+
+
+def test_crate_alphas_step_is_under_two_over_L_at_init():
+    """The comment's numbers: D (128 × 512) at std 0.02 has λ_max(DᵀD) ≈ 0.46, so η = 0.1 is far
+    below 2/L ≈ 4 at init, and the two steps do not increase the LASSO objective there."""
+    torch.manual_seed(0)
+    config = WhiteConfig(**{**SIZES, "n_embd": 128, "n_head": 8, "head_dim": 32},
+                         mlp="crate-alpha")
+    block = PrismWhite(config).transformer.h[0].mlp
+    D = block.dictionary.weight.detach().double()
+    L = torch.linalg.eigvalsh(D.T @ D)[-1].item()
+    assert D.shape == (128, 512) and 0.42 < L < 0.50 and 2 / L > 4
+    x = torch.nn.functional.layer_norm(torch.randn(64, 128, dtype=torch.float64), (128,))
+    a1 = ista_step(x, D, 0.1, 0.1)
+    a2 = ista_step(x, D, 0.1, 0.1, a1)
+    f0, f1, f2 = (lasso_objective(x, D, 0.1, a) for a in (torch.zeros_like(a1), a1, a2))
+    assert (f1 <= f0).all() and (f2 <= f1).all()
+
+
+def test_flops_count_crate_alphas_extra_uses_of_its_dictionary():
+    """6 per weight counts D and D₂ once each; D is used three times, so CRATE-α adds
+    6 · n_layer · 2·d·m; the other MLPs are counted by their weights alone."""
+    for overrides in ({}, {"mlp": "ista"}, {"mlp": "gelu-bias"}, {"mlp": "relu-bias"}):
+        model = tiny(**overrides)
+        c = model.config
+        assert model.flops_per_token() == (6 * model.get_num_params()
+                                           + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size)
+    gelu, crate = tiny(), tiny(mlp="crate-alpha")
+    m = mlp_width(crate.config)
+    assert crate.flops_per_token() - gelu.flops_per_token() == 6 * 2 * 2 * 32 * m
+    # at the study's preset: the same width as prism-white (4d = 512), 4 layers
+    from lab.variants import model_size, variant_args
+    white = model_size(*variant_args("cpu-small", "prism-white", 4097))
+    arch, args = variant_args("cpu-small", "prism-white-crate-alpha", 4097)
+    assert "mlp_hidden" not in args and args["mlp"] == "crate-alpha"
+    assert model_size(arch, args) == (white[0], white[1] + 6 * 4 * 2 * 128 * 512)
