@@ -599,8 +599,9 @@ def get_arch(name):
     if name not in ARCHS:
         try:
             importlib.import_module(LAB_PACKAGE)  # the one hook: registers the lab's archs
-        except ModuleNotFoundError:
-            pass
+        except ModuleNotFoundError as e:
+            if e.name != LAB_PACKAGE:  # the lab is there but cannot import: say why
+                raise
     if name not in ARCHS:
         raise ValueError(f"unknown arch {name!r}; choose from {', '.join(ARCHS)}")
     return ARCHS[name]
@@ -657,4 +658,6 @@ def load_model(path, device="cpu"):
     model = build_model(ckpt["arch"], **ckpt["model_config"])
     model.load_state_dict(ckpt["model"])
     model.vocabulary = ckpt.get("vocabulary")
+    # What train.py's checkpoint says of its run, for the scripts' "loaded ..." line (None: absent).
+    model.training_run = {k: ckpt.get(k) for k in ("iter_num", "best_val_loss", "train_config")}
     return model.to(device).eval()

@@ -67,14 +67,12 @@ def load_checkpoint_model(path, device="cpu"):
     one line to stderr saying what was loaded (so that stdout holds the samples only)."""
     try:
         model = load_model(path, device)
-        # The run's facts ride in the same file; mmap reads them without the weights again.
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except CheckpointError as e:  # says what the file is, with its path
         raise UsageError(str(e)) from None
     except (FileNotFoundError, ValueError, RuntimeError, KeyError, TypeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UsageError(f"cannot load checkpoint {path}: {msg}") from None
-    facts = {k: ckpt.get(k) for k in ("iter_num", "best_val_loss", "train_config")}
+    facts = model.training_run
     line = (f"loaded {path}: {model.arch}, "
             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     if facts["iter_num"] is not None:

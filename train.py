@@ -212,8 +212,10 @@ def resolve_system(cfg, local_rank=None):
 def load_data(data_dir):
     """(train, val, meta): memmap views of the token files and the parsed meta.json."""
     if not os.path.isdir(data_dir):
-        raise TrainError(f"data_dir {data_dir} does not exist; make it with "
-                         f"`python prepare_tinystories.py` (see README.md)")
+        command = "python prepare_tinystories.py" + (
+            " --sample --vocab_size=4096 --report_fraction=0.5"  # config/cpu_small.py's data
+            if os.path.normpath(data_dir) == os.path.join("data", "sample") else "")
+        raise TrainError(f"data_dir {data_dir} does not exist; make it with `{command}` (see README.md)")
     meta_path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(meta_path):
         raise TrainError(f"{meta_path} is missing; run prepare_tinystories.py to write it")

@@ -439,3 +439,19 @@ def test_pi_rope_band_facts(head_dim, inside, above, long_signal, long_noise):
     three = band_facts(head_dim, ratio=3.0, context=128)
     assert 0 < f["closest_realignment"] < 1e-4 and 0 < three["closest_realignment"] < 1e-4
     assert band_facts(head_dim, ratio=1.0)["closest_realignment"] == 0   # π-off: same frequencies
+
+
+def test_a_lab_that_cannot_import_says_why_and_no_lab_is_an_unknown_arch(tmp_path, monkeypatch):
+    """get_arch's hook: a missing lab package leaves the tutorial on its own (unknown arch), but a
+    lab that is there and fails to import raises its own error instead of hiding it."""
+    import model
+
+    (tmp_path / "broken_lab").mkdir()
+    (tmp_path / "broken_lab" / "__init__.py").write_text("import no_such_module_here\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(model, "LAB_PACKAGE", "no_such_lab_package")
+    with pytest.raises(ValueError, match="unknown arch 'gpt9'; choose from prism"):
+        model.get_arch("gpt9")
+    monkeypatch.setattr(model, "LAB_PACKAGE", "broken_lab")
+    with pytest.raises(ModuleNotFoundError, match="no_such_module_here"):
+        model.get_arch("gpt9")

@@ -524,3 +524,12 @@ def test_resuming_a_checkpoint_carrying_code_is_refused(capsys, data_dir, tmp_pa
     config = write_config(tmp_path / "c.py", tiny_settings(data_dir, tmp_path, init_from="resume"))
     assert user_error(capsys, [config]) == unsafe_message(tmp_path / "ckpt.pt")
     assert not marker.exists()
+
+
+def test_the_cpu_configs_missing_data_names_the_command_that_makes_it(capsys, tmp_path, monkeypatch):
+    """config/cpu_small.py's data_dir is data/sample: the error gives --sample's command, not the
+    full download's."""
+    monkeypatch.chdir(tmp_path)
+    err = user_error(capsys, [os.path.join(T.HERE, "config", "cpu_small.py"), "--device=cpu"])
+    assert ("data_dir data/sample does not exist; make it with `python prepare_tinystories.py "
+            "--sample --vocab_size=4096 --report_fraction=0.5`") in err
