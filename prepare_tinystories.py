@@ -745,7 +745,7 @@ def parse_args(argv=None):
     p.add_argument("--report_fraction", type=float, default=0.0,
                    help="move this share of the validation stories (whole stories, spread "
                         "evenly, deterministic) to test.bin, the report split; val.bin keeps the "
-                        "rest as the selection split. compare.py needs it (0.5 there). "
+                        "rest as the selection split. the lab's comparison (python -m lab.compare) needs it (0.5 there). "
                         "Default: no report split")
     p.add_argument("--vocab_size", type=int, default=None,
                    help="a compact vocabulary for small experiments: keep the K most frequent "

@@ -23,13 +23,8 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import model
-from model import (Block, KVCache, LanguageModel, apply_rotary, causal_mask, explicit_attention,
-                   rotary_frequencies, rotary_tables)
-
-
-def _check(config, name, ok, why):
-    if not ok:
-        raise ValueError(f"{type(config).__name__}.{name} = {getattr(config, name)!r} {why}")
+from model import (Block, KVCache, LanguageModel, _check, apply_rotary, causal_mask,
+                   explicit_attention, rotary_frequencies, rotary_tables)
 
 
 class MatchedToPrism:

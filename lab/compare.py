@@ -59,8 +59,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
+import analyze_heads
+import train
 from lab import stats
+from lab.heads import contrast_test
 from lab.variants import PRESETS, RETIRED, VARIANTS, check_preset, model_size, variant_args
+from model import CheckpointError, build_model, load_model, read_checkpoint
 
 STUDY_ARMS = ("prism", "prism-pi-off", "prism-complete", "gpt2", "gemma3", "rope-attention")
 HEAD_ARMS = ("prism", "prism-pi-off")  # the claim: head regimes with π-RoPE, weaker without
@@ -329,7 +336,6 @@ def read_record(plan, rec, variant, seed, lr=None):
 def code_version(root=Path(__file__).resolve().parent.parent):
     """What made a record: the commit of the checkout at root (with "-dirty" where tracked .py
     files have uncommitted changes; "unknown" outside a git checkout) and torch's version."""
-    import torch  # noqa: PLC0415
 
     def git(*argv):
         return subprocess.run(["git", *argv], cwd=root, capture_output=True, text=True,
@@ -345,7 +351,6 @@ def code_version(root=Path(__file__).resolve().parent.parent):
 
 
 def _train_config(args, plan, variant, lr, seed, run_dir, iters):
-    import train  # noqa: PLC0415 — torch and the training loop only when something trains
 
     b = plan["budget"]
     arch, model_args = variant_args(args.preset, variant, plan["data"]["vocab_size"])
@@ -358,7 +363,6 @@ def _train_config(args, plan, variant, lr, seed, run_dir, iters):
         device=args.device, init_from="scratch")
     ckpt = run_dir / "ckpt.pt"
     if ckpt.is_file():  # an unfinished run of this study resumes; anything else is refused
-        from model import CheckpointError, read_checkpoint  # noqa: PLC0415
 
         try:
             saved = read_checkpoint(ckpt).get("train_config") or {}
@@ -383,10 +387,7 @@ def run_once(args, plan, variant, lr, seed):
     if args.report_only:
         raise CompareError(f"no record {rec / 'summary.json'}: the study is not finished "
                            f"(run it without --report_only)")
-    import numpy as np  # noqa: PLC0415
 
-    import train  # noqa: PLC0415
-    from model import load_model  # noqa: PLC0415
 
     run_dir = plan["runs"] / variant / f"lr{lr:g}" / f"seed{seed}"
     cfg, model_args = _train_config(args, plan, variant, lr, seed, run_dir, plan["budget"]["iters"])
@@ -427,7 +428,6 @@ def init_heads(args, plan, variant, seed):
         return json.loads((rec / "heads.json").read_text())
     if args.report_only:
         raise CompareError(f"no record {rec / 'summary.json'}: the study is not finished")
-    import train  # noqa: PLC0415
 
     run_dir = plan["runs"] / variant / "init" / f"seed{seed}"
     cfg, model_args = _train_config(args, plan, variant, plan["grid"][0], seed, run_dir, 0)
@@ -445,7 +445,6 @@ def init_heads(args, plan, variant, seed):
 
 def analyze(args, ckpt, out):
     """analyze_heads.py on a checkpoint, on the report split; its heads.json."""
-    import analyze_heads  # noqa: PLC0415
 
     status = analyze_heads.main([f"--ckpt={ckpt}", f"--data_dir={args.data_dir}", "--split=test",
                                  f"--out_dir={out}", f"--num_batches={args.analysis_batches}",
@@ -547,7 +546,6 @@ def paired_differences(plan, study):
 def head_contrasts(study):
     """[(title, contrast_test rows)]: PRISM and its π-off ablation, each against its untrained
     self and against 0, and against each other; paired by seed."""
-    from lab.heads import contrast_test  # noqa: PLC0415
 
     tests = []
     for v in HEAD_ARMS:
@@ -816,9 +814,7 @@ def write_section(path, section, body):
 def time_step(args, plan, variant, steps):
     """Seconds per training step and per evaluation batch of a variant, timed here on random
     tokens (after one untimed step): AdamW, the real model, batch size and block size."""
-    import torch  # noqa: PLC0415
 
-    from model import build_model  # noqa: PLC0415
 
     arch, model_args = variant_args(args.preset, variant, plan["data"]["vocab_size"])
     torch.manual_seed(0)

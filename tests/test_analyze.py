@@ -244,21 +244,6 @@ def test_model_without_rotary_groups_or_dictionary(tmp_path, monkeypatch):
         assert layer["R"] is not None and layer["Rc"] is None and layer["dR"] is None
 
 
-@pytest.mark.parametrize("arch, args", [
-    ("gpt2", dict(vocab_size=64, block_size=32, n_layer=2, n_embd=32, n_head=4)),
-    ("gemma3", dict(vocab_size=64, block_size=32, n_layer=2, n_embd=32, n_head=4, head_dim=8,
-                    mlp_hidden=64, sliding_window=8, global_every=2)),
-])
-def test_baselines(tmp_path, arch, args):
-    model = build_model(arch, **args)
-    res = ah.analyze_model(model, random_batches(64, 2), num_batches=2, progress=False)
-    ah.write_outputs(res, tmp_path)
-    data = check_outputs(tmp_path)
-    assert "group" in data["not_applicable"] and "Rc" in data["not_applicable"]
-    has_rope = arch == "gemma3"
-    assert ("spectral_centroid" in data["not_applicable"]) != has_rope
-    assert all((h["spectral_centroid"] is not None) == has_rope for h in data["heads"])
-
 
 # -- command line ---------------------------------------------------------------------------
 

@@ -265,7 +265,7 @@ def test_which_checkpoint(ckpt, tmp_path, monkeypatch, capsys):
         assert rc == 0 and err.startswith(f"loaded {path}: prism, "), (argv, err)
     hint = "(train one with `python train.py`, or give --ckpt=PATH)"
     for argv, message in [(["--ckpt=out/empty"], f"no checkpoint in out/empty {hint}"),
-                          (["--ckpt=out/cpu_tiny"], f"no checkpoint in out/cpu_tiny {hint}"),
+                          (["--ckpt=out/cpu_small"], f"no checkpoint in out/cpu_small {hint}"),
                           (["--out_dir=out/none"], f"no checkpoint in out/none {hint}"),
                           (["--ckpt=out/x.pt"], f"no checkpoint at out/x.pt {hint}"),
                           (["--ckpt=out/old", "--out_dir=out/old"],

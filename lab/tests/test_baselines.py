@@ -49,7 +49,10 @@ def test_variant_args_are_what_every_record_was_made_with():
         if "params" in summary:  # the init-only records carry no count
             assert count_params(arch, args) == summary["params"], path
         checked.add(summary["variant"])
-    assert checked == set(VARIANTS)  # every variant has records
+    # Not vacuous: every arm of a committed comparison was checked (a variant still being
+    # screened may have no records yet).
+    assert {"prism", "prism-pi-off", "prism-complete", "gpt2", "gemma3", "rope-attention",
+            "prism-white", "prism-white-ista"} <= checked
 
 
 def test_retired_candidates_keep_their_records_and_are_gone_from_the_code():

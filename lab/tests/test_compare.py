@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lab import compare, heads
+from lab import compare
 from lab.variants import PRESETS, RETIRED, count_params, variant_args
 
 REPO = Path(__file__).resolve().parents[2]
@@ -207,7 +207,7 @@ def test_paired_differences_pair_by_seed_not_by_position():
 
 
 # -----------------------------------------------------------------------------
-# Head contrasts: compare hands lab.heads.contrast_test the right pairs
+# Head contrasts: compare hands contrast_test (lab.heads) the right pairs
 
 
 def test_head_contrasts_pair_trained_untrained_and_the_two_arms(monkeypatch):
@@ -218,7 +218,7 @@ def test_head_contrasts_pair_trained_untrained_and_the_two_arms(monkeypatch):
         return [{"layer": layer, "contrast": "log_distance", "n": len(treated), "mean": 0.5,
                  "lo": 0.1, "hi": 0.9, "p": 0.0078} for layer in (0, "all")]
 
-    monkeypatch.setattr(heads, "contrast_test", contrast_test)
+    monkeypatch.setattr(compare, "contrast_test", contrast_test)
     study = {v: {"heads": [{"arm": v, "seed": s} for s in (1, 2)],
                  "init_heads": [{"arm": v, "init": True, "seed": s} for s in (1, 2)]}
              for v in ("prism", "prism-pi-off")}

@@ -9,7 +9,8 @@ import pytest
 
 import analyze_heads as ah
 from lab import heads
-from tests.test_analyze import rejection_rate, synthetic_heads
+from model import build_model
+from tests.test_analyze import check_outputs, random_batches, rejection_rate, synthetic_heads
 
 
 def seeds(rng, n=8, **kw):
@@ -105,3 +106,19 @@ def test_pooled_bimodality_misses_a_designed_split_that_the_label_test_finds():
     labelled = np.mean([ah.label_permutation_test(hs, "log_distance", draws=199)["p"] <= 0.05
                         for hs in split[:30]])
     assert pooled < 0.3 and labelled > 0.9  # 2 SD apart: ~10% against ~100%
+
+
+@pytest.mark.parametrize("arch, args", [
+    ("gpt2", dict(vocab_size=64, block_size=32, n_layer=2, n_embd=32, n_head=4)),
+    ("gemma3", dict(vocab_size=64, block_size=32, n_layer=2, n_embd=32, n_head=4, head_dim=8,
+                    mlp_hidden=64, sliding_window=8, global_every=2)),
+])
+def test_the_lab_baselines_analyse_without_groups_or_rates(tmp_path, arch, args):
+    model = build_model(arch, **args)
+    res = ah.analyze_model(model, random_batches(64, 2), num_batches=2, progress=False)
+    ah.write_outputs(res, tmp_path)
+    data = check_outputs(tmp_path)
+    assert "group" in data["not_applicable"] and "Rc" in data["not_applicable"]
+    has_rope = arch == "gemma3"
+    assert ("spectral_centroid" in data["not_applicable"]) != has_rope
+    assert all((h["spectral_centroid"] is not None) == has_rope for h in data["heads"])
