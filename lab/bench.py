@@ -39,9 +39,8 @@ architecture.
 
 The prepare step's throughput is its own line: prepare_tinystories.tokenize_files (one worker,
 into a temporary folder) on --prepare_file, in MB of text per second (tiktoken must find its GPT-2
-files: on an offline machine set TIKTOKEN_CACHE_DIR), median of three runs. Where that function
-does not exist, a fallback labelled as such times tiktoken "gpt2" encode_ordinary_batch (one
-thread) on the stories instead. --prepare_file='' skips the line.
+files: on an offline machine set TIKTOKEN_CACHE_DIR), median of three runs. --prepare_file=''
+skips the line.
 
 Output: one table on stdout; with --json=PATH one JSON object per line (JSON Lines): a record per
 measurement ("kind": "train_step"; keys arch, block_size, params, step_ms, tokens_per_sec,
@@ -69,6 +68,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import prepare_tinystories as prep
 
 REPO = Path(__file__).resolve().parent.parent
 # Text for the prepare line when --prepare_file is not given: the first of these that exists.
@@ -385,41 +386,19 @@ def combine(runs):
 
 def prepare_throughput(path):
     """Tokenisation throughput on the text file at path: a "prepare" record."""
-    size = os.path.getsize(path)
-    try:
-        import prepare_tinystories as prep
-    except ImportError:
-        prep = None
-    if prep is not None and hasattr(prep, "tokenize_files"):
-        if hasattr(prep, "get_encoder"):
-            prep.get_encoder()  # loading the BPE files is not tokenising: as in its own timing
-        times = []
-        with tempfile.TemporaryDirectory() as out_dir:
-            for _ in range(3):  # a small file takes a fraction of a second: median of three
-                t0 = time.perf_counter()
-                meta = prep.tokenize_files(str(path), None, out_dir, workers=1, progress=False)
-                times.append(time.perf_counter() - t0)
-        seconds = statistics.median(times)
-        size = meta.get("input_bytes", size)
-        tokens = meta["train_tokens"] + meta["val_tokens"]
-        source = ("prepare_tinystories.tokenize_files (workers=1; reads, splits, encodes with "
-                  "tiktoken gpt2 and writes train.bin / val.bin)")
-    else:
-        import tiktoken
-
-        enc = tiktoken.get_encoding("gpt2")
-        with open(path, encoding="utf-8") as f:
-            stories = [s.strip() for s in f.read().split("<|endoftext|>") if s.strip()]
-        times = []
-        for _ in range(3):
+    prep.get_encoder()  # loading the BPE files is not tokenising: as in its own timing
+    times = []
+    with tempfile.TemporaryDirectory() as out_dir:
+        for _ in range(3):  # a small file takes a fraction of a second: median of three
             t0 = time.perf_counter()
-            tokens = sum(len(ids) for ids in enc.encode_ordinary_batch(stories, num_threads=1))
+            meta = prep.tokenize_files(str(path), None, out_dir, workers=1, progress=False)
             times.append(time.perf_counter() - t0)
-        seconds = statistics.median(times)
-        source = ("FALLBACK: tiktoken gpt2 encode_ordinary_batch (prepare_tinystories."
-                  "tokenize_files not found)")
+    seconds, size = statistics.median(times), meta["input_bytes"]
     return {"kind": "prepare", "file": str(path), "bytes": size, "seconds": seconds,
-            "tokens": tokens, "mb_per_sec": size / 1e6 / max(seconds, 1e-9), "source": source}
+            "tokens": meta["train_tokens"] + meta["val_tokens"],
+            "mb_per_sec": size / 1e6 / max(seconds, 1e-9),
+            "source": ("prepare_tinystories.tokenize_files (workers=1; reads, splits, encodes with "
+                       "tiktoken gpt2 and writes train.bin / val.bin)")}
 
 
 # -----------------------------------------------------------------------------

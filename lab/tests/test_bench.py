@@ -63,14 +63,6 @@ def test_ratios_in_the_table():
     assert "error: timeout after 5 s" in table.splitlines()[3]
 
 
-def test_prepare_fallback_is_labelled(monkeypatch, small_text):
-    import prepare_tinystories
-
-    monkeypatch.delattr(prepare_tinystories, "tokenize_files")
-    rec = bench.prepare_throughput(small_text)
-    assert rec["source"].startswith("FALLBACK") and rec["mb_per_sec"] > 0 and rec["tokens"] > 0
-
-
 @pytest.mark.parametrize("arg, message", [
     ("--archs=prism,nope", "unknown arch 'nope'"),
     ("--block_sizes=128,abc", "'abc' is not a positive integer"),
