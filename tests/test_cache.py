@@ -29,10 +29,10 @@ def prompt(B=2, T=3):
     return torch.randint(0, SIZES["vocab_size"], (B, T), generator=torch.Generator().manual_seed(3))
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_cached_logits_equal_the_full_forward(name):
-    model = make(name)
-    tokens = torch.randint(0, SIZES["vocab_size"], (2, SIZES["block_size"]),
+def check_cached_logits_equal_the_full_forward(model):
+    """Prompt, then one token at a time through the cache: the logits of the full forward.
+    lab/tests/test_lab_cache.py runs the same checks on the lab's archs."""
+    tokens = torch.randint(0, model.config.vocab_size, (2, model.config.block_size),
                            generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full, _ = model(tokens)
@@ -46,9 +46,8 @@ def test_cached_logits_equal_the_full_forward(name):
         model.forward_hidden(tokens[:, :1], cache=cache)
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_greedy_and_sampled_tokens_are_the_same_with_and_without_cache(name):
-    model = make(name)
+def check_generation_with_and_without_cache(model):
+    """Greedy and sampled tokens are the same with and without the cache, past block_size."""
     new = 40  # 3 + 40 tokens: past block_size = 24, where the cached path falls back
     greedy = [model.generate(prompt(), new, temperature=0, use_cache=c) for c in (True, False)]
     assert torch.equal(greedy[0], greedy[1])
@@ -59,6 +58,16 @@ def test_greedy_and_sampled_tokens_are_the_same_with_and_without_cache(name):
                                       use_cache=use_cache))
     assert torch.equal(sampled[0], sampled[1])
     assert not torch.equal(sampled[0], greedy[0])  # the sampled run did sample
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_cached_logits_equal_the_full_forward(name):
+    check_cached_logits_equal_the_full_forward(make(name))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_greedy_and_sampled_tokens_are_the_same_with_and_without_cache(name):
+    check_generation_with_and_without_cache(make(name))
 
 
 def test_a_windowed_cache_keeps_only_what_the_layer_can_still_see():

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from model import build_model
+from tests.test_cache import (SIZES, check_cached_logits_equal_the_full_forward,
+                              check_generation_with_and_without_cache, prompt)
 
-SIZES = dict(vocab_size=97, block_size=24, n_layer=2, n_embd=32)
 MODELS = {
     "prism-white": ("prism-white", dict(n_head=4, head_dim=16, normalize_subspaces=True,
                                         mask_self=True, rotate_values=True)),
@@ -37,40 +38,14 @@ def make(name, seed=0):
     return model
 
 
-def prompt(B=2, T=3):
-    return torch.randint(0, SIZES["vocab_size"], (B, T), generator=torch.Generator().manual_seed(3))
-
-
 @pytest.mark.parametrize("name", MODELS)
 def test_cached_logits_equal_the_full_forward(name):
-    model = make(name)
-    tokens = torch.randint(0, SIZES["vocab_size"], (2, SIZES["block_size"]),
-                           generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        full, _ = model(tokens)
-        cache = model.new_cache()
-        steps = [model._head(model.forward_hidden(tokens[:, :4], cache=cache), None)[0]]
-        for t in range(4, tokens.shape[1]):  # then one token at a time
-            steps.append(model._head(model.forward_hidden(tokens[:, t:t + 1], cache=cache),
-                                     None)[0])
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="longer than block_size"):
-        model.forward_hidden(tokens[:, :1], cache=cache)
+    check_cached_logits_equal_the_full_forward(make(name))
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_greedy_and_sampled_tokens_are_the_same_with_and_without_cache(name):
-    model = make(name)
-    new = 40  # 3 + 40 tokens: past block_size = 24, where the cached path falls back
-    greedy = [model.generate(prompt(), new, temperature=0, use_cache=c) for c in (True, False)]
-    assert torch.equal(greedy[0], greedy[1])
-    sampled = []
-    for use_cache in (True, False):
-        torch.manual_seed(5)
-        sampled.append(model.generate(prompt(), new, temperature=1.0, top_k=50, top_p=0.95,
-                                      use_cache=use_cache))
-    assert torch.equal(sampled[0], sampled[1])
-    assert not torch.equal(sampled[0], greedy[0])  # the sampled run did sample
+    check_generation_with_and_without_cache(make(name))
 
 
 def test_a_local_layers_cache_holds_only_its_window():
