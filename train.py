@@ -566,7 +566,8 @@ def train(cfg, model_args=None):
             gc.collect()
             torch.distributed.destroy_process_group()
 
-    summary["tokens_per_sec"] = train_tokens / train_time if train_time else None
+    # this process's speed; None where it trained nothing (resumed at its last checkpoint)
+    summary["tokens_per_sec"] = train_tokens / train_time if train_tokens else None
     log(f"done: {summary['iters']} iters | val loss {summary['val_loss']:.4f} (best "
         f"{best_val_loss:.4f}) | val bpb {summary['val_bpb']:.4f} | "
         + (f"{summary['tokens_per_sec']:,.0f} tok/s | " if summary["tokens_per_sec"] else "")

@@ -476,7 +476,8 @@ def read_curve(rec):
 
 def choose_arm_lr(args, plan, variant):
     """{lr, grid, added, at_edge, tokens_per_sec}: the arm's grid at the grid seed, grown at an
-    edge; tokens_per_sec is the mean of train.py's measure over the grid's runs."""
+    edge; tokens_per_sec is the mean of train.py's measure over the grid's runs that have one (a
+    run resumed at its last checkpoint trained nothing in its process and has none)."""
     speeds = []
 
     def score(lr):
@@ -485,8 +486,9 @@ def choose_arm_lr(args, plan, variant):
         return summary["selection_loss"]
 
     lr, grid, added, at_edge = choose_lr(plan["grid"], score, args.max_extensions)
+    measured = [s for s in speeds if s]
     return dict(lr=lr, grid=grid, added=added, at_edge=at_edge,
-                tokens_per_sec=statistics.fmean(speeds))
+                tokens_per_sec=statistics.fmean(measured) if measured else None)
 
 
 def run_study(args, plan):
@@ -662,7 +664,7 @@ def screen_report(args, plan, study):
     for v, s in sorted(study.items(), key=lambda kv: best[kv[0]]):
         delta = f"{best[v] - ref:+.4f}" if ref is not None else "n/a"
         lines.append(f"| {v} | {plan['params'][v]:,} | {plan['flops'][v] / 1e6:.2f}M | "
-                     f"{s['tokens_per_sec']:,.0f} | {lr_note(s)} | {best[v]:.4f} | {delta} |")
+                     f"{_fmt(s['tokens_per_sec'], ',.0f')} | {lr_note(s)} | {best[v]:.4f} | {delta} |")
     return "\n".join(lines + [""] + grid_table(args, plan, study) + [""])
 
 

@@ -532,3 +532,12 @@ def test_the_cpu_configs_missing_data_names_the_command_that_makes_it(capsys, tm
     err = user_error(capsys, [os.path.join(T.HERE, "config", "cpu_small.py"), "--device=cpu"])
     assert ("data_dir data/sample does not exist; make it with `python prepare_tinystories.py "
             "--sample --vocab_size=4096 --report_fraction=0.5`") in err
+
+
+def test_a_run_resumed_at_its_last_checkpoint_reports_no_speed(data_dir, tmp_path):
+    """A process that trains nothing (it resumes where the run ended) has no tokens/s to report:
+    None, not 0, so that the lab's mean speed over a grid is not pulled down by it."""
+    first, _ = tiny_run(data_dir, tmp_path / "out", max_iters=10)
+    again, _ = tiny_run(data_dir, tmp_path / "out", max_iters=10, init_from="resume")
+    assert first["tokens_per_sec"] > 0 and again["tokens_per_sec"] is None
+    assert again["val_loss"] == first["val_loss"] and again["iters"] == 10
