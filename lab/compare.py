@@ -244,7 +244,7 @@ def make_plan(args):
                   eval_iters=args.eval_iters, analysis_batches=args.analysis_batches)
     sizes = {v: retired_size(args, v) if v in RETIRED else
              model_size(*variant_args(args.preset, v, data["vocab_size"])) for v in variants}
-    return dict(preset=args.preset, data=data, variants=variants,
+    return dict(preset=args.preset, data=data, variants=variants, code=code_version(),
                 reference=args.reference or REFERENCE,
                 grid_seed=seeds[0],
                 seeds=seeds[1:], grid=grid, budget=budget,
@@ -335,7 +335,9 @@ def read_record(plan, rec, variant, seed, lr=None):
 
 def code_version(root=Path(__file__).resolve().parent.parent):
     """What made a record: the commit of the checkout at root (with "-dirty" where tracked .py
-    files have uncommitted changes; "unknown" outside a git checkout) and torch's version."""
+    files have uncommitted changes; "unknown" outside a git checkout) and torch's version. The
+    plan takes it once, when the study starts: the code Python loaded then made every record of
+    the process, whatever is committed while it runs."""
 
     def git(*argv):
         return subprocess.run(["git", *argv], cwd=root, capture_output=True, text=True,
@@ -415,7 +417,7 @@ def run_once(args, plan, variant, lr, seed):
                    selection_loss=scores["val"], report_loss=scores["test"],
                    report_bpb=scores["test"] / math.log(2) * d["test_tokens"] / d["test_bytes"],
                    curve_val_loss=result["val_loss"], train_loss=result["train_loss"],
-                   tokens_per_sec=result["tokens_per_sec"], code=code_version())
+                   tokens_per_sec=result["tokens_per_sec"], code=plan["code"])
     _write_json(rec / "summary.json", summary)  # last: it marks the record finished
     return summary
 
@@ -439,7 +441,7 @@ def init_heads(args, plan, variant, seed):
         variant=variant, preset=args.preset, seed=seed, iters=0, data=plan["data"],
         budget=plan["budget"],
         model_args=variant_args(args.preset, variant, plan["data"]["vocab_size"])[1],
-        code=code_version()))
+        code=plan["code"]))
     return heads
 
 
