@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from model import (MLP, Prism, PrismConfig, apply_rotary, explicit_attention, mlp_width,
-                   rope_frequencies, rotary_tables)
+from model import (MLP, Prism, PrismAttention, PrismConfig, apply_rotary, explicit_attention,
+                   mlp_width)
 
 
 @dataclass
@@ -69,28 +69,16 @@ class WhiteConfig(PrismConfig):
 # same heuristic as model.py's); it costs no weight.
 
 
-class WhiteAttention(nn.Module):
+class WhiteAttention(PrismAttention):
     """model.PrismAttention (dictionary U, decoupled back-projection, π-RoPE) with the three
     changes above, each off unless its WhiteConfig field is set."""
 
     def __init__(self, config):
-        super().__init__()
-        self.n_head, self.head_dim, self.dropout = config.n_head, config.head_dim, config.dropout
+        super().__init__(config)  # the same weights, in the same order, as the paper's PRISM
         self.rotate_values = config.rotate_values
-        inner = config.n_head * config.head_dim
-        self.dictionary = nn.Linear(config.n_embd, inner, bias=config.bias)  # Uᵀ
-        self.back_projection = nn.Linear(inner, config.n_embd, bias=config.bias)
         self.subspace_norm = (nn.RMSNorm(config.head_dim, eps=1e-6)
                               if config.normalize_subspaces else None)
         self.sink_logit = nn.Parameter(torch.zeros(config.n_head)) if config.mask_self else None
-        self.resid_dropout = nn.Dropout(config.dropout)
-        cos, sin = rotary_tables(rope_frequencies(config), config.block_size)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-
-    def subspaces(self):
-        """(H, p, d): each head's U_kᵀ."""
-        return self.dictionary.weight.view(self.n_head, self.head_dim, -1)
 
     def forward(self, x, record=None, cache=None):
         B, T, _ = x.shape
