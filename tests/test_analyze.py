@@ -179,7 +179,7 @@ def test_planted_self_head_through_model():
 def test_planted_single_pair_heads_through_model():
     """q = k = Uᵀz: keeping one row pair of a head's dictionary puts all its energy on that pair."""
     model = tiny_prism()
-    H, p = 4, 16
+    p = model.config.head_dim
     freqs = model.rope_frequencies(1)
     plant = {0: 5, 3: 1}                                       # signal head 0, noise head 3
     W = model.transformer.h[1].attn.dictionary.weight
