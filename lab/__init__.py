@@ -3,6 +3,8 @@ records). Importing it registers its architectures in model.ARCHS; model.get_arc
 the first arch name the tutorial does not know (the one hook from the tutorial into the lab)."""
 import model
 from lab import baselines  # noqa: F401  (registers gpt2, gemma3, rope-attention)
+from lab.sandwich import PrismWhiteSandwich, SandwichConfig
 from lab.white import PrismWhite, WhiteConfig
 
 model.ARCHS["prism-white"] = (WhiteConfig, PrismWhite)
+model.ARCHS["prism-white-sandwich"] = (SandwichConfig, PrismWhiteSandwich)

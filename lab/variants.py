@@ -99,6 +99,10 @@ VARIANTS = {
     "prism-white-gelu-bias": ("prism-white", {**WHITE, "mlp": "gelu-bias"}),
     "prism-white-relu-bias": ("prism-white", {**WHITE, "mlp": "relu-bias"}),
     "prism-white-crate-alpha": ("prism-white", {**WHITE, "mlp": "crate-alpha"}),
+    # prism-white-ista-complete in Gemma 3's normalisation: sandwich RMSNorms, √d embedding scale
+    # (lab/sandwich.py). ρ = 1 keeps it within RoPE attention's FLOPs per token.
+    "prism-white-sandwich": ("prism-white-sandwich",
+                             {**WHITE, "mlp": "ista", "overcompleteness": 1}),
 }
 
 # Candidates the screen rejected (lab/RESULTS.md, "Screening at preset cpu-small"): deleted from

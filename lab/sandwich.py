@@ -1,0 +1,74 @@
+"""
+The white-box PRISM with Gemma 3's normalisation (lab/baselines.py): RMSNorm before and after
+each step (sandwich norms) and token embeddings scaled by √d. lab/white.py's attention and MLP are
+unchanged; only what carries the tokens between the steps is.
+
+What each piece is, in MCR² terms (notation as in model.py and lab/white.py; rms(x) is the root
+mean square of a token's d coordinates):
+
+  - RMSNorm before a step, N(x) = g ⊙ x / rms(x), in place of LayerNorm. Both put every token on a
+    sphere of radius √d before the step compares tokens (MCR² codes features on the unit sphere,
+    Yu et al. 2020), up to the learned gain g; LayerNorm also removes each token's mean
+    coordinate, RMSNorm does not. Heuristic: which sphere is not derived.
+  - RMSNorm after a step, x ← x + N′(Δ(N(x))): the step's increment Δ keeps its direction and
+    gets a learned length, rms(N′(Δ)) = rms(g′ ⊙ Δ/rms(Δ)), whatever ‖Δ‖ was. Read as an unrolled
+    optimiser, the block takes a normalised step (the direction of the MCR² step, its size a
+    learned parameter per coordinate) where the pre-norm block takes the raw one. Exact as a
+    statement about the block: the output does not depend on Δ's scale (tested); that a
+    normalised step optimises the coding rate better is not derived, it is what the screen asks.
+  - The √d embedding scale: the token embedding (std 0.02) times √d starts the residual stream at
+    rms ≈ 0.02·√d, the size Gemma 3 gives it beside increments of rms ≈ 1. A scale, no function:
+    the embedding could learn it, but it is tied to the output layer, where it cannot.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from lab.white import PrismWhite, WhiteConfig
+from model import LanguageModel
+
+
+@dataclass
+class SandwichConfig(WhiteConfig):
+    embed_scale: bool = True  # token embeddings × √d, as Gemma 3's
+
+
+class SandwichBlock(nn.Module):
+    """x ← x + N(attention(N(x))); x ← x + N(mlp(N(x))), each N an RMSNorm of its own."""
+
+    def __init__(self, config, attention, mlp):
+        super().__init__()
+        d = config.n_embd
+        self.ln_1, self.attn, self.post_attn_norm = nn.RMSNorm(d, eps=1e-6), attention(config), \
+            nn.RMSNorm(d, eps=1e-6)
+        self.ln_2, self.mlp, self.post_mlp_norm = nn.RMSNorm(d, eps=1e-6), mlp(config), \
+            nn.RMSNorm(d, eps=1e-6)
+
+    def forward(self, x, record=None, cache=None):
+        z = self.ln_1(x)
+        if record is not None:
+            before = len(record)
+            x = x + self.post_attn_norm(self.attn(z, record))
+            record[before]["z"] = z  # the tokens Z this layer's MCR² step acts on
+        else:
+            x = x + self.post_attn_norm(self.attn(z, cache=cache))
+        return x + self.post_mlp_norm(self.mlp(self.ln_2(x)))
+
+
+class PrismWhiteSandwich(PrismWhite):
+    """prism-white (its attention and MLP from the SandwichConfig's switches) in sandwich-normed
+    blocks, with an RMSNorm before the output layer and, if embed_scale, √d-scaled embeddings."""
+
+    arch = "prism-white-sandwich"
+
+    def __init__(self, config):
+        LanguageModel.__init__(self)  # Prism.__init__ builds pre-norm LayerNorm blocks: not those
+        blocks = [SandwichBlock(config, self.attention_class, self.mlp_class)
+                  for _ in range(config.n_layer)]
+        self._build(config, blocks, nn.RMSNorm(config.n_embd, eps=1e-6))
+
+    def embed(self, idx, start=0):
+        x = self.transformer.wte(idx)
+        return x * math.sqrt(self.config.n_embd) if self.config.embed_scale else x
