@@ -118,6 +118,9 @@ def build_parser():
                         "--reference")
     p.add_argument("--lrs", default="1e-3,2e-3,4e-3,8e-3,1.6e-2",
                    help="the learning-rate grid, rates x2 apart (one rate: no grid)")
+    p.add_argument("--refine", action="store_true",
+                   help="once the grid's best rate is inside it, also score the rates x√2 either "
+                        "side of it and choose the best of all")
     p.add_argument("--max_extensions", type=int, default=3,
                    help="rates a grid may grow by while its best rate is at an edge")
     p.add_argument("--evals", type=int, default=8, help="evaluations along each run (the curve)")
@@ -270,17 +273,19 @@ def smallest_adjusted_p(n_seeds, n_arms):
 # The learning-rate grid
 
 
-def choose_lr(grid, score, max_extensions):
+def choose_lr(grid, score, max_extensions, refine=False):
     """(best rate, {rate: score}, rates added, still at an edge?) for a grid ×2 apart.
 
     `score(lr)` is the loss of a rate (lower is better; NaN counts as the worst). While the best
     rate is the lowest or highest of the grid, the rate ×2 beyond it is added and scored, at most
-    max_extensions times; a one-rate grid is a fixed rate and never grows."""
+    max_extensions times; a one-rate grid is a fixed rate and never grows. With `refine`, a best
+    rate inside the grid then gets its two neighbours ×√2 away scored too (in the scores, not in
+    `added`), and the best of all is chosen: the grid is ×√2 fine around its optimum."""
     lrs = sorted(grid)
     scores = {lr: score(lr) for lr in lrs}
 
     def best():
-        return min(lrs, key=lambda lr: math.inf if math.isnan(scores[lr]) else scores[lr])
+        return min(scores, key=lambda lr: math.inf if math.isnan(scores[lr]) else scores[lr])
 
     added = []
     while len(lrs) > 1 and best() in (lrs[0], lrs[-1]) and len(added) < max_extensions:
@@ -288,7 +293,12 @@ def choose_lr(grid, score, max_extensions):
         scores[lr] = score(lr)
         lrs = sorted(scores)
         added.append(lr)
-    return best(), scores, added, len(lrs) > 1 and best() in (lrs[0], lrs[-1])
+    at_edge = len(lrs) > 1 and best() in (lrs[0], lrs[-1])
+    if refine and len(lrs) > 1 and not at_edge:
+        centre = best()
+        for lr in (centre / math.sqrt(2), centre * math.sqrt(2)):
+            scores[lr] = score(lr)
+    return best(), scores, added, at_edge
 
 
 # -----------------------------------------------------------------------------
@@ -487,9 +497,10 @@ def choose_arm_lr(args, plan, variant):
         speeds.append(summary["tokens_per_sec"])
         return summary["selection_loss"]
 
-    lr, grid, added, at_edge = choose_lr(plan["grid"], score, args.max_extensions)
+    lr, grid, added, at_edge = choose_lr(plan["grid"], score, args.max_extensions, args.refine)
     measured = [s for s in speeds if s]
-    return dict(lr=lr, grid=grid, added=added, at_edge=at_edge,
+    refined = sorted(set(grid) - set(plan["grid"]) - set(added))
+    return dict(lr=lr, grid=grid, added=added, refined=refined, at_edge=at_edge,
                 tokens_per_sec=statistics.fmean(measured) if measured else None)
 
 
@@ -610,17 +621,21 @@ def study_command(args):
             "eval_iters", "analysis_batches", "records")
     optional = [f"--{k}={getattr(args, k)!r}" if " " in str(getattr(args, k)) else
                 f"--{k}={getattr(args, k)}" for k in ("reference", "section") if getattr(args, k)]
+    optional += ["--refine"] if args.refine else []
     return " ".join(["python -m lab.compare --data_dir=DATA",
                      *(f"--{k}={getattr(args, k)}" for k in keys), *optional])
 
 
 def lr_note(s):
-    if not s["added"] and not s["at_edge"]:
-        return f"{s['lr']:g}"
+    refined = s.get("refined", [])
+    if not s["added"] and not s["at_edge"] and not refined:
+        return f"{s['lr']:.3g}"
     note = f"extended by {', '.join(f'{x:g}' for x in s['added'])}" if s["added"] else ""
+    if refined:
+        note += ("; " if note else "") + f"refined by {', '.join(f'{x:.3g}' for x in refined)}"
     if s["at_edge"]:
         note += ("; " if note else "") + "still at the grid's edge"
-    return f"{s['lr']:g} ({note})"
+    return f"{s['lr']:.3g} ({note})"
 
 
 def grid_table(args, plan, study):
@@ -628,8 +643,10 @@ def grid_table(args, plan, study):
     all_lrs = sorted({lr for s in study.values() for lr in s["grid"]})
     lines = [f"Learning-rate grid: loss on the whole selection split at seed "
              f"{plan['grid_seed']}, full budget; **bold** = chosen; rates beyond --lrs were "
-             f"added because the best was at an edge (at most {args.max_extensions}).", "",
-             "| variant | " + " | ".join(f"{lr:g}" for lr in all_lrs) + " | note |",
+             f"added because the best was at an edge (at most {args.max_extensions})"
+             + (", and ×√2 either side of an interior best (--refine)" if args.refine else "")
+             + ".", "",
+             "| variant | " + " | ".join(f"{lr:.3g}" for lr in all_lrs) + " | note |",
              "|---|" + "---:|" * len(all_lrs) + "---|"]
     for v, s in study.items():
         cells = [("**{:.4f}**" if lr == s["lr"] else "{:.4f}").format(s["grid"][lr])

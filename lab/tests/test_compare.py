@@ -141,6 +141,23 @@ def test_grid_growth_stops_at_its_limit_and_says_it_is_still_at_the_edge():
     assert (best, added, at_edge) == (64, [32, 64], True)
 
 
+@pytest.mark.parametrize("true_best,want", [(4 * 2 ** 0.4, 4 * 2 ** 0.5),
+                                             (4 * 2 ** -0.4, 4 * 2 ** -0.5), (4, 4)])
+def test_refine_scores_the_rates_sqrt2_either_side_of_an_interior_best(true_best, want):
+    calls = []  # the x2 grid's best is 4 in all three; the refined rates can beat it
+    best, scores, added, at_edge = compare.choose_lr([1, 2, 4, 8, 16], stub_loss(true_best, calls),
+                                                     3, refine=True)
+    assert calls == [1, 2, 4, 8, 16, 4 / 2 ** 0.5, 4 * 2 ** 0.5] and added == [] and not at_edge
+    assert best == pytest.approx(want) and len(scores) == 7
+
+
+def test_refine_waits_for_an_interior_best():
+    calls = []  # the best stays past the edge after two extensions: no refinement around an edge
+    best, _, added, at_edge = compare.choose_lr([1, 2, 4, 8, 16], stub_loss(1024, calls), 2,
+                                                refine=True)
+    assert (best, added, at_edge) == (64, [32, 64], True) and len(calls) == 7
+
+
 def test_a_diverged_rate_never_wins_and_one_rate_is_no_grid():
     best, _, added, _ = compare.choose_lr([1, 2, 4], lambda lr: math.nan if lr == 4 else 3 - lr, 3)
     assert (best, added) == (2, [])
