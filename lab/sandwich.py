@@ -14,8 +14,9 @@ mean square of a token's d coordinates):
     gets a learned length, rms(N′(Δ)) = rms(g′ ⊙ Δ/rms(Δ)), whatever ‖Δ‖ was. Read as an unrolled
     optimiser, the block takes a normalised step (the direction of the MCR² step, its size a
     learned parameter per coordinate) where the pre-norm block takes the raw one. Exact as a
-    statement about the block: the output does not depend on Δ's scale (tested); that a
-    normalised step optimises the coding rate better is not derived, it is what the screen asks.
+    statement about the block while mean(Δ²) ≫ the norm's ε = 1e-6: the output does not depend
+    on Δ's scale (tested; small increments, as at init, keep some of it). That a normalised step
+    optimises the coding rate better is not derived; it is what the screen asks.
   - The √d embedding scale: the token embedding (std 0.02) times √d starts the residual stream at
     rms ≈ 0.02·√d, the size Gemma 3 gives it beside increments of rms ≈ 1. A scale, no function:
     the embedding could learn it, but it is tied to the output layer, where it cannot.

@@ -1,0 +1,94 @@
+"""prism-white in Gemma 3's normalisation (lab/sandwich.py): causal, its analysis path equal to
+its fast path, it trains; a post-normed step's output does not depend on the size of the step's
+increment (lab/sandwich.py's exact statement); the embedding scale is √d; the variant stays at
+PRISM's parameters and within RoPE attention's FLOPs per token."""
+import math
+
+import torch
+
+from lab.sandwich import PrismWhiteSandwich, SandwichConfig
+from lab.variants import model_size, variant_args
+
+SIZES = dict(vocab_size=97, block_size=24, n_layer=2, n_embd=32, n_head=4, head_dim=8,
+             normalize_subspaces=True, mask_self=True, rotate_values=True, mlp="ista")
+
+
+def tiny(**overrides):
+    torch.manual_seed(0)
+    return PrismWhiteSandwich(SandwichConfig(**{**SIZES, **overrides}))
+
+
+def tokens(B=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 97, (B, 24), generator=g)
+
+
+def test_causal_and_the_analysis_path_is_the_fast_path():
+    model = tiny()
+    idx, targets = tokens(), tokens(seed=1)
+    logits, loss = model(idx, targets)
+    logits2, loss2, layers = model.analyze(idx, targets)
+    assert torch.allclose(logits, logits2, atol=1e-5) and abs(loss.item() - loss2.item()) < 1e-5
+    assert len(layers) == 2 and "z" in layers[0]
+    changed = idx.clone()
+    changed[:, 13] = (idx[:, 13] + 1) % 97
+    after = model(changed)[0]
+    assert torch.equal(logits[:, :13], after[:, :13])
+    assert not torch.allclose(logits[:, 13], after[:, 13])
+
+
+def test_a_post_normed_step_does_not_depend_on_the_size_of_its_increment():
+    """x + N′(c·Δ) = x + N′(Δ) for c > 0 while mean(Δ²) ≫ the norm's ε: scaling the layers that
+    write Δ (back-projection, the MLP's decoder) by 10 or 0.1 changes no logit, with ε = 1e-12.
+    (At this model's init mean(Δ²) is 1e-5 to 1e-4, so the default ε = 1e-6 still shaves a few
+    per cent.) Without the post-norms it would."""
+    def with_tiny_eps(model):
+        for module in model.modules():
+            if isinstance(module, torch.nn.RMSNorm):
+                module.eps = 1e-12
+        return model
+
+    model, idx = with_tiny_eps(tiny()), tokens()
+    before = model(idx)[0]
+    for c in (10.0, 0.1):
+        scaled = with_tiny_eps(tiny())
+        with torch.no_grad():
+            for block in scaled.transformer.h:
+                block.attn.back_projection.weight.mul_(c)
+                block.mlp.proj.weight.mul_(c)
+        assert torch.allclose(scaled(idx)[0], before, atol=1e-4)
+    with torch.no_grad():  # the control: the same scaling in the pre-norm prism-white moves them
+        from lab.white import PrismWhite, WhiteConfig
+        torch.manual_seed(0)
+        plain = PrismWhite(WhiteConfig(**SIZES))
+        reference = plain(idx)[0]
+        for block in plain.transformer.h:
+            block.attn.back_projection.weight.mul_(10.0)
+        assert not torch.allclose(plain(idx)[0], reference, atol=1e-2)
+
+
+def test_the_embedding_enters_scaled_by_sqrt_d():
+    model, idx = tiny(), tokens()
+    assert torch.allclose(model.embed(idx), model.transformer.wte(idx) * math.sqrt(32))
+    assert torch.equal(tiny(embed_scale=False).embed(idx), model.transformer.wte(idx))
+
+
+def test_it_trains():
+    model = tiny()
+    opt = model.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")
+    idx, targets = tokens(B=4), tokens(B=4, seed=1)
+    for step in range(20):
+        _, loss = model(idx, targets)
+        first = loss.item() if step == 0 else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first - 0.5
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_the_variant_is_at_prisms_size_and_within_rope_attentions_flops():
+    params, flops = model_size(*variant_args("cpu-small", "prism-white-sandwich", 4097))
+    prism_params, _ = model_size(*variant_args("cpu-small", "prism", 4097))
+    _, rope_flops = model_size(*variant_args("cpu-small", "rope-attention", 4097))
+    assert abs(params / prism_params - 1) < 0.05 and flops <= rope_flops
