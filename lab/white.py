@@ -133,17 +133,16 @@ def sink_behind_shifted_keys(q, k, v, sink_logit):
     and keys 0..t−1, which are positions 0..t of [sink, k_0, ..., k_{T−2}]. The sink's learned
     logit b rides on one extra channel (1 in every query, b·√p in the sink's key, 0 in the real
     keys), so with the scale kept at 1/√p the real scores q·k/√p are unchanged and the sink's is
-    b. Zero channels pad q, k and v to one width, a multiple of 8, as the fused (flash) kernels
-    want them; the values' extra channels stay 0 and are cut from the output."""
+    b; the values' extra channels stay 0 and are cut from the output. One F.pad per tensor does
+    the shift and the channels: on CUDA q, k and v get zero channels up to a multiple of 8, the
+    width the fused (flash) kernels want; elsewhere the one channel b needs."""
     B, H, T, p = q.shape
-    pad = 8 - p % 8  # at least the one channel b needs
-    one, zero = q.new_ones(B, H, T, 1), q.new_zeros(B, H, T, pad - 1)
-    q = torch.cat((q, one, zero), dim=-1)
-    sink = (sink_logit * math.sqrt(p)).to(q.dtype)[None, :, None, None].expand(B, H, 1, 1)
-    sink_key = torch.cat((q.new_zeros(B, H, 1, p), sink, q.new_zeros(B, H, 1, pad - 1)), dim=-1)
-    shifted = torch.cat((k[:, :, :-1], q.new_zeros(B, H, T - 1, pad)), dim=-1)
-    k = torch.cat((sink_key, shifted), dim=2)
-    v = F.pad(torch.cat((v.new_zeros(B, H, 1, p), v[:, :, :-1]), dim=2), (0, pad))
+    pad = 8 - p % 8 if q.is_cuda else 1
+    channel_p = F.one_hot(torch.tensor(p, device=q.device), p + pad).to(q.dtype)  # e_p
+    q = F.pad(q, (0, pad)) + channel_p
+    sink_key = (sink_logit * math.sqrt(p)).to(q.dtype)[:, None, None] * channel_p  # (H, 1, p + pad)
+    k = F.pad(k, (0, pad, 1, -1)) + F.pad(sink_key, (0, 0, 0, T - 1))
+    v = F.pad(v, (0, pad, 1, -1))
     return q, k, v
 
 
