@@ -529,20 +529,49 @@ def curve_at(curve, it):
 
 
 def rankings(plan, study):
-    """Rank of each arm (1 = lowest mean selection-split loss) half-way and at the end of the
-    budget, from the recorded curves; and the epochs those points are at."""
-    iters = plan["budget"]["iters"]
-    out = {}
-    for name, it in (("half", iters / 2), ("end", iters)):
+    """[(epoch, {arm: rank})]: the rank of each arm (1 = lowest mean selection-split loss of its
+    recorded curves) at the evaluation nearest each whole epoch of the budget and at its end."""
+    iters, per_epoch = plan["budget"]["iters"], plan["data"]["train_tokens"] / plan["tokens_per_iter"]
+    points = [round(e * per_epoch) for e in range(1, math.floor(plan["epochs"] + 1e-9) + 1)]
+    if points and iters - points[-1] < per_epoch / 4:
+        points.pop()  # the end stands for the last whole epoch
+    out = []
+    for it in points + [iters]:
         means, at = {}, None
         for v, s in study.items():
             pts = [curve_at(c, it) for c in s["curves"]]
             means[v] = statistics.fmean(loss for loss, _ in pts)
             at = pts[0][1]
         order = sorted(means, key=means.get)
-        out[name] = dict(rank={v: order.index(v) + 1 for v in means},
-                         epoch=at * plan["tokens_per_iter"] / plan["data"]["train_tokens"])
+        out.append((at * plan["tokens_per_iter"] / plan["data"]["train_tokens"],
+                    {v: order.index(v) + 1 for v in means}))
     return out
+
+
+def curve_between(curve, it):
+    """The curve's loss at iteration `it`, linear between its two nearest evaluations."""
+    for (i0, l0), (i1, l1) in zip(curve, curve[1:]):
+        if i0 <= it <= i1:
+            return l0 + (l1 - l0) * (it - i0) / (i1 - i0) if i1 > i0 else l1
+    return curve[-1][1]
+
+
+def equal_wall_clock(plan, study):
+    """{arm: (tokens/s, iteration reached, loss)} at the wall-clock time the fastest arm takes for
+    the whole budget: each arm's mean training tokens/s over its report runs (train.py's own
+    measure) gives the iteration it reaches by then, and its curves (mean over seeds, linear
+    between evaluations) the selection-split loss there. {} when a run has no tokens/s."""
+    iters = plan["budget"]["iters"]
+    speed = {}
+    for v, s in study.items():
+        rates = [r.get("tokens_per_sec") for r in s["runs"]]
+        if not rates or not all(rates):
+            return {}
+        speed[v] = statistics.fmean(rates)
+    fastest = max(speed.values())
+    return {v: (speed[v], iters * speed[v] / fastest,
+                statistics.fmean(curve_between(c, iters * speed[v] / fastest)
+                                 for c in study[v]["curves"])) for v in study}
 
 
 def paired_differences(plan, study):
@@ -687,13 +716,34 @@ def screen_report(args, plan, study):
     return "\n".join(lines + [""] + grid_table(args, plan, study) + [""])
 
 
+def equal_wall_clock_lines(plan, study):
+    """The loss of each arm at the fastest arm's wall-clock time for the budget (equal_wall_clock)."""
+    at = equal_wall_clock(plan, study)
+    if not at:
+        return []
+    iters = plan["budget"]["iters"]
+    order = sorted(at, key=lambda v: at[v][2])
+    lines = ["", "At equal wall-clock (this machine, the runs' own training tokens/s, mean over "
+                 "the report seeds): where each arm's curves are when the fastest arm has "
+                 "trained its whole budget. A slower arm is stopped early on a schedule made for "
+                 "the whole budget (its rate not yet decayed), which handicaps it beyond the "
+                 "tokens; read it as a bound, not a run at that budget.", "",
+             "| variant | training tokens/s | share of the budget | curve loss there | rank |",
+             "|---|---:|---:|---:|---:|"]
+    for v in plan["variants"]:
+        speed, it, loss = at[v]
+        lines.append(f"| {v} | {speed:,.0f} | {it / iters:.0%} | {loss:.4f} | "
+                     f"{order.index(v) + 1} |")
+    return lines
+
+
 def report(args, plan, study, figure):
     d, b = plan["data"], plan["budget"]
     n, arms = len(plan["seeds"]), compared_arms(plan)
     ref_arm = plan["reference"]
     diffs = paired_differences(plan, study)
     ranks = rankings(plan, study)
-    same = ranks["half"]["rank"] == ranks["end"]["rank"]
+    same = all(r == ranks[-1][1] for _, r in ranks)
     lines = [
         f"## Comparison at preset `{args.preset}`{against(ref_arm)}", "",
         f"Study: `{study_command(args)}` (records in `{plan['records']}`; `--report_only` "
@@ -716,9 +766,9 @@ def report(args, plan, study, figure):
         f"weight use plus the attention scores and mixing (12·L·H·p·T); in brackets what goes "
         f"beyond 6 per weight: the attention matmuls, and a tied matrix's second use.", "",
         f"| variant | params | FLOPs/token (beyond 6/weight) | lr | report loss | bits/byte | "
-        f"Δ vs {ref_arm} [95% CI] | p (Holm) | rank, epoch {ranks['half']['epoch']:.2f} | "
-        f"rank, epoch {ranks['end']['epoch']:.2f} |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"Δ vs {ref_arm} [95% CI] | p (Holm) | rank at epoch "
+        f"{' / '.join(f'{e:.2f}' for e, _ in ranks)} |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for v in plan["variants"]:
         s, rs = study[v], study[v]["runs"]
@@ -734,11 +784,11 @@ def report(args, plan, study, figure):
             f"| {v} | {plan['params'][v]:,} | {f / 1e6:.2f}M ({attn / 1e6:.2f}M) | {lr_note(s)} | "
             f"{_mean_sd([r['report_loss'] for r in rs])} | "
             f"{_mean_sd([r['report_bpb'] for r in rs])} | {delta} | {p} | "
-            f"{ranks['half']['rank'][v]} | {ranks['end']['rank'][v]} |")
-    lines += ["", f"Ranking by the mean selection-split loss of the curves (train.py's periodic "
-                  f"evaluation) at epoch {ranks['half']['epoch']:.2f} "
-                  f"{'equals' if same else 'differs from'} the ranking at epoch "
-                  f"{ranks['end']['epoch']:.2f}."]
+            f"{' / '.join(str(r[v]) for _, r in ranks)} |")
+    lines += ["", f"Rank: by the mean selection-split loss of the curves (train.py's periodic "
+                  f"evaluation) at the evaluation nearest each epoch; the ranking "
+                  f"{'is the same at every one' if same else 'changes between them'}."]
+    lines += equal_wall_clock_lines(plan, study)
     lines += [""] + grid_table(args, plan, study)
     contrasts = head_contrasts(study) if any("heads" in s for s in study.values()) else []
     # the pre-registered family needs both of its arms; without them every contrast is exploratory

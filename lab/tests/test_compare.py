@@ -120,6 +120,31 @@ def stub_loss(best, calls):
     return score
 
 
+def _fake_study(speeds):
+    """Arms whose curves fall linearly from 4 to 3 over 100 iterations; one seed each."""
+    curve = [(i, 4 - i / 100) for i in range(0, 101, 5)]
+    return {v: dict(runs=[dict(tokens_per_sec=sp)], curves=[curve]) for v, sp in speeds.items()}
+
+
+def test_equal_wall_clock_stops_a_slower_arm_where_the_fastest_one_finishes():
+    plan = dict(budget=dict(iters=100))
+    at = compare.equal_wall_clock(plan, _fake_study({"fast": 2000.0, "slow": 1000.0}))
+    assert at["fast"] == (2000.0, 100, 3.0)
+    assert at["slow"][1] == 50 and at["slow"][2] == pytest.approx(3.5)  # between evaluations
+    assert compare.curve_between([(0, 4.0), (10, 3.0)], 2.5) == pytest.approx(3.75)
+    assert compare.equal_wall_clock(plan, _fake_study({"a": 1.0, "b": None})) == {}
+
+
+def test_rankings_at_every_whole_epoch_and_the_end():
+    study = _fake_study({"a": 1.0, "b": 1.0})
+    study["b"]["curves"] = [[(i, 3.6 - i / 500) for i in range(0, 101, 5)]]  # b ahead, then behind
+    plan = dict(budget=dict(iters=100), data=dict(train_tokens=2500), tokens_per_iter=100,
+                epochs=4.0)
+    ranks = compare.rankings(plan, study)
+    assert [e for e, _ in ranks] == [1.0, 2.0, 3.0, 4.0]
+    assert ranks[0][1] == {"b": 1, "a": 2} and ranks[-1][1] == {"a": 1, "b": 2}
+
+
 def test_grid_with_an_interior_best_does_not_grow():
     calls = []
     best, scores, added, at_edge = compare.choose_lr([1, 2, 4, 8, 16], stub_loss(4, calls), 3)
