@@ -34,18 +34,24 @@ from model import LanguageModel
 @dataclass
 class SandwichConfig(WhiteConfig):
     embed_scale: bool = True  # token embeddings × √d, as Gemma 3's
+    post_norm: bool = True    # an RMSNorm after each step too; False: pre-norm RMSNorm blocks
 
 
 class SandwichBlock(nn.Module):
-    """x ← x + N(attention(N(x))); x ← x + N(mlp(N(x))), each N an RMSNorm of its own."""
+    """x ← x + N(attention(N(x))); x ← x + N(mlp(N(x))), each N an RMSNorm of its own (the
+    post-norms the identity without config.post_norm)."""
 
     def __init__(self, config, attention, mlp):
         super().__init__()
         d = config.n_embd
+
+        def post_norm():
+            return nn.RMSNorm(d, eps=1e-6) if config.post_norm else nn.Identity()
+
         self.ln_1, self.attn, self.post_attn_norm = nn.RMSNorm(d, eps=1e-6), attention(config), \
-            nn.RMSNorm(d, eps=1e-6)
+            post_norm()
         self.ln_2, self.mlp, self.post_mlp_norm = nn.RMSNorm(d, eps=1e-6), mlp(config), \
-            nn.RMSNorm(d, eps=1e-6)
+            post_norm()
 
     def forward(self, x, record=None, cache=None):
         z = self.ln_1(x)

@@ -103,6 +103,12 @@ VARIANTS = {
     # (lab/sandwich.py). ρ = 1 keeps it within RoPE attention's FLOPs per token.
     "prism-white-sandwich": ("prism-white-sandwich",
                              {**WHITE, "mlp": "ista", "overcompleteness": 1}),
+    # ... and its pieces one at a time: without the √d scale; without the post-norms (pre-norm
+    # RMSNorm blocks with the √d scale: prism-white-ista-complete with RMSNorm for LayerNorm).
+    "prism-white-sandwich-unscaled": ("prism-white-sandwich", {
+        **WHITE, "mlp": "ista", "overcompleteness": 1, "embed_scale": False}),
+    "prism-white-sandwich-pre-only": ("prism-white-sandwich", {
+        **WHITE, "mlp": "ista", "overcompleteness": 1, "post_norm": False}),
 }
 
 # Candidates the screen rejected (lab/RESULTS.md, "Screening at preset cpu-small"): deleted from

@@ -57,10 +57,9 @@ def test_a_post_normed_step_does_not_depend_on_the_size_of_its_increment():
                 block.attn.back_projection.weight.mul_(c)
                 block.mlp.proj.weight.mul_(c)
         assert torch.allclose(scaled(idx)[0], before, atol=1e-4)
-    with torch.no_grad():  # the control: the same scaling in the pre-norm prism-white moves them
-        from lab.white import PrismWhite, WhiteConfig
-        torch.manual_seed(0)
-        plain = PrismWhite(WhiteConfig(**SIZES))
+    with torch.no_grad():  # the control: without the post-norms the same scaling moves them
+        plain = with_tiny_eps(tiny(post_norm=False))
+        assert isinstance(plain.transformer.h[0].post_attn_norm, torch.nn.Identity)
         reference = plain(idx)[0]
         for block in plain.transformer.h:
             block.attn.back_projection.weight.mul_(10.0)
