@@ -18,8 +18,11 @@ mean square of a token's d coordinates):
     on Δ's scale (tested; small increments, as at init, keep some of it). That a normalised step
     optimises the coding rate better is not derived; it is what the screen asks.
   - The √d embedding scale: the token embedding (std 0.02) times √d starts the residual stream at
-    rms ≈ 0.02·√d, the size Gemma 3 gives it beside increments of rms ≈ 1. A scale, no function:
-    the embedding could learn it, but it is tied to the output layer, where it cannot.
+    rms ≈ 0.02·√d, as Gemma 3 does, beside post-normed increments of rms ≈ 1 (gains at 1). No new
+    function, exactly: embeddings c times larger and a final-norm gain c times smaller give the
+    same logits through the tied output layer. What it changes is optimisation: AdamW moves each
+    weight by about the learning rate whatever its scale, so the stream's input moves √d times
+    faster relative to the increments. No MCR² reading; it is Gemma 3's recipe.
 """
 
 import math
