@@ -19,10 +19,11 @@ mean square of a token's d coordinates):
     optimises the coding rate better is not derived; it is what the screen asks.
   - The √d embedding scale: the token embedding (std 0.02) times √d starts the residual stream at
     rms ≈ 0.02·√d, as Gemma 3 does, beside post-normed increments of rms ≈ 1 (gains at 1). No new
-    function, exactly: embeddings c times larger and a final-norm gain c times smaller give the
-    same logits through the tied output layer. What it changes is optimisation: AdamW moves each
-    weight by about the learning rate whatever its scale, so the stream's input moves √d times
-    faster relative to the increments. No MCR² reading; it is Gemma 3's recipe.
+    function, up to the norms' ε: embeddings and post-norm gains c times larger and a final-norm
+    gain c times smaller give the same logits (the pre-norms do not see the stream's scale, the
+    tied output layer sees c·W_e; tested). What it changes is optimisation: AdamW moves each
+    weight by about the learning rate whatever its scale, so the scale sets how fast the
+    embedding moves relative to its size. No MCR² reading; it is Gemma 3's recipe.
 """
 
 import math

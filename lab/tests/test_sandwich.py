@@ -72,6 +72,28 @@ def test_the_embedding_enters_scaled_by_sqrt_d():
     assert torch.equal(tiny(embed_scale=False).embed(idx), model.transformer.wte(idx))
 
 
+def test_the_embedding_scale_is_a_reparametrisation():
+    """Embeddings and post-norm gains ×c, the final-norm gain ÷c: the same logits (ε → 0), so the
+    √d scale changes where training starts and how AdamW moves it, not what the model can be."""
+    idx = tokens()
+
+    def logits(c, post_gains):
+        model = tiny(embed_scale=False)
+        for module in model.modules():
+            if isinstance(module, torch.nn.RMSNorm):
+                module.eps = 1e-12
+        with torch.no_grad():
+            model.transformer.wte.weight.mul_(c)
+            for block in model.transformer.h:
+                block.post_attn_norm.weight.mul_(post_gains)
+                block.post_mlp_norm.weight.mul_(post_gains)
+            model.transformer.ln_f.weight.div_(c)
+        return model(idx)[0]
+
+    assert torch.allclose(logits(1.0, 1.0), logits(5.0, 5.0), atol=1e-4)
+    assert not torch.allclose(logits(1.0, 1.0), logits(5.0, 1.0), atol=1e-2)  # gains kept: not
+
+
 def test_it_trains():
     model = tiny()
     opt = model.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")
