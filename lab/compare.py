@@ -930,6 +930,8 @@ def dry_run(args, plan):
     print(f"learning-rate grid: {', '.join(f'{lr:g}' for lr in grid)} (x2 apart"
           + (", grows by x2 while the best is at an edge, by at most "
              f"{args.max_extensions} more rates" if len(grid) > 1 else ", one rate: no grid")
+          + (", then x√2 either side of an interior best" if args.refine and len(grid) > 1
+             else "")
           + f"), each at seed {plan['grid_seed']} for the full budget, scored on the whole "
           f"selection split (val.bin, {d['val_tokens']:,} tokens)"
           + ("" if len(grid) >= 5 else "; fewer than 5 rates: not the study's protocol"))
