@@ -24,6 +24,12 @@ mean square of a token's d coordinates):
     tied output layer sees c·W_e; tested). What it changes is optimisation: AdamW moves each
     weight by about the learning rate whatever its scale, so the scale sets how fast the
     embedding moves relative to its size. No MCR² reading; it is Gemma 3's recipe.
+
+One control is not white-box: shared_qkv = False gives the query, the key and the value
+projections of their own (three d × H·p matrices for the one dictionary U; the normalised scores,
+the masked diagonal with its sink and the rotated values stay). It prices q = k = v, the
+constraint MSSA's derivation imposes, inside this model at PRISM's parameters (the MLP narrows to
+pay for the two extra matrices; FLOPs per token stay within 0.1%).
 """
 
 import math
@@ -31,7 +37,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from lab.white import PrismWhite, WhiteConfig
+from lab.white import PrismWhite, WhiteAttention, WhiteConfig
 from model import LanguageModel
 
 
@@ -39,6 +45,21 @@ from model import LanguageModel
 class SandwichConfig(WhiteConfig):
     embed_scale: bool = True  # token embeddings × √d, as Gemma 3's
     post_norm: bool = True    # an RMSNorm after each step too; False: pre-norm RMSNorm blocks
+    shared_qkv: bool = True   # q = k = v = W_k; False: the control with three projections apart
+
+
+class SeparateQKVAttention(WhiteAttention):
+    """WhiteAttention with query, key and value from projections apart (the control above)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        inner = config.n_head * config.head_dim
+        self.dictionary = nn.Linear(config.n_embd, 3 * inner, bias=config.bias)  # [W_q; W_k; W_v]
+
+    def project(self, x):
+        B, T, _ = x.shape
+        qkv = self.dictionary(x).view(B, T, 3 * self.n_head, self.head_dim).transpose(1, 2)
+        return qkv.split(self.n_head, dim=1)
 
 
 class SandwichBlock(nn.Module):
@@ -76,7 +97,8 @@ class PrismWhiteSandwich(PrismWhite):
 
     def __init__(self, config):
         LanguageModel.__init__(self)  # Prism.__init__ builds pre-norm LayerNorm blocks: not those
-        blocks = [SandwichBlock(config, self.attention_class, self.mlp_class)
+        attention = self.attention_class if config.shared_qkv else SeparateQKVAttention
+        blocks = [SandwichBlock(config, attention, self.mlp_class)
                   for _ in range(config.n_layer)]
         self._build(config, blocks, nn.RMSNorm(config.n_embd, eps=1e-6))
 

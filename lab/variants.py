@@ -109,6 +109,17 @@ VARIANTS = {
         **WHITE, "mlp": "ista", "overcompleteness": 1, "embed_scale": False}),
     "prism-white-sandwich-pre-only": ("prism-white-sandwich", {
         **WHITE, "mlp": "ista", "overcompleteness": 1, "post_norm": False}),
+    # ... the control that prices q = k = v in it: query, key and value projections apart ...
+    # ... and the gated sparse-coding MLP in place of its one-encoder block (lab/white.py). Their
+    # MLP widths at cpu-small are the widest at or under RoPE attention's FLOPs per token (the
+    # nearest to PRISM's parameters is one unit wider and up to 0.02% over); both within 0.1% of
+    # PRISM's parameters.
+    "prism-white-sandwich-qkv": ("prism-white-sandwich", {
+        **WHITE, "mlp": "ista", "overcompleteness": 1, "shared_qkv": False, "mlp_hidden": 508}),
+    "prism-white-sandwich-gated": ("prism-white-sandwich", {
+        **WHITE, "mlp": "gated-ista", "overcompleteness": 1, "mlp_hidden": 424}),
+    # The ReLU MLP without a hidden bias inside prism-white: the activation apart from the threshold.
+    "prism-white-relu": ("prism-white", {**WHITE, "mlp": "relu"}),
 }
 
 # Candidates the screen rejected (lab/RESULTS.md, "Screening at preset cpu-small"): deleted from
@@ -194,9 +205,11 @@ def _preset_args(preset, variant, vocab_size):
 def variant_args(preset, variant, vocab_size):
     """(arch, model_args) of a variant at a size preset. A PRISM-family variant's MLP width is the
     one whose parameter count is nearest PRISM's (parameters are linear in the width, so one
-    unit's cost, measured, gives it); the MLP's default width stays unset."""
+    unit's cost, measured, gives it); the MLP's default width stays unset. A variant whose
+    overrides state mlp_hidden keeps it (check_preset still holds it to PRISM's count)."""
     arch, args = _preset_args(preset, variant, vocab_size)
-    if not issubclass(get_arch(arch)[1], Prism) or variant == "prism":
+    if (not issubclass(get_arch(arch)[1], Prism) or variant == "prism"
+            or "mlp_hidden" in VARIANTS[variant][1]):
         return arch, args
     target = count_params(*_preset_args(preset, "prism", vocab_size))
     width = mlp_width(get_arch(arch)[0](**args))

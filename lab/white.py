@@ -6,8 +6,9 @@ screen (lab/RESULTS.md, "Screening"), each a module of its own with its reading 
   - the masked diagonal with a sink (mask_self): no token scores with itself;
   - rotated values (rotate_values): the values in the rotated frame of their keys;
   - the sparse-coding MLP (mlp = "ista"): one decoupled ISTA step in place of the GELU MLP;
-  - its attribution controls (mlp = "gelu-bias", "relu-bias", "crate-alpha"): the GELU and ReLU
-    MLPs with a hidden bias, and CRATE-α's two-step sparse-coding block.
+  - its attribution controls (mlp = "gelu-bias", "relu-bias", "relu", "crate-alpha"): the GELU
+    and ReLU MLPs with a hidden bias, the ReLU MLP without one, and CRATE-α's two-step block;
+  - the gated sparse-coding MLP (mlp = "gated-ista"): support and values from encoders apart.
 
 prism-white is the first three together; prism-white-ista adds the fourth (the study's best
 PRISM). Each piece says below whether it is exact, heuristic, or an empirical fix. The screen's
@@ -80,13 +81,21 @@ class WhiteAttention(PrismAttention):
                               if config.normalize_subspaces else None)
         self.sink_logit = nn.Parameter(torch.zeros(config.n_head)) if config.mask_self else None
 
-    def forward(self, x, record=None, cache=None):
+    def project(self, x):
+        """(query, key, value) before RoPE, each (B, H, T, p): W_k = Z U_k three times."""
         B, T, _ = x.shape
         w = self.dictionary(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # W_k
+        return w, w, w
+
+    def forward(self, x, record=None, cache=None):
+        B, T, _ = x.shape
+        wq, wk, wv = self.project(x)
         start = 0 if cache is None else cache.length  # absolute position of x[:, 0]
         cos, sin = self.rope_cos[:, start:start + T], self.rope_sin[:, start:start + T]
-        q = k = apply_rotary(w if self.subspace_norm is None else self.subspace_norm(w), cos, sin)
-        v = apply_rotary(w, cos, sin) if self.rotate_values else w  # v_s = R_s w_s
+        norm = self.subspace_norm or (lambda w: w)
+        q = apply_rotary(norm(wq), cos, sin)
+        k = q if wk is wq else apply_rotary(norm(wk), cos, sin)
+        v = apply_rotary(wv, cos, sin) if self.rotate_values else wv  # v_s = R_s w_s
         if cache is not None:
             k, v = cache.extend(k, v)
         dropout = self.dropout if self.training else 0.0
@@ -215,6 +224,10 @@ class SparseCodingMLP(nn.Module):
 # that θ does not, which shifts every later draw), so one seed starts them from different weights.
 # Its arm measures the noise of the initialisation at a fixed seed and data order.
 #
+# mlp = "relu": x ← W₂ ReLU(W₁x), model.MLP with ReLU for GELU and no bias anywhere. Against
+# "relu-bias" it prices the hidden threshold with the activation fixed; against prism-white's GELU
+# MLP, the activation with no bias in either.
+#
 # mlp = "crate-alpha": CRATE-α's MLP (UCSC-VLAA/CRATE-alpha, OvercompleteISTABlock). Two ISTA steps
 # of the non-negative LASSO above from a = 0, with one dictionary D ∈ R^{d×m} and fixed
 # η = λ = 0.1 (not learned), then a decoder D₂ of its own, m → d:
@@ -229,14 +242,15 @@ class SparseCodingMLP(nn.Module):
 # residual-scaled like every proj (theirs Kaiming-uniform).
 
 
-class HiddenBiasMLP(nn.Module):
-    """x ← W₂ σ(W₁x + b): model.MLP's shape with a learned hidden bias (fc has one, proj none)."""
+class ActivationMLP(nn.Module):
+    """x ← W₂ σ(W₁x + b): model.MLP's shape with activation σ and, if hidden_bias, a learned
+    hidden bias b (fc has one, proj none)."""
 
-    def __init__(self, config, activation):
+    def __init__(self, config, activation, hidden_bias):
         super().__init__()
         width = mlp_width(config)
-        self.fc = nn.Linear(config.n_embd, width, bias=True)     # W₁, b
-        self.proj = nn.Linear(width, config.n_embd, bias=False)  # W₂
+        self.fc = nn.Linear(config.n_embd, width, bias=hidden_bias)  # W₁, b
+        self.proj = nn.Linear(width, config.n_embd, bias=False)      # W₂
         self.activation = activation
         self.dropout = nn.Dropout(config.dropout)
 
@@ -263,12 +277,49 @@ class CrateAlphaMLP(nn.Module):
         return self.dropout(self.proj(a2))
 
 
+# -----------------------------------------------------------------------------
+# The gated sparse-coding MLP (mlp = "gated-ista").
+#
+# One ISTA step from a = 0, a = ReLU(ηDᵀz − ηλ), does two jobs with one matrix: it picks the
+# support S (the atoms with (ηDᵀz)_i > ηλ) and sets the code's value there ((ηDᵀz − ηλ)_i, shrunk
+# by the threshold). The gated block gives each job an encoder of its own and decodes with D:
+#     x ← D · (ReLU(E_s x − θ) ⊙ E_v x).
+# The value, exact for an orthonormal dictionary: on a fixed support S the least-squares code
+# argmin_a ‖z − D_S a‖² is (D_SᵀD_S)⁻¹D_Sᵀz = D_Sᵀz, one linear map of z restricted to S, with no
+# shrinkage (the debiasing step of the relaxed LASSO, Meinshausen 2007); E_v learns that map. For a
+# coherent dictionary the least-squares map depends on S and one E_v is an approximation. The
+# support, heuristic: ReLU(E_s x − θ) is a soft weight (zero off the support, growing with the
+# margin over the threshold), not the 0/1 indicator of S, so the block is not an ISTA step or a
+# relaxed-LASSO step of any LASSO. As an MLP it is ReGLU (Shazeer 2020) with a learned threshold on
+# the gate; Gemma 3's GeGLU uses GELU and no threshold. Three d×m matrices: at equal parameters its
+# width m is about ⅔ of the one-encoder block's, at the same FLOPs per parameter.
+
+
+class GatedSparseCodingMLP(nn.Module):
+    """x ← D · (ReLU(E_s x − θ) ⊙ E_v x): support and values from encoders apart (above)."""
+
+    def __init__(self, config):
+        super().__init__()
+        width = mlp_width(config)
+        self.proj = nn.Linear(width, config.n_embd, bias=False)         # the dictionary D
+        self.support = nn.Linear(config.n_embd, width, bias=False)      # E_s
+        self.value = nn.Linear(config.n_embd, width, bias=False)        # E_v
+        self.threshold = nn.Parameter(torch.zeros(width))               # θ, per atom
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        code = F.relu(self.support(x) - self.threshold) * self.value(x)
+        return self.dropout(self.proj(code))
+
+
 MLPS = {
     "gelu": MLP,
     "ista": SparseCodingMLP,
-    "gelu-bias": lambda config: HiddenBiasMLP(config, F.gelu),
-    "relu-bias": lambda config: HiddenBiasMLP(config, F.relu),
+    "gelu-bias": lambda config: ActivationMLP(config, F.gelu, hidden_bias=True),
+    "relu-bias": lambda config: ActivationMLP(config, F.relu, hidden_bias=True),
+    "relu": lambda config: ActivationMLP(config, F.relu, hidden_bias=False),
     "crate-alpha": CrateAlphaMLP,
+    "gated-ista": GatedSparseCodingMLP,
 }
 
 
