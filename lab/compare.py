@@ -580,11 +580,28 @@ def paired_differences(plan, study):
     ref = {r["seed"]: r["report_loss"] for r in study[plan["reference"]]["runs"]} if arms else {}
     out = {}
     for v in arms:
-        diffs = [r["report_loss"] - ref[r["seed"]] for r in study[v]["runs"] if r["seed"] in ref]
-        out[v] = stats.paired_summary(diffs)
+        pairs = [(r["report_loss"], ref[r["seed"]]) for r in study[v]["runs"] if r["seed"] in ref]
+        out[v] = stats.paired_summary([a - b for a, b in pairs])
+        out[v]["r"] = (float(np.corrcoef(np.array(pairs).T)[0, 1]) if len(pairs) > 2 else None)
     for v, p in zip(arms, stats.holm([out[v]["p"] for v in arms])):
         out[v]["p_holm"] = p
     return out
+
+
+def pairing_lines(diffs, ref_arm, n):
+    """What the pairing by seed shares, and the measured correlation of each arm's per-seed report
+    losses with the reference's (none with fewer than 3 seeds)."""
+    rs = {v: d["r"] for v, d in diffs.items() if d.get("r") is not None}
+    if not rs:
+        return []
+    return [f"Pairing: a seed fixes the data order, which every arm shares, and each arm's "
+            f"initialisation, which arms of different shapes cannot share. Pearson r of each "
+            f"arm's per-seed report loss with {ref_arm}'s: "
+            + ", ".join(f"{v} {r:+.2f}" for v, r in rs.items())
+            + f"; with {n} independent seeds and no relation, |r| exceeds "
+            f"{stats.correlation_bound(n):.2f} 5% of the time. The sign-flip test needs "
+            f"independent seeds, not correlated arms: pairing that shares little costs power, "
+            f"not validity.", ""]
 
 
 def head_contrasts(study):
@@ -753,11 +770,10 @@ def report(args, plan, study, figure):
         f"vocabulary {d['vocab_size']:,}. Every run: {b['iters']} iterations of "
         f"{plan['tokens_per_iter']:,} tokens ({b['iters'] * plan['tokens_per_iter']:,} tokens, "
         f"{plan['epochs']:.2f} epochs), AdamW, linear warmup over {b['warmup_iters']} "
-        f"iterations, cosine to lr/10; report seeds {', '.join(map(str, plan['seeds']))} (a seed "
-        f"fixes the initialisation and the data order). The learning rate of each arm is the "
-        f"grid's best on the whole selection split at seed {plan['grid_seed']}, a seed that is "
-        f"not reported; the losses below are on every window of the report split, mean ± sample "
-        f"sd over the report seeds.", "",
+        f"iterations, cosine to lr/10; report seeds {', '.join(map(str, plan['seeds']))}. The "
+        f"learning rate of each arm is the grid's best on the whole selection split at seed "
+        f"{plan['grid_seed']}, a seed that is not reported; the losses below are on every "
+        f"window of the report split, mean ± sample sd over the report seeds.", "",
         f"Δ vs {ref_arm}: the mean over seeds of (arm − {ref_arm}) report loss, paired by "
         f"seed, with its Student-t 95% interval; p: exact two-sided sign-flip test over the "
         f"{n} seeds, Holm-corrected over the {len(arms)} arms. With {n} seeds no p can be below "
@@ -765,6 +781,7 @@ def report(args, plan, study, figure):
         f"{smallest_adjusted_p(n, len(arms)):.4g}. FLOPs/token: training FLOPs per token, 6 per "
         f"weight use plus the attention scores and mixing (12·L·H·p·T); in brackets what goes "
         f"beyond 6 per weight: the attention matmuls, and a tied matrix's second use.", "",
+        *pairing_lines(diffs, ref_arm, n),
         f"| variant | params | FLOPs/token (beyond 6/weight) | lr | report loss | bits/byte | "
         f"Δ vs {ref_arm} [95% CI] | p (Holm) | rank at epoch "
         f"{' / '.join(f'{e:.2f}' for e, _ in ranks)} |",

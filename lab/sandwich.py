@@ -56,6 +56,9 @@ class SeparateQKVAttention(WhiteAttention):
         inner = config.n_head * config.head_dim
         self.dictionary = nn.Linear(config.n_embd, 3 * inner, bias=config.bias)  # [W_q; W_k; W_v]
 
+    def subspaces(self):
+        return None  # no one dictionary: the MCR² diagnostics do not apply
+
     def project(self, x):
         B, T, _ = x.shape
         qkv = self.dictionary(x).view(B, T, 3 * self.n_head, self.head_dim).transpose(1, 2)

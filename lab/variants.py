@@ -110,14 +110,18 @@ VARIANTS = {
     "prism-white-sandwich-pre-only": ("prism-white-sandwich", {
         **WHITE, "mlp": "ista", "overcompleteness": 1, "post_norm": False}),
     # ... the control that prices q = k = v in it: query, key and value projections apart ...
-    # ... and the gated sparse-coding MLP in place of its one-encoder block (lab/white.py). Their
-    # MLP widths at cpu-small are the widest at or under RoPE attention's FLOPs per token (the
-    # nearest to PRISM's parameters is one unit wider and up to 0.02% over); both within 0.1% of
-    # PRISM's parameters.
+    # ... and the gated sparse-coding MLP in place of its one-encoder block (lab/white.py). The
+    # MLP width nearest PRISM's parameters puts both a few hundred FLOPs per token over RoPE
+    # attention's at cpu-small; they take the widest at or under it (0.1% fewer parameters).
     "prism-white-sandwich-qkv": ("prism-white-sandwich", {
-        **WHITE, "mlp": "ista", "overcompleteness": 1, "shared_qkv": False, "mlp_hidden": 508}),
+        **WHITE, "mlp": "ista", "overcompleteness": 1, "shared_qkv": False,
+        "flops_at_most": "rope-attention"}),
     "prism-white-sandwich-gated": ("prism-white-sandwich", {
-        **WHITE, "mlp": "gated-ista", "overcompleteness": 1, "mlp_hidden": 424}),
+        **WHITE, "mlp": "gated-ista", "overcompleteness": 1, "flops_at_most": "rope-attention"}),
+    # ... with half as many subspaces of twice the dimension (4 heads of p = 32, Gemma 3's shape
+    # at cpu-small; H·p = d still, so the same weights and FLOPs).
+    "prism-white-sandwich-4-heads": ("prism-white-sandwich", {
+        **WHITE, "mlp": "ista", "overcompleteness": 1, "n_head": 4}),
     # The ReLU MLP without a hidden bias inside prism-white: the activation apart from the threshold.
     "prism-white-relu": ("prism-white", {**WHITE, "mlp": "relu"}),
 }
@@ -197,25 +201,33 @@ def _preset_args(preset, variant, vocab_size):
     arch, overrides = VARIANTS[variant]
     args = dict(preset_sizes(preset, arch), vocab_size=vocab_size)
     overrides = dict(overrides)
-    if "overcompleteness" in overrides:  # ρ is a ratio of sizes, not a config field
-        args["head_dim"] = overrides.pop("overcompleteness") * args["n_embd"] // args["n_head"]
-    return arch, {**args, **overrides}
+    rho = overrides.pop("overcompleteness", None)  # ρ is a ratio of sizes, not a config field
+    overrides.pop("flops_at_most", None)           # a bound on the MLP width (variant_args)
+    args.update(overrides)
+    if rho is not None:  # H·p = ρ·d at the variant's own number of heads
+        args["head_dim"] = rho * args["n_embd"] // args["n_head"]
+    return arch, args
 
 
 def variant_args(preset, variant, vocab_size):
     """(arch, model_args) of a variant at a size preset. A PRISM-family variant's MLP width is the
     one whose parameter count is nearest PRISM's (parameters are linear in the width, so one
-    unit's cost, measured, gives it); the MLP's default width stays unset. A variant whose
-    overrides state mlp_hidden keeps it (check_preset still holds it to PRISM's count)."""
+    unit's cost, measured, gives it); the MLP's default width stays unset. A variant with
+    "flops_at_most": arm takes the widest MLP at or under that arm's FLOPs per token if the
+    nearest width is over them."""
     arch, args = _preset_args(preset, variant, vocab_size)
-    if (not issubclass(get_arch(arch)[1], Prism) or variant == "prism"
-            or "mlp_hidden" in VARIANTS[variant][1]):
+    if not issubclass(get_arch(arch)[1], Prism) or variant == "prism":
         return arch, args
     target = count_params(*_preset_args(preset, "prism", vocab_size))
     width = mlp_width(get_arch(arch)[0](**args))
     per_unit = (count_params(arch, {**args, "mlp_hidden": width + 1})
                 - count_params(arch, {**args, "mlp_hidden": width}))
     hidden = width + round((target - count_params(arch, args)) / per_unit)
+    cap_arm = VARIANTS[variant][1].get("flops_at_most")
+    if cap_arm is not None:
+        cap = model_size(*variant_args(preset, cap_arm, vocab_size))[1]
+        while hidden > 1 and model_size(arch, {**args, "mlp_hidden": hidden})[1] > cap:
+            hidden -= 1
     if hidden < 1:
         raise ValueError(f"preset {preset!r}: no MLP width brings {variant} down to PRISM's "
                          f"{target:,} parameters")

@@ -363,3 +363,11 @@ def test_flops_count_crate_alphas_extra_uses_of_its_dictionary():
     arch, args = variant_args("cpu-small", "prism-white-crate-alpha", 4097)
     assert "mlp_hidden" not in args and args["mlp"] == "crate-alpha"
     assert model_size(arch, args) == (white[0], white[1] + 6 * 4 * 2 * 128 * 512)
+
+
+def test_the_relu_control_has_no_bias_and_is_relu():
+    block = tiny(**WHITE, mlp="relu").transformer.h[0].mlp
+    assert block.fc.bias is None and block.proj.bias is None
+    x = torch.randn(3, 32)
+    assert torch.allclose(block(x), torch.relu(x @ block.fc.weight.T) @ block.proj.weight.T,
+                          atol=1e-6)

@@ -4,6 +4,7 @@ increment (lab/sandwich.py's exact statement); the embedding scale is √d; the 
 PRISM's parameters and within RoPE attention's FLOPs per token."""
 import math
 
+import pytest
 import torch
 
 from lab.sandwich import PrismWhiteSandwich, SandwichConfig
@@ -113,3 +114,72 @@ def test_the_variant_is_at_prisms_size_and_within_rope_attentions_flops():
     prism_params, _ = model_size(*variant_args("cpu-small", "prism", 4097))
     _, rope_flops = model_size(*variant_args("cpu-small", "rope-attention", 4097))
     assert abs(params / prism_params - 1) < 0.05 and flops <= rope_flops
+
+
+@pytest.mark.parametrize("overrides", [{"mlp": "gated-ista"}, {"shared_qkv": False}])
+def test_the_candidates_are_causal_and_their_analysis_path_is_their_fast_path(overrides):
+    model, idx = tiny(**overrides), tokens()
+    logits, loss = model(idx, idx)
+    logits2, loss2, _ = model.analyze(idx, idx)
+    assert torch.allclose(logits, logits2, atol=1e-5)
+    changed = idx.clone()
+    changed[:, 13] = (idx[:, 13] + 1) % 97
+    assert torch.equal(model(changed)[0][:, :13], logits[:, :13])
+
+
+def test_the_qkv_control_has_three_projections_and_only_that():
+    """q, k, v from three d × H·p matrices; with all three set to the shared model's dictionary it
+    is the shared model, logit for logit."""
+    shared, apart = tiny(), tiny(shared_qkv=False)
+    assert apart.get_num_params() == shared.get_num_params() + 2 * 2 * 32 * 32  # 2 layers
+    x = torch.randn(2, 5, 32)
+    q, k, v = apart.transformer.h[0].attn.project(x)
+    assert q.shape == k.shape == v.shape == (2, 4, 5, 8) and not torch.allclose(q, k)
+    state = shared.state_dict()
+    for key, value in list(state.items()):
+        if key.endswith("attn.dictionary.weight"):
+            state[key] = value.repeat(3, 1)
+    apart.load_state_dict(state)
+    idx = tokens()
+    assert torch.allclose(apart(idx)[0], shared(idx)[0], atol=1e-5)
+
+
+def test_the_gated_block_is_its_formula():
+    block = tiny(mlp="gated-ista").transformer.h[0].mlp
+    with torch.no_grad():
+        block.threshold.uniform_(-0.05, 0.05)
+    x = torch.randn(3, 32)
+    expected = block.proj.weight @ (torch.relu(block.support.weight @ x.T - block.threshold[:, None])
+                                    * (block.value.weight @ x.T))
+    assert torch.allclose(block(x), expected.T, atol=1e-6)
+    # three d × m matrices and one threshold per atom
+    m = block.threshold.shape[0]
+    assert sum(p.numel() for p in block.parameters()) == 3 * 32 * m + m
+
+
+def test_on_a_fixed_support_the_least_squares_code_is_linear_for_an_orthonormal_dictionary():
+    """lab/white.py's reading of the gated block's value: for an orthonormal D the least-squares
+    code on a support S is D_Sᵀz, one linear map restricted to S; for a coherent D it is not."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(16, generator=g, dtype=torch.float64)
+    support = torch.tensor([0, 3, 5, 6])
+    orthonormal = torch.linalg.qr(torch.randn(16, 8, generator=g, dtype=torch.float64))[0]
+    coherent = orthonormal + 0.3 * torch.randn(16, 8, generator=g, dtype=torch.float64)
+    for D, linear in ((orthonormal, True), (coherent, False)):
+        D_S = D[:, support]
+        least_squares = torch.linalg.lstsq(D_S, z[:, None]).solution[:, 0]
+        assert torch.allclose(least_squares, D_S.T @ z) == linear
+
+
+@pytest.mark.parametrize("variant", ["prism-white-sandwich-qkv", "prism-white-sandwich-gated",
+                                     "prism-white-sandwich-4-heads"])
+def test_the_candidates_are_at_prisms_size_and_within_rope_attentions_flops(variant):
+    params, flops = model_size(*variant_args("cpu-small", variant, 4097))
+    prism_params, _ = model_size(*variant_args("cpu-small", "prism", 4097))
+    _, rope_flops = model_size(*variant_args("cpu-small", "rope-attention", 4097))
+    assert abs(params / prism_params - 1) < 0.001 and flops <= rope_flops
+
+
+def test_a_variant_with_its_own_number_of_heads_keeps_rho():
+    _, args = variant_args("cpu-small", "prism-white-sandwich-4-heads", 4097)
+    assert (args["n_head"], args["head_dim"]) == (4, 32)  # H·p = d: ρ = 1 at 4 heads

@@ -51,3 +51,15 @@ def test_holm_orders_and_scales():
     order = np.argsort([x for x in p if x is not None])
     kept = [a for a in adjusted if a is not None]
     assert all(kept[order[i]] <= kept[order[i + 1]] for i in range(len(order) - 1))
+
+
+def test_correlation_bound_is_exceeded_five_percent_of_the_time_with_no_relation():
+    """Independent pairs exceed the bound ~5% of the time; strongly related ones mostly do."""
+    rng = np.random.default_rng(2)
+    bound = stats.correlation_bound(8)
+    assert 0.70 < bound < 0.71  # t(0.975, 6) = 2.447: 2.447 / √(6 + 2.447²)
+    null = [abs(np.corrcoef(rng.standard_normal((2, 8)))[0, 1]) for _ in range(4000)]
+    assert 0.04 < np.mean(np.array(null) > bound) < 0.06
+    x = rng.standard_normal((400, 8))
+    related = [np.corrcoef(a, a + 0.3 * rng.standard_normal(8))[0, 1] for a in x]
+    assert np.mean(np.array(related) > bound) > 0.9
