@@ -686,7 +686,9 @@ def lr_note(s):
 
 def grid_table(args, plan, study):
     """The learning-rate grid of every arm: selection-split loss per rate, the chosen one bold."""
-    all_lrs = sorted({lr for s in study.values() for lr in s["grid"]})
+    # one column per record name (lr{lr:g}): ×√2 from below and ÷√2 from above can differ in the
+    # last bit and still name the same run
+    all_lrs = sorted({float(f"{lr:g}") for s in study.values() for lr in s["grid"]})
     lines = [f"Learning-rate grid: loss on the whole selection split at seed "
              f"{plan['grid_seed']}, full budget; **bold** = chosen; rates beyond --lrs were "
              f"added because the best was at an edge (at most {args.max_extensions})"
@@ -695,8 +697,9 @@ def grid_table(args, plan, study):
              "| variant | " + " | ".join(f"{lr:.3g}" for lr in all_lrs) + " | note |",
              "|---|" + "---:|" * len(all_lrs) + "---|"]
     for v, s in study.items():
-        cells = [("**{:.4f}**" if lr == s["lr"] else "{:.4f}").format(s["grid"][lr])
-                 if lr in s["grid"] else "" for lr in all_lrs]
+        grid = {float(f"{lr:g}"): (loss, lr == s["lr"]) for lr, loss in s["grid"].items()}
+        cells = [("**{:.4f}**" if grid[lr][1] else "{:.4f}").format(grid[lr][0])
+                 if lr in grid else "" for lr in all_lrs]
         note = lr_note(s).partition(" (")[2].rstrip(")") or "interior"
         lines.append(f"| {v} | " + " | ".join(cells) + f" | {note} |")
     return lines

@@ -324,7 +324,7 @@ def test_a_tiny_study_leaves_records_resumes_and_reports_from_records_alone(
     assert f"| prism | {params:,} |" in section and "| gpt2 |" in section
     assert "still at the grid's edge" in section  # two rates, no growth allowed
     assert "Holm-corrected over the 1 arms" in section
-    assert "report seeds 3, 4 " in section and "at seed 2, a seed that is not reported" in section
+    assert "report seeds 3, 4." in section and "at seed 2, a seed that is not reported" in section
     # the head contrasts of analyze_heads, per layer, trained against untrained
     assert "*prism trained − prism untrained*" in section and "log_distance_no_self" in section
     assert "| 3 | " in section  # the last of cpu-small's 4 layers
@@ -508,7 +508,7 @@ def test_the_committed_sections_re_make_from_the_records_alone(tmp_path, capsys)
     prints, with --report_only and no data folder."""
     committed = (REPO / "lab" / "RESULTS.md").read_text()
     names = re.findall(r"^<!-- compare.py (.+?) -->$", committed, re.M)
-    assert len(names) == 8
+    assert len(names) == 9
     results = tmp_path / "RESULTS.md"
     for name in names:
         start, end = f"<!-- compare.py {name} -->\n", f"<!-- /compare.py {name} -->"
@@ -522,3 +522,17 @@ def test_the_committed_sections_re_make_from_the_records_alone(tmp_path, capsys)
         remade = results.read_text().split(start)[1].split(end)[0]
         remade = remade.replace(str(REPO / "lab" / "results"), "lab/results")
         assert remade == body
+
+
+def test_the_grid_table_has_one_column_per_record_name():
+    """4e-3·√2 and 8e-3/√2 differ in the last bit but name the same record (lr0.00565685): one
+    column, and each arm's chosen rate bold in it."""
+    up, down = 4e-3 * math.sqrt(2), 8e-3 / math.sqrt(2)
+    assert up != down and f"{up:g}" == f"{down:g}"
+    arm = dict(added=[], at_edge=False)
+    study = {"a": dict(arm, grid={4e-3: 3.3, up: 3.2, 8e-3: 3.4}, lr=up, refined=[up]),
+             "b": dict(arm, grid={8e-3: 3.1, down: 3.0, 1.6e-2: 3.5}, lr=down, refined=[down])}
+    args = type("Args", (), dict(max_extensions=3, refine=True))
+    header, _, a, b = compare.grid_table(args, {"grid_seed": 1}, study)[2:]
+    assert header.split(" | ")[1:-1] == ["0.004", "0.00566", "0.008", "0.016"]
+    assert a.split(" | ")[2] == "**3.2000**" and b.split(" | ")[2] == "**3.0000**"
