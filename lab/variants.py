@@ -5,6 +5,7 @@ here; train.py's --arch with a PRISM config file reaches sizes_like_prism throug
 classes (lab/baselines.py).
 """
 
+import functools
 from dataclasses import fields
 from pathlib import Path
 
@@ -243,8 +244,13 @@ def count_params(arch, model_args):
 
 def model_size(arch, model_args):
     """(parameters, training FLOPs per token) of a model, without allocating its weights."""
+    return _model_size(arch, tuple(sorted(model_args.items())))
+
+
+@functools.lru_cache(maxsize=None)
+def _model_size(arch, model_args):  # building even a meta model takes ~0.1 s: once per model
     with torch.device("meta"):
-        model = build_model(arch, **model_args)
+        model = build_model(arch, **dict(model_args))
         return model.get_num_params(), model.flops_per_token()
 
 
