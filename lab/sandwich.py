@@ -29,7 +29,10 @@ One control is not white-box: shared_qkv = False gives the query, the key and th
 projections of their own (three d × H·p matrices for the one dictionary U; the normalised scores,
 the masked diagonal with its sink and the rotated values stay). It prices q = k = v, the
 constraint MSSA's derivation imposes, inside this model at PRISM's parameters (the MLP narrows to
-pay for the two extra matrices; FLOPs per token stay within 0.1%).
+pay for the two extra matrices; FLOPs per token stay within 0.1%). A second control splits that
+price: shared_value = False keeps q = k = W_k and gives the value a projection of its own (one
+extra matrix), so the cost of q = k = v divides into the part a separate value recovers and the
+part that is the symmetric score q = k.
 """
 
 import math
@@ -46,6 +49,13 @@ class SandwichConfig(WhiteConfig):
     embed_scale: bool = True  # token embeddings × √d, as Gemma 3's
     post_norm: bool = True    # an RMSNorm after each step too; False: pre-norm RMSNorm blocks
     shared_qkv: bool = True   # q = k = v = W_k; False: the control with three projections apart
+    shared_value: bool = True  # False: the control with q = k = W_k and the value apart
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not (self.shared_qkv or self.shared_value):
+            raise ValueError("shared_value = False is the control with q = k; with shared_qkv = "
+                             "False the value is apart already")
 
 
 class SeparateQKVAttention(WhiteAttention):
@@ -63,6 +73,20 @@ class SeparateQKVAttention(WhiteAttention):
         B, T, _ = x.shape
         qkv = self.dictionary(x).view(B, T, 3 * self.n_head, self.head_dim).transpose(1, 2)
         return qkv.split(self.n_head, dim=1)
+
+
+class SeparateValueAttention(WhiteAttention):
+    """WhiteAttention with q = k = W_k and the value from a projection apart (the control above)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.value = nn.Linear(config.n_embd, config.n_head * config.head_dim, bias=config.bias)
+
+    def project(self, x):  # subspaces() stays the dictionary's: q = k are its coordinates
+        B, T, _ = x.shape
+        w = self.dictionary(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        v = self.value(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        return w, w, v
 
 
 class SandwichBlock(nn.Module):
@@ -100,7 +124,8 @@ class PrismWhiteSandwich(PrismWhite):
 
     def __init__(self, config):
         LanguageModel.__init__(self)  # Prism.__init__ builds pre-norm LayerNorm blocks: not those
-        attention = self.attention_class if config.shared_qkv else SeparateQKVAttention
+        attention = (SeparateQKVAttention if not config.shared_qkv else
+                     SeparateValueAttention if not config.shared_value else self.attention_class)
         blocks = [SandwichBlock(config, attention, self.mlp_class)
                   for _ in range(config.n_layer)]
         self._build(config, blocks, nn.RMSNorm(config.n_embd, eps=1e-6))

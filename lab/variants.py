@@ -121,6 +121,15 @@ VARIANTS = {
         **WHITE, "mlp": "gated-ista", "overcompleteness": 1, "flops_at_most": "rope-attention"}),
     # The ReLU MLP without a hidden bias inside prism-white: the activation apart from the threshold.
     "prism-white-relu": ("prism-white", {**WHITE, "mlp": "relu"}),
+    # The gated block's controls: without its threshold (ReGLU), and Gemma 3's GeGLU.
+    "prism-white-sandwich-gated-relu": ("prism-white-sandwich", {
+        **WHITE, "mlp": "gated-relu", "overcompleteness": 1, "flops_at_most": "rope-attention"}),
+    "prism-white-sandwich-geglu": ("prism-white-sandwich", {
+        **WHITE, "mlp": "geglu", "overcompleteness": 1, "flops_at_most": "rope-attention"}),
+    # The price of q = k = v split: q = k with the value apart, beside prism-white-sandwich-qkv.
+    "prism-white-sandwich-qk": ("prism-white-sandwich", {
+        **WHITE, "mlp": "ista", "overcompleteness": 1, "shared_value": False,
+        "flops_at_most": "rope-attention"}),
 }
 
 # Candidates the screen rejected (lab/RESULTS.md, "Screening at preset cpu-small"): deleted from

@@ -8,7 +8,8 @@ screen (lab/RESULTS.md, "Screening"), each a module of its own with its reading 
   - the sparse-coding MLP (mlp = "ista"): one decoupled ISTA step in place of the GELU MLP;
   - its attribution controls (mlp = "gelu-bias", "relu-bias", "relu", "crate-alpha"): the GELU
     and ReLU MLPs with a hidden bias, the ReLU MLP without one, and CRATE-α's two-step block;
-  - the gated sparse-coding MLP (mlp = "gated-ista"): support and values from encoders apart.
+  - the gated sparse-coding MLP (mlp = "gated-ista"): support and values from encoders apart, and
+    its controls without the threshold (mlp = "gated-relu", ReGLU; mlp = "geglu", Gemma 3's MLP).
 
 prism-white is the first three together; prism-white-ista adds the fourth (the study's best
 PRISM). Each piece says below whether it is exact, heuristic, or an empirical fix. The screen's
@@ -19,6 +20,7 @@ Notation as in model.py: tokens are rows, W_k = Z U_k ∈ R^{n×p}, w_t its row 
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -293,23 +295,33 @@ class CrateAlphaMLP(nn.Module):
 # relaxed-LASSO step of any LASSO. As an MLP it is ReGLU (Shazeer 2020) with a learned threshold on
 # the gate; Gemma 3's GeGLU uses GELU and no threshold. Three d×m matrices: at equal parameters its
 # width m is about ⅔ of the one-encoder block's, at the same FLOPs per parameter.
+#
+# Its two controls take the block apart: mlp = "gated-relu", x ← D · (ReLU(E_s x) ⊙ E_v x), is ReGLU,
+# the same block without θ (against "gated-ista": what the threshold adds to the gating); mlp =
+# "geglu", x ← D · (GELU(E_s x) ⊙ E_v x), is Gemma 3's MLP (lab/baselines.py's GeGLU, tanh GELU, no
+# bias) in the white model (against "gated-relu": ReLU's exact zeros, the sparse support, against
+# GELU's smooth gate).
 
 
-class GatedSparseCodingMLP(nn.Module):
-    """x ← D · (ReLU(E_s x − θ) ⊙ E_v x): support and values from encoders apart (above)."""
+class GatedMLP(nn.Module):
+    """x ← D · (σ(E_s x − θ) ⊙ E_v x): support and values from encoders apart (above); θ a learned
+    threshold per atom, or none."""
 
-    def __init__(self, config):
+    def __init__(self, config, activation, threshold):
         super().__init__()
         width = mlp_width(config)
         self.proj = nn.Linear(width, config.n_embd, bias=False)         # the dictionary D
         self.support = nn.Linear(config.n_embd, width, bias=False)      # E_s
         self.value = nn.Linear(config.n_embd, width, bias=False)        # E_v
-        self.threshold = nn.Parameter(torch.zeros(width))               # θ, per atom
+        self.threshold = nn.Parameter(torch.zeros(width)) if threshold else None  # θ, per atom
+        self.activation = activation
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        code = F.relu(self.support(x) - self.threshold) * self.value(x)
-        return self.dropout(self.proj(code))
+        gate = self.support(x)
+        if self.threshold is not None:
+            gate = gate - self.threshold
+        return self.dropout(self.proj(self.activation(gate) * self.value(x)))
 
 
 MLPS = {
@@ -319,7 +331,9 @@ MLPS = {
     "relu-bias": lambda config: ActivationMLP(config, F.relu, hidden_bias=True),
     "relu": lambda config: ActivationMLP(config, F.relu, hidden_bias=False),
     "crate-alpha": CrateAlphaMLP,
-    "gated-ista": GatedSparseCodingMLP,
+    "gated-ista": lambda config: GatedMLP(config, F.relu, threshold=True),
+    "gated-relu": lambda config: GatedMLP(config, F.relu, threshold=False),
+    "geglu": lambda config: GatedMLP(config, partial(F.gelu, approximate="tanh"), threshold=False),
 }
 
 

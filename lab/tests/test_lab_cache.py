@@ -17,13 +17,16 @@ MODELS = {
     "prism-rotated-values": ("prism-white", dict(n_head=4, head_dim=16, rotate_values=True)),
     "prism-white-ista": ("prism-white", dict(n_head=4, head_dim=16, normalize_subspaces=True,
                                              mask_self=True, rotate_values=True, mlp="ista")),
-    # the sandwich model with its gated MLP, and its control with q, k, v apart
+    # the sandwich model with its gated MLP, its controls with q, k, v apart and with v apart
     "prism-white-sandwich-gated": ("prism-white-sandwich", dict(
         n_head=4, head_dim=16, normalize_subspaces=True, mask_self=True, rotate_values=True,
         mlp="gated-ista")),
     "prism-white-sandwich-qkv": ("prism-white-sandwich", dict(
         n_head=4, head_dim=16, normalize_subspaces=True, mask_self=True, rotate_values=True,
         mlp="ista", shared_qkv=False)),
+    "prism-white-sandwich-qk": ("prism-white-sandwich", dict(
+        n_head=4, head_dim=16, normalize_subspaces=True, mask_self=True, rotate_values=True,
+        mlp="geglu", shared_value=False)),
     "rope-attention": ("rope-attention", dict(n_head=4, head_dim=8)),
     "gpt2": ("gpt2", dict(n_head=4)),
     # layer 0 local with a 5-token window, layer 1 global: 40 tokens cross the window many times
