@@ -130,6 +130,10 @@ VARIANTS = {
     "prism-white-sandwich-qk": ("prism-white-sandwich", {
         **WHITE, "mlp": "ista", "overcompleteness": 1, "shared_value": False,
         "flops_at_most": "rope-attention"}),
+    # ... and with the gated MLP: do the value's and the MLP's gains add?
+    "prism-white-sandwich-gated-qk": ("prism-white-sandwich", {
+        **WHITE, "mlp": "gated-ista", "overcompleteness": 1, "shared_value": False,
+        "flops_at_most": "rope-attention"}),
 }
 
 # Candidates the screen rejected (lab/RESULTS.md, "Screening at preset cpu-small"): deleted from

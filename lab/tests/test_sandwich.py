@@ -207,7 +207,7 @@ def test_on_a_fixed_support_the_least_squares_code_is_linear_for_an_orthonormal_
 
 @pytest.mark.parametrize("variant", ["prism-white-sandwich-qkv", "prism-white-sandwich-gated",
                                      "prism-white-sandwich-gated-relu", "prism-white-sandwich-geglu",
-                                     "prism-white-sandwich-qk"])
+                                     "prism-white-sandwich-qk", "prism-white-sandwich-gated-qk"])
 def test_the_candidates_are_at_prisms_size_and_within_rope_attentions_flops(variant):
     params, flops = model_size(*variant_args("cpu-small", variant, 4097))
     prism_params, _ = model_size(*variant_args("cpu-small", "prism", 4097))
