@@ -84,9 +84,8 @@ class SeparateValueAttention(WhiteAttention):
 
     def project(self, x):  # subspaces() stays the dictionary's: q = k are its coordinates
         B, T, _ = x.shape
-        w = self.dictionary(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        v = self.value(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        return w, w, v
+        w = super().project(x)[0]
+        return w, w, self.value(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
 
 
 class SandwichBlock(nn.Module):
