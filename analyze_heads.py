@@ -92,18 +92,22 @@ def attention_sums(attn):
                 self_mass=diag[..., 1:].sum(dim=(0, 2)).cpu(), n_queries=B * (T - 1))
 
 
-def pair_norms(x):
-    """(…, p) -> (…, p/2): the norm of each rotary pair (dims i and i + p/2)."""
+def pair_norms(x, pairs="interleaved"):
+    """(…, p) -> (…, p/2): the norm of each rotary pair, dims (2i, 2i + 1) ("interleaved", as
+    PRISM rotates them) or (i, i + p/2) ("halves", the lab's other models)."""
+    x = x.double()
+    if pairs == "interleaved":
+        return x.unflatten(-1, (-1, 2)).norm(dim=-1)
     half = x.shape[-1] // 2
-    return torch.sqrt(x[..., :half].double() ** 2 + x[..., half:].double() ** 2)
+    return torch.sqrt(x[..., :half] ** 2 + x[..., half:] ** 2)
 
 
-def spectrum_sums(q, k):
+def spectrum_sums(q, k, pairs="interleaved"):
     """q (B, H, T, p), k (B, Hk, T, p) -> (E_sum (H, p/2), n_tokens): per head and rotary pair the
     sum over tokens of ‖q^(i)‖·‖k^(i)‖. Grouped keys (Hk < H) are shared by H/Hk query heads."""
     if k.shape[1] != q.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    e = (pair_norms(q) * pair_norms(k)).sum(dim=(0, 2))
+    e = (pair_norms(q, pairs) * pair_norms(k, pairs)).sum(dim=(0, 2))
     return e.cpu(), q.shape[0] * q.shape[2]
 
 
@@ -120,7 +124,7 @@ def mcr2_diagnostics(Z, subspaces, eps):
     Z = Z.double()
     R = float(coding_rate(Z, eps))
     out = dict(R=R, Rc=None, dR=None, Rc_orth=None, dR_orth=None, neumann_radius=None,
-               n_tokens=int(Z.shape[0]))
+               frame_bounds=None, n_tokens=int(Z.shape[0]))
     if subspaces is not None:
         U = subspaces.detach().double().to(Z.device)
         Rc = float(compressed_coding_rate(Z, U, eps))
@@ -128,8 +132,11 @@ def mcr2_diagnostics(Z, subspaces, eps):
         # subspaces alone, whatever the scale of U.
         Q = torch.linalg.qr(U.transpose(1, 2)).Q.transpose(1, 2)
         Rc_orth = float(compressed_coding_rate(Z, Q, eps))
+        D = U.reshape(-1, U.shape[-1])  # every atom a row
+        bounds = torch.linalg.eigvalsh(D.T @ D)  # a tight frame with bound 1: both are 1
         out.update(Rc=Rc, dR=R - Rc, Rc_orth=Rc_orth, dR_orth=R - Rc_orth,
-                   neumann_radius=float(neumann_radius(Z, U, eps)))
+                   neumann_radius=float(neumann_radius(Z, U, eps)),
+                   frame_bounds=[float(bounds[0]), float(bounds[-1])])
     return out
 
 
@@ -215,10 +222,14 @@ def analyze_model(model, batches, eps=0.5, max_tokens=4096, num_batches=None, se
     model.eval()
     arch = model.arch
     n_layer = model.config.n_layer
-    freqs_all = [model.rope_frequencies(l) for l in range(n_layer)]
+
+    def ask(hook, *args):  # what a model without such a thing lacks is None
+        return getattr(model, hook)(*args) if hasattr(model, hook) else None
+
+    freqs_all = [ask("rope_frequencies", l) for l in range(n_layer)]
     freqs_all = None if any(f is None for f in freqs_all) else [
         torch.as_tensor(f, dtype=torch.float64).cpu() for f in freqs_all]
-    groups = model.head_groups()
+    groups = ask("head_groups")
     not_applicable = {}
     if freqs_all is None:
         for key in ("spectrum", "spectral_centroid", "centroid_in_band"):
@@ -239,7 +250,7 @@ def analyze_model(model, batches, eps=0.5, max_tokens=4096, num_batches=None, se
             a["dist"], a["ent"] = a["dist"] + s["distance"], a["ent"] + s["entropy"]
             a["self"], a["nq"] = a["self"] + s["self_mass"], a["nq"] + s["n_queries"]
             if freqs_all is not None:
-                E, n = spectrum_sums(rec["q"], rec["k"])
+                E, n = spectrum_sums(rec["q"], rec["k"], model.rope_pairs)
                 a["E"], a["nt"] = a["E"] + E, a["nt"] + n
             if a["nz"] < max_tokens:
                 z = rec["z"].reshape(-1, rec["z"].shape[-1])
@@ -269,7 +280,7 @@ def analyze_model(model, batches, eps=0.5, max_tokens=4096, num_batches=None, se
                 centroid_in_band=(c / float(freqs[h].max())) if c else None,
                 spectrum=[float(v) for v in E[h]] if E is not None else None,
                 frequencies=[float(v) for v in freqs[h]] if E is not None else None))
-        subspaces = model.subspaces(l)
+        subspaces = ask("subspaces", l)
         if subspaces is None:
             why = f"no dictionary of subspaces (arch {arch})"
             not_applicable["Rc"] = not_applicable["dR"] = why

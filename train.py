@@ -475,6 +475,7 @@ def train(cfg, model_args=None):
             lr = get_lr(iter_num, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            raw_model.set_progress(iter_num / max(1, cfg.max_iters))  # PRISM's λ
 
             # -- evaluate, log and checkpoint: the resume point, so always, not only when val improves
             if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:

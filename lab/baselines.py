@@ -10,9 +10,7 @@ analysis path.
             transformer in its place: q, k, v apart, standard RoPE on q and k (one band), H·p = d.
             What PRISM's two constraints (the overcomplete shared dictionary, π-RoPE) are
             measured against with everything else equal.
-Each model class has sizes_like_prism(prism_model_args): its sizes at the preset of
-lab/variants.py whose PRISM has these sizes, so that `python train.py --arch=gpt2` trains the
-matched baseline from a PRISM config file.
+`python -m lab.train` trains one at the size lab/variants.py matches to a PRISM config file.
 """
 
 import math
@@ -23,17 +21,8 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import model
-from model import (Block, KVCache, LanguageModel, _check, apply_rotary, causal_mask,
-                   explicit_attention, rotary_frequencies, rotary_tables)
-
-
-class MatchedToPrism:
-    """sizes_like_prism for a baseline: its PRESETS entry at PRISM's sizes (lab/variants.py)."""
-
-    @classmethod
-    def sizes_like_prism(cls, prism_model_args):
-        from lab.variants import sizes_like_prism  # noqa: PLC0415 — variants reads config/ files
-        return sizes_like_prism(cls.arch, prism_model_args)
+from lab.attention import WindowedKVCache, apply_rotary, causal_mask, explicit_attention
+from model import Block, LanguageModel, _check, rotary_frequencies, rotary_tables
 
 
 # -----------------------------------------------------------------------------
@@ -84,7 +73,7 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
-class GPT2(MatchedToPrism, LanguageModel):
+class GPT2(LanguageModel):
     arch = "gpt2"
 
     def __init__(self, config):
@@ -206,8 +195,9 @@ class GemmaBlock(nn.Module):
         return x + self.dropout(self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x))))
 
 
-class Gemma3(MatchedToPrism, LanguageModel):
+class Gemma3(LanguageModel):
     arch = "gemma3"
+    rope_pairs = "halves"  # for analyze_heads.py
 
     def __init__(self, config):
         super().__init__()
@@ -218,7 +208,7 @@ class Gemma3(MatchedToPrism, LanguageModel):
         return self.transformer.wte(idx) * math.sqrt(self.config.n_embd)
 
     def new_cache(self):
-        return [KVCache(block.attn.window) for block in self.transformer.h]
+        return [WindowedKVCache(block.attn.window) for block in self.transformer.h]
 
     def rope_frequencies(self, layer=0):
         return self.config.rope_frequencies(layer)
@@ -292,8 +282,9 @@ class RopeSelfAttention(nn.Module):
         return self.resid_dropout(self.back_projection(y.transpose(1, 2).reshape(B, T, -1)))
 
 
-class RopeAttention(MatchedToPrism, LanguageModel):
+class RopeAttention(LanguageModel):
     arch = "rope-attention"
+    rope_pairs = "halves"  # for analyze_heads.py
 
     def __init__(self, config):
         super().__init__()

@@ -69,11 +69,14 @@ from lab.heads import contrast_test
 from lab.variants import PRESETS, RETIRED, VARIANTS, check_preset, model_size, variant_args
 from model import CheckpointError, build_model, load_model, read_checkpoint
 
-STUDY_ARMS = ("prism", "prism-pi-off", "prism-complete", "gpt2", "gemma3", "rope-attention")
-HEAD_ARMS = ("prism", "prism-pi-off")  # the claim: head regimes with π-RoPE, weaker without
+STUDY_ARMS = ("prism", "gpt2", "gemma3", "rope-attention", "prism-white-sandwich-gated", "recon")
+# (model, its π-RoPE-off control): the claim is head regimes with π-RoPE, weaker without. The
+# author's PRISM, and our reconstruction for the records of the studies made with it.
+HEAD_PAIRS = (("prism", "prism-pi-off"), ("recon", "recon-pi-off"))
+HEAD_ARMS = tuple(v for pair in HEAD_PAIRS for v in pair)
 # The archs analyze_heads.py reads (PRISM's subspaces): their runs record heads.json. Every
 # retired candidate was a PRISM variant too.
-PRISM_ARCHS = ("prism", "prism-white")
+PRISM_ARCHS = ("prism", "prism-ablation", "recon", "prism-white")
 REFERENCE = "prism"                    # by default every arm's difference is taken from it
 # What makes two runs the same run: a record whose values differ is another study's.
 BUDGET_KEYS = ("iters", "batch_size", "block_size", "warmup_iters", "min_lr_ratio", "evals",
@@ -614,31 +617,38 @@ def head_contrasts(study):
             tests.append((f"{v} trained (against 0)", study[v]["heads"], None))
             tests.append((f"{v} trained − {v} untrained", study[v]["heads"],
                           study[v]["init_heads"]))
-    if all(v in study for v in HEAD_ARMS):
-        a, b = HEAD_ARMS
-        tests.append((f"{a} − {b}, both trained", study[a]["heads"], study[b]["heads"]))
+    for a, b in HEAD_PAIRS:
+        if a in study and b in study:
+            tests.append((f"{a} − {b}, both trained", study[a]["heads"], study[b]["heads"]))
+    pair = head_pair(study)
     for v, s in study.items():  # the other PRISM-family arms (the candidates): exploratory
         if v not in HEAD_ARMS and "heads" in s:
             tests.append((f"{v} trained (against 0)", s["heads"], None))
-            if HEAD_ARMS[0] in study:
-                tests.append((f"{v} − {HEAD_ARMS[0]}, both trained", s["heads"],
-                              study[HEAD_ARMS[0]]["heads"]))
+            if pair is not None:
+                tests.append((f"{v} − {pair[0]}, both trained", s["heads"],
+                              study[pair[0]]["heads"]))
     rows = [(title, contrast_test(t, c)) for title, t, c in tests]
     return [(title, r) for title, r in rows if r]
+
+
+def head_pair(variants):
+    """The first (model, π-off control) of HEAD_PAIRS whose model is among the arms, or None."""
+    return next((pair for pair in HEAD_PAIRS if pair[0] in variants), None)
 
 
 # The claim, fixed before the numbers (PRISM.md §6): signal heads look further back and sit lower
 # in their band than noise heads, in the trained PRISM more than at its initialisation and more
 # than without π-RoPE. Six tests, Holm-corrected together; every other contrast is exploratory.
 CLAIM_CONTRASTS = ("log_distance", "log_distance_no_self", "log_centroid_in_band")
-CLAIM_COMPARISONS = (f"{HEAD_ARMS[0]} trained − {HEAD_ARMS[0]} untrained",
-                     f"{HEAD_ARMS[0]} − {HEAD_ARMS[1]}, both trained")
 
 
-def claim_tests(contrasts):
-    """The pre-registered family: [(comparison, contrast row, Holm-adjusted p)] at layer "all"."""
+def claim_tests(contrasts, pair):
+    """The pre-registered family of a (model, π-off) pair: [(comparison, contrast row,
+    Holm-adjusted p)] at layer "all"."""
+    a, b = pair
     by_title = dict(contrasts)
-    family = [(title, r) for title in CLAIM_COMPARISONS for r in by_title.get(title, [])
+    comparisons = (f"{a} trained − {a} untrained", f"{a} − {b}, both trained")
+    family = [(title, r) for title in comparisons for r in by_title.get(title, [])
               if r["layer"] == "all" and r["contrast"] in CLAIM_CONTRASTS]
     adjusted = stats.holm([r["p"] for _, r in family])
     return [(title, r, p) for (title, r), p in zip(family, adjusted)]
@@ -812,7 +822,8 @@ def report(args, plan, study, figure):
     lines += [""] + grid_table(args, plan, study)
     contrasts = head_contrasts(study) if any("heads" in s for s in study.values()) else []
     # the pre-registered family needs both of its arms; without them every contrast is exploratory
-    claim = claim_tests(contrasts) if all(v in study for v in HEAD_ARMS) else []
+    pair = head_pair(study)
+    claim = claim_tests(contrasts, pair) if pair and all(v in study for v in pair) else []
     if claim:
         lines += ["", f"Head specialisation, the claim (PRISM.md §6; analyze_heads.py on the "
                       f"report split): the signal-heads mean minus the noise-heads mean, averaged "
@@ -867,7 +878,7 @@ def plot_curves(plan, study, path, title):
         vals = [[dict(c)[it] for c in s["curves"] if it in dict(c)] for it in iters]
         xs = [it * per_epoch for it in iters]
         line, = ax.plot(xs, [statistics.fmean(x) for x in vals], label=f"{v} (lr {s['lr']:g})",
-                        linestyle="--" if records_heads(v) and v != "prism" else "-")
+                        linestyle="--" if records_heads(v) and v not in HEAD_ARMS else "-")
         ax.fill_between(xs, [min(x) for x in vals], [max(x) for x in vals],
                         color=line.get_color(), alpha=0.15)
         lows += [x for vs in vals[len(vals) // 3:] for x in vs]

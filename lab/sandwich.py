@@ -122,7 +122,7 @@ class PrismWhiteSandwich(PrismWhite):
     arch = "prism-white-sandwich"
 
     def __init__(self, config):
-        LanguageModel.__init__(self)  # Prism.__init__ builds pre-norm LayerNorm blocks: not those
+        LanguageModel.__init__(self)  # Reconstruction.__init__ builds pre-norm LayerNorm blocks: not those
         attention = (SeparateQKVAttention if not config.shared_qkv else
                      SeparateValueAttention if not config.shared_value else self.attention_class)
         blocks = [SandwichBlock(config, attention, self.mlp_class)

@@ -1,8 +1,7 @@
 """
 What the comparison runs: the size presets, at which every arch has PRISM's parameter count (±5%),
-and the variants, each an arch with config values. compare.py and bench.py take their arms from
-here; train.py's --arch with a PRISM config file reaches sizes_like_prism through the model
-classes (lab/baselines.py).
+and the variants, each an arch with config values. compare.py, bench.py and lab/train.py take
+their arms from here.
 """
 
 import functools
@@ -12,10 +11,11 @@ from pathlib import Path
 import torch
 
 import train
+from lab.reconstruction import Reconstruction
 from model import Prism, PrismConfig, build_model, get_arch, mlp_width
 
 ROOT = Path(__file__).resolve().parent.parent
-PRISM_SIZES = ("n_layer", "n_embd", "n_head", "head_dim")
+PRISM_SIZES = ("n_layer", "n_embd", "n_head", "expansion")
 
 
 def _prism_of(config_file):
@@ -29,32 +29,37 @@ def _prism_of(config_file):
             "prism": {k: settings[k] for k in PRISM_SIZES}}
 
 
-# Sizes at which every arch has PRISM's parameter count within ±5% (check_preset says so); the
-# PRISM family (prism, prism-white) takes the "prism" entry. A PRISM size lives in one place: the
-# config file that trains it, or, for cpu-tiny (quick tests only), here.
+# Sizes at which every arch has PRISM's parameter count within ±5% (check_preset says so). The
+# author's PRISM family (prism, prism-ablation) takes the "prism" entry, our reconstruction's
+# family (recon, prism-white, prism-white-sandwich) the "recon" entry. A PRISM size lives in one
+# place: the config file that trains it, or, for cpu-tiny (quick tests only), here. At R = 2 the
+# author's PRISM has exactly GPT-2's parameters; the other baselines were sized to the
+# reconstruction (1.2% fewer at cpu-small, 0.5% at paper-50m) and their records keep those sizes.
 PRESETS = {
-    # PRISM d = 64, 4 layers, 4 heads of p = 32: nearly all of its parameters are the embedding.
     "cpu-tiny": {
         "block_size": 128,
-        "prism": dict(n_layer=4, n_embd=64, n_head=4, head_dim=32),
+        "prism": dict(n_layer=4, n_embd=64, n_head=2, expansion=2),
+        "recon": dict(n_layer=4, n_embd=64, n_head=4, head_dim=32),
         "gpt2": dict(n_layer=4, n_embd=64, n_head=2),
         "gemma3": dict(n_layer=4, n_embd=64, n_head=2, head_dim=32, mlp_hidden=172,
                        sliding_window=64, global_every=4),
         "rope-attention": dict(n_layer=4, n_embd=64, n_head=4, head_dim=16),
     },
-    # config/cpu_small.py, the study's size (d = 128, 4 layers, 8 heads of p = 32). 4 layers hold
-    # no 5-local-to-1-global group: Gemma's last layer is its global one here.
+    # config/cpu_small.py, the study's size (d = 128, 4 layers, 4 + 4 heads of p = 64). 4 layers
+    # hold no 5-local-to-1-global group: Gemma's last layer is its global one here.
     "cpu-small": {
         **_prism_of("cpu_small.py"),
+        "recon": dict(n_layer=4, n_embd=128, n_head=8, head_dim=32),
         "gpt2": dict(n_layer=4, n_embd=128, n_head=4),
         "gemma3": dict(n_layer=4, n_embd=128, n_head=4, head_dim=32, mlp_hidden=344,
                        sliding_window=64, global_every=4),
         "rope-attention": dict(n_layer=4, n_embd=128, n_head=8, head_dim=16),
     },
-    # config/prism_50m.py, the paper's (PRISM.md §5: d = 512, 8 layers, 16 heads of p = 64,
-    # context 512); the baselines at the same d.
+    # config/prism_50m.py, the paper's (d = 512, 8 layers, 8 + 8 heads of p = 128, context 512);
+    # the baselines at the same d.
     "paper-50m": {
         **_prism_of("prism_50m.py"),
+        "recon": dict(n_layer=8, n_embd=512, n_head=16, head_dim=64),
         "gpt2": dict(n_layer=8, n_embd=512, n_head=8),
         "gemma3": dict(n_layer=8, n_embd=512, n_head=8, head_dim=64, mlp_hidden=1376,
                        sliding_window=128),
@@ -65,24 +70,44 @@ PRESETS = {
 # The scout's best three changes to PRISM's attention (lab/white.py), which prism-white combines.
 WHITE = {"normalize_subspaces": True, "mask_self": True, "rotate_values": True}
 
-# name -> (arch, overrides of the preset's sizes). Every variant of the PRISM family but prism
-# itself then gets the MLP width that brings it back to PRISM's parameter count (variant_args), so
-# "does this change help?" is asked at the same size. The model_args a variant makes are the ones
+# name -> (arch, overrides of the preset's sizes). Every variant of a PRISM family but its base
+# (prism, recon) then gets the MLP width that brings it back to its base's parameter count
+# (variant_args), so "does this change help?" is asked at the same size. The model_args a variant makes are the ones
 # its records hold (compare.py checks them exactly): a variant with records is not changed.
+PI = PrismConfig.signal_base / 1e4  # π, as the signal base holds it
+
 VARIANTS = {
+    # The author's PRISM (model.py) and the baselines.
     "prism": ("prism", {}),
     "gpt2": ("gpt2", {}),
     "gemma3": ("gemma3", {}),
-    # PRISM's two constraints, one at a time: π-RoPE off (both groups in one band), ρ = 1 (H·p = d).
-    "prism-pi-off": ("prism", {"rope_ratio": 1.0}),
-    "prism-complete": ("prism", {"overcompleteness": 1}),
     # Plain RoPE attention as a standard transformer has it (lab/baselines.py).
     "rope-attention": ("rope-attention", {}),
-    # White-box candidates that survived the screen (lab/white.py), one at a time ...
-    "prism-normalized": ("prism-white", {"normalize_subspaces": True}),
-    "prism-no-self": ("prism-white", {"mask_self": True}),
-    "prism-rotated-values": ("prism-white", {"rotate_values": True}),
-    "prism-ista": ("prism-white", {"mlp": "ista"}),
+    # The author's PRISM with one of its parts changed (issue 26; lab/ablations.py for the three
+    # that need code). λ: the noise stream read out with weight 0, a fixed 0.1, or +1 (λ = −1:
+    # both streams added, CRATE's sum over all heads).
+    "prism-lambda-0": ("prism", {"lambda_start": 0.0, "lambda_end": 0.0}),
+    "prism-lambda-fixed": ("prism", {"lambda_start": 0.1, "lambda_end": 0.1}),
+    "prism-sum": ("prism", {"lambda_start": -1.0, "lambda_end": -1.0}),
+    # π-RoPE: both streams at base 10⁴ (off), or both at 10⁴·π (the README's one-group "π-trick").
+    "prism-pi-off": ("prism", {"signal_base": 1e4, "noise_base": 1e4}),
+    "prism-pi-one-group": ("prism", {"signal_base": 1e4 * PI, "noise_base": 1e4 * PI}),
+    # R = 1: each stream complete (H·p = d), the dictionary 2× overcomplete in all.
+    "prism-complete": ("prism", {"expansion": 1}),
+    "prism-no-wpe": ("prism-ablation", {"position_embedding": False}),
+    "prism-untied": ("prism-ablation", {"tied_readout": False}),
+    "prism-no-iso": ("prism-ablation", {"iso_energy": False}),
+    # Our reconstruction of PRISM from the abstract (lab/reconstruction.py), which model.py held
+    # until issue 25, and its two constraints one at a time: π-RoPE off, ρ = 1 (H·p = d).
+    "recon": ("recon", {}),
+    "recon-pi-off": ("recon", {"rope_ratio": 1.0}),
+    "recon-complete": ("recon", {"overcompleteness": 1}),
+    # White-box candidates on the reconstruction that survived the screen (lab/white.py), one at
+    # a time ...
+    "recon-normalized": ("prism-white", {"normalize_subspaces": True}),
+    "recon-no-self": ("prism-white", {"mask_self": True}),
+    "recon-rotated-values": ("prism-white", {"rotate_values": True}),
+    "recon-ista": ("prism-white", {"mlp": "ista"}),
     # ... the first three together ...
     "prism-white": ("prism-white", WHITE),
     # ... less one of them each: which of them carries it ...
@@ -140,26 +165,26 @@ VARIANTS = {
 # the code; their records stay in lab/results/, made by the code at `commit`, where their
 # FLOPs/token (model_size at the compact 4,097-token vocabulary) were computed too.
 RETIRED = {
-    "prism-head-step": dict(
+    "recon-head-step": dict(
         commit="2549a1f",
         reason="a learned step per head: −0.04 nats at one seed, inside the grid's noise; and in "
                "§2 the step is shared by all subspaces (what differs per head, ‖G_k‖, the softmax "
                "normalises away)",
         params={"cpu-small": 1320096, "paper-50m": 27304576},
         flops_per_token={"cpu-small": 9493440, "paper-50m": 214159104}),
-    "prism-head-temperature": dict(
+    "recon-head-temperature": dict(
         commit="2549a1f",
         reason="a learned softmax temperature per head: −0.01 nats at one seed, noise; with a "
                "decoupled back-projection it adds no function (U_k·√τ, B_k/√τ)",
         params={"cpu-small": 1320096, "paper-50m": 27304576},
         flops_per_token={"cpu-small": 9493440, "paper-50m": 214159104}),
-    "prism-rho-init": dict(
+    "recon-rho-init": dict(
         commit="2549a1f",
         reason="dictionary init std 0.02/√ρ (ρ = 1's ‖U‖_F², not its per-entry variance): −0.06 "
                "nats at one seed, inside the grid's noise",
         params={"cpu-small": 1320064, "paper-50m": 27304448},
         flops_per_token={"cpu-small": 9493248, "paper-50m": 214158336}),
-    "prism-ista-tied": dict(
+    "recon-ista-tied": dict(
         commit="2549a1f",
         reason="the ISTA block with one dictionary as encoder and decoder: +0.31 nats, worse than "
                "PRISM, at 1.33× its FLOPs",
@@ -174,28 +199,28 @@ RETIRED = {
 }
 
 
-def _sizes_entry(preset, arch):
-    """The PRESETS entry an arch's sizes come from: "prism" for the PRISM family."""
+def family_base(arch):
+    """The variant an arch's family is sized against: "prism" for the author's PRISM and its
+    ablations, "recon" for our reconstruction and its white-box variants, None for the others."""
     model_cls = get_arch(arch)[1]
-    entry = "prism" if issubclass(model_cls, Prism) else arch
-    if entry not in PRESETS[preset]:
-        raise ValueError(f"preset {preset!r} has no sizes for arch {arch!r}")
-    return entry
+    return "prism" if issubclass(model_cls, Prism) else "recon" if issubclass(
+        model_cls, Reconstruction) else None
 
 
 def preset_sizes(preset, arch):
     """The model fields (block_size included) of `arch` at a size preset."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    sizes = PRESETS[preset][_sizes_entry(preset, arch)]
-    return dict(sizes, block_size=PRESETS[preset]["block_size"])
+    entry = family_base(arch) or arch
+    if entry not in PRESETS[preset]:
+        raise ValueError(f"preset {preset!r} has no sizes for arch {arch!r}")
+    return dict(PRESETS[preset][entry], block_size=PRESETS[preset]["block_size"])
 
 
 def sizes_like_prism(arch, prism_model_args):
     """The model args of `arch` at the preset whose PRISM has the sizes of `prism_model_args`
     (PrismConfig fields; unset ones keep PrismConfig's defaults), with the other fields both
-    configs have (dropout, bias, ...) carried over; PRISM-only fields (rope_ratio, ...) have no
-    counterpart and are left out. ValueError when no preset has this PRISM."""
+    configs have (dropout, bias, ...) carried over. ValueError when no preset has this PRISM."""
     prism = PrismConfig(**prism_model_args)
     size_fields = ("block_size", *PRISM_SIZES, "mlp_hidden")
     wanted = {k: getattr(prism, k) for k in size_fields}
@@ -226,15 +251,16 @@ def _preset_args(preset, variant, vocab_size):
 
 
 def variant_args(preset, variant, vocab_size):
-    """(arch, model_args) of a variant at a size preset. A PRISM-family variant's MLP width is the
-    one whose parameter count is nearest PRISM's (parameters are linear in the width, so one
+    """(arch, model_args) of a variant at a size preset. A family variant's MLP width is the one
+    whose parameter count is nearest its base's (parameters are linear in the width, so one
     unit's cost, measured, gives it); the MLP's default width stays unset. A variant with
     "flops_at_most": arm takes the widest MLP at or under that arm's FLOPs per token if the
     nearest width is over them."""
     arch, args = _preset_args(preset, variant, vocab_size)
-    if not issubclass(get_arch(arch)[1], Prism) or variant == "prism":
+    base = family_base(arch)
+    if base is None or variant == base:
         return arch, args
-    target = count_params(*_preset_args(preset, "prism", vocab_size))
+    target = count_params(*_preset_args(preset, base, vocab_size))
     width = mlp_width(get_arch(arch)[0](**args))
     per_unit = (count_params(arch, {**args, "mlp_hidden": width + 1})
                 - count_params(arch, {**args, "mlp_hidden": width}))
@@ -245,7 +271,7 @@ def variant_args(preset, variant, vocab_size):
         while hidden > 1 and model_size(arch, {**args, "mlp_hidden": hidden})[1] > cap:
             hidden -= 1
     if hidden < 1:
-        raise ValueError(f"preset {preset!r}: no MLP width brings {variant} down to PRISM's "
+        raise ValueError(f"preset {preset!r}: no MLP width brings {variant} to {base}'s "
                          f"{target:,} parameters")
     if hidden != width:
         args["mlp_hidden"] = hidden
@@ -271,7 +297,7 @@ def _model_size(arch, model_args):  # building even a meta model takes ~0.1 s: o
 
 def check_preset(preset, vocab_size, tolerance=0.05, variants=None):
     """{variant: params} at a preset (every variant of VARIANTS, or those given); ValueError if one
-    is more than `tolerance` off PRISM."""
+    is more than `tolerance` off the author's PRISM."""
     variants = list(VARIANTS) if variants is None else variants
     prism = count_params(*variant_args(preset, "prism", vocab_size))
     params = {v: count_params(*variant_args(preset, v, vocab_size)) for v in variants}

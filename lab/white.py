@@ -1,5 +1,5 @@
 """
-The white-box PRISM family: the paper's PRISM (model.py) with the changes that survived the
+The white-box PRISM family: our reconstruction of PRISM (lab/reconstruction.py) with the changes that survived the
 screen (lab/RESULTS.md, "Screening"), each a module of its own with its reading in MCR² terms.
 
   - normalised subspaces (normalize_subspaces): scores from RMS-normalised W_k;
@@ -26,12 +26,13 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from model import (MLP, Prism, PrismAttention, PrismConfig, apply_rotary, explicit_attention,
-                   mlp_width)
+from lab.attention import apply_rotary, explicit_attention
+from lab.reconstruction import Reconstruction, ReconstructionAttention, ReconstructionConfig
+from model import MLP, mlp_width
 
 
 @dataclass
-class WhiteConfig(PrismConfig):
+class WhiteConfig(ReconstructionConfig):
     normalize_subspaces: bool = False  # scores from RMS-normalised W_k (learned gain)
     mask_self: bool = False            # no score with itself; a learned sink takes the spare mass
     rotate_values: bool = False        # values rotated like their keys, the output rotated back
@@ -45,7 +46,7 @@ class WhiteConfig(PrismConfig):
 
 
 # -----------------------------------------------------------------------------
-# Attention: model.PrismAttention's step, q = k = v = W_k, with three changes.
+# Attention: the reconstruction's step, q = k = v = W_k, with three changes.
 #
 # Normalised subspaces. Scores from q = k = R_t · (g ⊙ w_t / rms(w_t)), RMS norm over the p
 # coordinates of a head with a learned gain g (as QK-norm); the value stays w_t. MCR² reading: MCR²
@@ -64,20 +65,20 @@ class WhiteConfig(PrismConfig):
 # sink: a zero key and a zero value with a learned logit b, where attention can put mass that
 # moves nothing.
 #
-# Rotated values. model.py rotates q and k but not the value. If RoPE is read as rotating the
+# Rotated values. The reconstruction rotates q and k but not the value. If RoPE is read as rotating the
 # tokens themselves (w̃_s = R_s w_s), §2's kept term on the rotated tokens mixes rotated values,
 # Σ_s A_ts R_s w_s, which back in token t's frame (R_t⁻¹ = R_{−t}) is
 #     y_t = Σ_s A_ts R_{s−t} w_s.
 # Exact as the form of §2's term for the rotated tokens (with the softmax in place of βG_k, the
-# same heuristic as model.py's); it costs no weight.
+# same heuristic as the reconstruction's); it costs no weight.
 
 
-class WhiteAttention(PrismAttention):
-    """model.PrismAttention (dictionary U, decoupled back-projection, π-RoPE) with the three
+class WhiteAttention(ReconstructionAttention):
+    """ReconstructionAttention (dictionary U, decoupled back-projection, π-RoPE) with the three
     changes above, each off unless its WhiteConfig field is set."""
 
     def __init__(self, config):
-        super().__init__(config)  # the same weights, in the same order, as the paper's PRISM
+        super().__init__(config)  # the same weights, in the same order, as the reconstruction
         self.rotate_values = config.rotate_values
         self.subspace_norm = (nn.RMSNorm(config.head_dim, eps=1e-6)
                               if config.normalize_subspaces else None)
@@ -342,21 +343,16 @@ def white_mlp(config):
     return MLPS[config.mlp](config)
 
 
-class PrismWhite(Prism):
-    """PRISM with the white-box changes its WhiteConfig switches on (all off: the paper's PRISM,
-    with the same parameters)."""
+class PrismWhite(Reconstruction):
+    """The reconstruction with the white-box changes its WhiteConfig switches on (all off: the
+    reconstruction, with the same parameters)."""
 
     arch = "prism-white"
     attention_class = WhiteAttention
     mlp_class = staticmethod(white_mlp)
 
-    @classmethod
-    def sizes_like_prism(cls, prism_model_args):
-        """Every PRISM size is a prism-white size: WhiteConfig extends PrismConfig."""
-        return dict(prism_model_args)
-
     def flops_per_token(self):
-        """model.py's count, plus CRATE-α's two extra uses of D per layer: 6 · L · 2·d·m."""
+        """The shared count, plus CRATE-α's two extra uses of D per layer: 6 · L · 2·d·m."""
         c = self.config
         extra = 6 * c.n_layer * 2 * c.n_embd * mlp_width(c) if c.mlp == "crate-alpha" else 0
         return super().flops_per_token() + extra
