@@ -3,12 +3,12 @@ Sample stories from a trained checkpoint, streaming the text as the tokens come.
 
     python sample.py                                   # the checkpoint you trained last
     python sample.py --prompt="Lily had a red ball" --num_samples=1 --max_new_tokens=300
-    python sample.py --out_dir=out/prism_50m --temperature=0.7 --top_p=0.9
+    python sample.py --ckpt=out/prism_50m --temperature=0.7 --top_p=0.9
     python sample.py --ckpt=out/cpu_small --prompt=FILE:prompt.txt --temperature=0   # greedy
     python sample.py --no_cache      # recompute the whole context per token (slower, same text)
 
-The checkpoint: --ckpt=PATH (a ckpt.pt, or a folder holding one), --out_dir=DIR (DIR/ckpt.pt, as
-in nanoGPT), or by default the newest out/*/ckpt.pt. The first line on stderr says which one was
+The checkpoint: --ckpt=PATH (a ckpt.pt, or a folder holding one), or by default the newest
+out/*/ckpt.pt. The first line on stderr says which one was
 loaded. A checkpoint carries its vocabulary, so the text decodes without the data folder.
 
 Each sample is the prompt followed by the generated text; it ends at the first end-of-text token
@@ -40,25 +40,21 @@ class UsageError(Exception):
 # Finding and loading the checkpoint (analyze_heads.py uses these too).
 
 
-def find_checkpoint(ckpt=None, out_dir=None):
-    """The checkpoint file: --ckpt (a file, or a folder holding ckpt.pt), --out_dir (DIR/ckpt.pt),
-    or the newest out/*/ckpt.pt under the current folder (the run you trained last)."""
-    if ckpt is not None and out_dir is not None:
-        raise UsageError("give --ckpt or --out_dir, not both")
+def find_checkpoint(ckpt=None):
+    """A checkpoint file, or a folder holding ckpt.pt; None: the newest out/*/ckpt.pt (the run
+    you trained last)."""
     hint = "train one with `python train.py`, or give --ckpt=PATH"
-    if ckpt is None and out_dir is None:
-        found = sorted(Path("out").glob("*/ckpt.pt"), key=lambda p: p.stat().st_mtime)
-        if not found:
+    if ckpt is None:
+        newest = max(Path("out").glob("*/ckpt.pt"), key=lambda p: p.stat().st_mtime, default=None)
+        if newest is None:
             raise UsageError(f"no checkpoint in out/*/ ({hint})")
-        return found[-1]
-    path = Path(ckpt if ckpt is not None else out_dir)
-    if ckpt is not None and path.is_file():
-        return path
-    if out_dir is not None or path.is_dir() or not path.suffix:  # a folder, or meant as one
-        if (path / "ckpt.pt").is_file():
-            return path / "ckpt.pt"
-        raise UsageError(f"no checkpoint in {path} ({hint})")
-    raise UsageError(f"no checkpoint at {path} ({hint})")
+        return newest
+    path = Path(ckpt)
+    if path.is_dir() or not path.suffix and not path.is_file():  # a folder, or meant as one
+        path = path / "ckpt.pt"
+    if not path.is_file():
+        raise UsageError(f"no checkpoint at {path} ({hint})")
+    return path
 
 
 def load_checkpoint_model(path, device="cpu"):
@@ -189,7 +185,6 @@ def build_parser():
     p.add_argument("--ckpt", default=None,
                    help="a checkpoint file, or a folder holding ckpt.pt; default: the newest "
                         "out/*/ckpt.pt")
-    p.add_argument("--out_dir", default=None, help="the training run's folder: DIR/ckpt.pt")
     p.add_argument("--prompt", default="Once upon a time",
                    help="text to continue; FILE:path reads it from a file")
     p.add_argument("--num_samples", type=int, default=3, help="how many samples to draw")
@@ -227,7 +222,7 @@ def run(args, out=None):
     out = out or sys.stdout
     check_args(args)
     prompt = read_prompt(args.prompt)
-    path = find_checkpoint(args.ckpt, args.out_dir)
+    path = find_checkpoint(args.ckpt)
     device = pick_device(args.device)
     model, _ = load_checkpoint_model(path, device)
     vocab = model.config.vocab_size

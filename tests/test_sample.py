@@ -246,32 +246,28 @@ def test_checkpoint_from_train_py_carries_its_compact_vocabulary(compact_data, t
 
 
 def test_which_checkpoint(ckpt, tmp_path, monkeypatch, capsys):
-    """Default: the newest out/*/ckpt.pt; --ckpt takes a file or a folder, --out_dir a folder."""
+    """Default: the newest out/*/ckpt.pt; --ckpt takes a file or a folder holding ckpt.pt."""
     monkeypatch.chdir(tmp_path)
+    hint = "(train one with `python train.py`, or give --ckpt=PATH)"
     rc, out, err = run_main(capsys, "--max_new_tokens=1")
-    assert rc == 2 and err == ("error: no checkpoint in out/*/ (train one with `python train.py`, "
-                               "or give --ckpt=PATH)\n")
+    assert rc == 2 and err == f"error: no checkpoint in out/*/ {hint}\n"
     for i, name in enumerate(["old", "new"]):
         (tmp_path / "out" / name).mkdir(parents=True)
         (tmp_path / "out" / name / "ckpt.pt").write_bytes(ckpt.read_bytes())
         os.utime(tmp_path / "out" / name / "ckpt.pt", (time.time() + i, time.time() + i))
+    (tmp_path / "out" / "old" / "model").write_bytes(ckpt.read_bytes())  # a file, no suffix
     (tmp_path / "out" / "empty").mkdir()
-    new = os.path.join("out", "new", "ckpt.pt")
-    old = os.path.join("out", "old", "ckpt.pt")
-    cases = [([], new), (["--out_dir=out/old"], old), (["--ckpt=out/old"], old),
-             (["--ckpt=out/old/ckpt.pt"], old)]
-    for argv, path in cases:
+    for argv, path in [([], os.path.join("out", "new", "ckpt.pt")),
+                       (["--ckpt=out/old"], os.path.join("out", "old", "ckpt.pt")),
+                       (["--ckpt=out/old/ckpt.pt"], os.path.join("out", "old", "ckpt.pt")),
+                       (["--ckpt=out/old/model"], os.path.join("out", "old", "model"))]:
         rc, out, err = run_main(capsys, *argv, "--max_new_tokens=1", "--num_samples=1")
         assert rc == 0 and err.startswith(f"loaded {path}: prism, "), (argv, err)
-    hint = "(train one with `python train.py`, or give --ckpt=PATH)"
-    for argv, message in [(["--ckpt=out/empty"], f"no checkpoint in out/empty {hint}"),
-                          (["--ckpt=out/cpu_small"], f"no checkpoint in out/cpu_small {hint}"),
-                          (["--out_dir=out/none"], f"no checkpoint in out/none {hint}"),
-                          (["--ckpt=out/x.pt"], f"no checkpoint at out/x.pt {hint}"),
-                          (["--ckpt=out/old", "--out_dir=out/old"],
-                           "give --ckpt or --out_dir, not both")]:
+    for argv, missing in [(["--ckpt=out/empty"], os.path.join("out", "empty", "ckpt.pt")),
+                          (["--ckpt=out/cpu_small"], os.path.join("out", "cpu_small", "ckpt.pt")),
+                          (["--ckpt=out/x.pt"], os.path.join("out", "x.pt"))]:
         rc, out, err = run_main(capsys, *argv, "--max_new_tokens=1")
-        assert rc == 2 and out == "" and err == f"error: {message}\n", argv
+        assert rc == 2 and out == "" and err == f"error: no checkpoint at {missing} {hint}\n", argv
 
 
 def test_command_line(ckpt):
