@@ -1,27 +1,19 @@
 """
-Sample stories from a trained checkpoint, streaming the text as the tokens come.
+Sample stories from a trained checkpoint, streaming the text to stdout as the tokens come; one
+line on stderr says which checkpoint was loaded.
 
     python sample.py                                   # the checkpoint you trained last
     python sample.py --prompt="Lily had a red ball" --num_samples=1 --max_new_tokens=300
-    python sample.py --out_dir=out/prism_50m --temperature=0.7 --top_p=0.9
-    python sample.py --ckpt=out/cpu_small --prompt=FILE:prompt.txt --temperature=0   # greedy
-    python sample.py --no_cache      # recompute the whole context per token (slower, same text)
-
-The checkpoint: --ckpt=PATH (a ckpt.pt, or a folder holding one), --out_dir=DIR (DIR/ckpt.pt, as
-in nanoGPT), or by default the newest out/*/ckpt.pt. The first line on stderr says which one was
-loaded. A checkpoint carries its vocabulary, so the text decodes without the data folder.
-
-Each sample is the prompt followed by the generated text; it ends at the first end-of-text token
-(not printed) unless --keep_going; samples are separated by a line of dashes. A mistake (no
-checkpoint, an empty prompt, ...) is one line `error: ...` on stderr and exit status 2.
+    python sample.py --ckpt=out/prism_50m --temperature=0.7 --top_p=0.9
+    python sample.py --ckpt=out/cpu_small/ckpt.pt --prompt=FILE:prompt.txt --temperature=0  # greedy
 """
 
 import argparse
 import codecs
 import sys
-from dataclasses import dataclass
+from collections import namedtuple
+from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -31,50 +23,43 @@ EOT_TEXT = "<|endoftext|>"
 GPT2_VOCAB = 50257
 UNKNOWN_TEXT = "\N{REPLACEMENT CHARACTER}"  # how the unknown token of a compact vocabulary prints
 
+# analyze_heads.py uses UsageError, find_checkpoint, load_checkpoint_model and pick_device too.
+
 
 class UsageError(Exception):
-    """A problem with the user's input, reported as one `error: ...` line (exit status 2)."""
+    """A mistake in the user's input: one line `error: ...` on stderr, exit status 2."""
 
 
-# -----------------------------------------------------------------------------
-# Finding and loading the checkpoint (analyze_heads.py uses these too).
-
-
-def find_checkpoint(ckpt=None, out_dir=None):
-    """The checkpoint file: --ckpt (a file, or a folder holding ckpt.pt), --out_dir (DIR/ckpt.pt),
-    or the newest out/*/ckpt.pt under the current folder (the run you trained last)."""
-    if ckpt is not None and out_dir is not None:
-        raise UsageError("give --ckpt or --out_dir, not both")
+def find_checkpoint(ckpt=None):
+    """A checkpoint file, or a folder holding ckpt.pt; None: the newest out/*/ckpt.pt (the run
+    you trained last)."""
     hint = "train one with `python train.py`, or give --ckpt=PATH"
-    if ckpt is None and out_dir is None:
-        found = sorted(Path("out").glob("*/ckpt.pt"), key=lambda p: p.stat().st_mtime)
-        if not found:
+    if ckpt is None:
+        newest = max(Path("out").glob("*/ckpt.pt"), key=lambda p: p.stat().st_mtime, default=None)
+        if newest is None:
             raise UsageError(f"no checkpoint in out/*/ ({hint})")
-        return found[-1]
-    path = Path(ckpt if ckpt is not None else out_dir)
-    if ckpt is not None and path.is_file():
-        return path
-    if out_dir is not None or path.is_dir() or not path.suffix:  # a folder, or meant as one
-        if (path / "ckpt.pt").is_file():
-            return path / "ckpt.pt"
-        raise UsageError(f"no checkpoint in {path} ({hint})")
-    raise UsageError(f"no checkpoint at {path} ({hint})")
+        return newest
+    path = Path(ckpt)
+    if path.is_dir() or not path.suffix and not path.is_file():  # a folder, or meant as one
+        path = path / "ckpt.pt"
+    if not path.is_file():
+        raise UsageError(f"no checkpoint at {path} ({hint})")
+    return path
 
 
 def load_checkpoint_model(path, device="cpu"):
-    """(model, facts): model.load_model with its failures as one-line errors, and what the
-    checkpoint says of its run (iter_num, best_val_loss, train_config; None where absent). Prints
-    one line to stderr saying what was loaded (so that stdout holds the samples only)."""
+    """(model, facts): the model, and what the checkpoint says of its run (iter_num, best_val_loss,
+    train_config; None where absent). One line on stderr says what was loaded."""
     try:
         model = load_model(path, device)
     except CheckpointError as e:  # says what the file is, with its path
         raise UsageError(str(e)) from None
-    except (FileNotFoundError, ValueError, RuntimeError, KeyError, TypeError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(f"cannot load checkpoint {path}: {msg}") from None
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:  # unreadable, or bad
+        reason = (str(e) or type(e).__name__).splitlines()[0]
+        raise UsageError(f"cannot load checkpoint {path}: {reason}") from None
     facts = model.training_run
-    line = (f"loaded {path}: {model.arch}, "
-            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    params = sum(p.numel() for p in model.parameters())
+    line = f"loaded {path}: {model.arch}, {params / 1e6:.2f}M parameters"
     if facts["iter_num"] is not None:
         line += f", iteration {facts['iter_num']}"
     if facts["best_val_loss"] is not None:
@@ -91,22 +76,13 @@ def pick_device(name):
     return name
 
 
-# -----------------------------------------------------------------------------
-# Tokens <-> text, in one place.
-
-
-@dataclass
-class Tokenizer:
-    encode: Callable[[str], list]          # text -> model token ids
-    decode_bytes: Callable[[list], bytes]  # model token ids -> UTF-8 bytes (may split a character)
-    eot: int                               # the end-of-text token id, in model ids
+Tokenizer = namedtuple("Tokenizer", ["encode", "decode_bytes", "eot"])  # text -> ids -> bytes
 
 
 def load_tokenizer(vocabulary=None):
     """The tokenizer of a checkpoint's `vocabulary` (its data's meta.json fields, which train.py
-    stores); None: plain GPT-2 BPE. A compact vocabulary (prepare_tinystories.py --vocab_size):
-    compact id c is GPT-2 id gpt2_ids[c]; other GPT-2 tokens encode to unknown_token, which
-    decodes to UNKNOWN_TEXT."""
+    stores); None: plain GPT-2 BPE. In a compact vocabulary (prepare_tinystories.py --vocab_size)
+    id c is GPT-2's gpt2_ids[c]; every other GPT-2 token is unknown_token (UNKNOWN_TEXT)."""
     vocabulary = vocabulary or {}
     if vocabulary.get("tokenizer", "gpt2") != "gpt2":
         raise UsageError(f"unsupported tokenizer {vocabulary['tokenizer']!r} (only 'gpt2')")
@@ -115,84 +91,66 @@ def load_tokenizer(vocabulary=None):
     try:
         enc = tiktoken.get_encoding("gpt2")
     except Exception as e:  # its BPE files are fetched on first use: network errors of all kinds
-        raise UsageError(f"could not load GPT-2's tokenizer ({type(e).__name__}); tiktoken downloads "
-                         "its files on first use: without internet, set TIKTOKEN_CACHE_DIR to a "
-                         "folder holding them") from None
-    eot = int(vocabulary.get("eot_token", enc.eot_token))
+        raise UsageError(f"could not load GPT-2's tokenizer ({type(e).__name__}); tiktoken "
+                         "downloads its files on first use: without internet, set "
+                         "TIKTOKEN_CACHE_DIR to a folder holding them") from None
+    encode = partial(enc.encode, allowed_special={EOT_TEXT})
+    eot = vocabulary.get("eot_token", enc.eot_token)
     compact = vocabulary.get("compact_vocab")
     if not compact:
-        return Tokenizer(lambda s: enc.encode(s, allowed_special={EOT_TEXT}),
-                         lambda ids: enc.decode_bytes([int(i) for i in ids]), eot)
-    to_gpt2, unknown = [int(i) for i in compact["gpt2_ids"]], int(compact["unknown_token"])
+        return Tokenizer(encode, enc.decode_bytes, eot)
+    to_gpt2, unknown = compact["gpt2_ids"], compact["unknown_token"]
     to_compact = {g: c for c, g in enumerate(to_gpt2)}
-
-    def encode(s):
-        return [to_compact.get(g, unknown) for g in enc.encode(s, allowed_special={EOT_TEXT})]
-
-    def decode_bytes(ids):
-        return b"".join(enc.decode_bytes([to_gpt2[int(i)]]) if 0 <= int(i) < len(to_gpt2)
-                        else UNKNOWN_TEXT.encode("utf-8") for i in ids)
-
-    return Tokenizer(encode, decode_bytes, eot)
-
-
-# -----------------------------------------------------------------------------
-# Sampling.
+    to_bytes = {c: enc.decode_bytes([g]) for c, g in enumerate(to_gpt2)}
+    return Tokenizer(lambda s: [to_compact.get(g, unknown) for g in encode(s)],
+                     lambda ids: b"".join(to_bytes.get(i, UNKNOWN_TEXT.encode()) for i in ids), eot)
 
 
 def read_prompt(prompt):
-    """The prompt text; FILE:path reads it from a file (less the newline an editor adds at its
-    end). Empty is an error."""
-    path = prompt[len("FILE:"):] if prompt.startswith("FILE:") else None
+    """The prompt; FILE:path reads it from a file (less the newline an editor ends it with)."""
+    path = prompt.removeprefix("FILE:") if prompt.startswith("FILE:") else None
     if path is not None:
         try:
             prompt = Path(path).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise UsageError(f"no prompt file at {path}") from None
         except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"cannot read prompt file {path} ({e})") from None
+            reason = getattr(e, "strerror", None) or e  # "No such file or directory", ...
+            raise UsageError(f"cannot read prompt file {path} ({reason})") from None
         if prompt.endswith("\n") and not prompt.endswith("\n\n"):
             prompt = prompt[:-1]
-    if prompt.strip() == "":
+    if not prompt.strip():
         raise UsageError("the prompt is empty" + (f" (file {path})" if path else ""))
     return prompt
 
 
-def stream_sample(model, prompt_ids, tokenizer, max_new_tokens, temperature=1.0, top_k=None,
-                  top_p=None, keep_going=False, write=None, device="cpu", use_cache=True):
-    """Generate one sample after `prompt_ids`, writing its text through `write` as the tokens
-    come. Stops at the end-of-text token (not written) unless keep_going. Returns the new ids."""
-    write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    # A BPE token can end in the middle of a UTF-8 character: decode the bytes incrementally.
-    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    new = []
-    for token in model.generate_stream(idx, max_new_tokens, temperature=temperature,
-                                       top_k=top_k, top_p=top_p, use_cache=use_cache):
-        t = int(token[0, 0])
+def stream_text(tokens, tokenizer, keep_going=False):
+    """The text of `tokens` (as model.generate_stream yields them), piece by piece as they come,
+    up to the first end-of-text token (not included) unless keep_going."""
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a token may split a character
+    for t in map(int, tokens):
         if t == tokenizer.eot and not keep_going:
             break
-        new.append(t)
-        text = utf8.decode(tokenizer.decode_bytes([t]))
-        if text:
-            write(text)
-    tail = utf8.decode(b"", final=True)
-    if tail:
-        write(tail)
-    return new
+        yield utf8.decode(tokenizer.decode_bytes([t]))
+    yield utf8.decode(b"", final=True)
 
 
-def build_parser():
-    p = argparse.ArgumentParser(
-        description="Sample stories from a prism-nano checkpoint, streamed as they are generated.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", default=None,
-                   help="a checkpoint file, or a folder holding ckpt.pt; default: the newest "
-                        "out/*/ckpt.pt")
-    p.add_argument("--out_dir", default=None, help="the training run's folder: DIR/ckpt.pt")
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # a bad option or value is one `error: ...` line, as every mistake
+        raise UsageError(message)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help: the docstring as written, then each option with its default."""
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--ckpt", metavar="PATH",
+                   help="a ckpt.pt, or a folder holding one; None: the newest out/*/ckpt.pt")
     p.add_argument("--prompt", default="Once upon a time",
                    help="text to continue; FILE:path reads it from a file")
-    p.add_argument("--num_samples", type=int, default=3, help="how many samples to draw")
+    p.add_argument("--num_samples", type=int, default=3,
+                   help="samples to draw, each the prompt and its continuation, separated by a "
+                        "line of dashes")
     p.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate per sample")
     p.add_argument("--temperature", type=float, default=0.8,
                    help="softmax temperature; 0 picks the most likely token (greedy)")
@@ -204,30 +162,24 @@ def build_parser():
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto")
     p.add_argument("--no_cache", action="store_true",
                    help="recompute the whole context for every token instead of keeping each "
-                        "layer's keys and values (same tokens, slower; for comparison)")
+                        "layer's keys and values (same samples, slower; for comparison)")
     p.add_argument("--keep_going", action="store_true",
-                   help="do not stop a sample at the end-of-text token")
-    return p
+                   help="go on past the end-of-text token (printed as <|endoftext|>) instead of "
+                        "ending the sample there")
+    args = p.parse_args(argv)
+    for name, ok, rule in [("num_samples", args.num_samples >= 1, ">= 1"),
+                           ("max_new_tokens", args.max_new_tokens >= 0, ">= 0"),
+                           ("temperature", args.temperature >= 0, ">= 0"),
+                           ("top_k", args.top_k >= 0, ">= 0"),
+                           ("top_p", 0 < args.top_p <= 1, "in (0, 1]")]:
+        if not ok:
+            p.error(f"--{name} must be {rule} (got {getattr(args, name)})")
+    return args
 
 
-def check_args(args):
-    if args.num_samples < 1:
-        raise UsageError(f"--num_samples must be >= 1 (got {args.num_samples})")
-    if args.max_new_tokens < 0:
-        raise UsageError(f"--max_new_tokens must be >= 0 (got {args.max_new_tokens})")
-    if args.temperature < 0:
-        raise UsageError(f"--temperature must be >= 0 (got {args.temperature})")
-    if args.top_k < 0:
-        raise UsageError(f"--top_k must be >= 0 (got {args.top_k})")
-    if not 0 < args.top_p <= 1:
-        raise UsageError(f"--top_p must be in (0, 1] (got {args.top_p})")
-
-
-def run(args, out=None):
-    out = out or sys.stdout
-    check_args(args)
+def run(args):
     prompt = read_prompt(args.prompt)
-    path = find_checkpoint(args.ckpt, args.out_dir)
+    path = find_checkpoint(args.ckpt)
     device = pick_device(args.device)
     model, _ = load_checkpoint_model(path, device)
     vocab = model.config.vocab_size
@@ -235,27 +187,22 @@ def run(args, out=None):
         raise UsageError(f"{path} carries no vocabulary and its model has {vocab} tokens, not "
                          f"GPT-2's {GPT2_VOCAB}: it was not written by train.py")
     tokenizer = load_tokenizer(model.vocabulary)
-    prompt_ids = tokenizer.encode(prompt)
+    idx = torch.tensor([tokenizer.encode(prompt)], device=device)
+    top_k, top_p = args.top_k or None, (args.top_p if args.top_p < 1 else None)
     torch.manual_seed(args.seed)
-
-    def write(s):
-        out.write(s)
-        out.flush()
-
     for _ in range(args.num_samples):
-        write(prompt)
-        stream_sample(model, prompt_ids, tokenizer, args.max_new_tokens,
-                      temperature=args.temperature, top_k=args.top_k or None,
-                      top_p=args.top_p if args.top_p < 1 else None, keep_going=args.keep_going,
-                      write=write, device=device, use_cache=not args.no_cache)
-        write("\n---------------\n")
-    return 0
+        tokens = model.generate_stream(idx, args.max_new_tokens, args.temperature, top_k, top_p,
+                                       use_cache=not args.no_cache)
+        print(prompt, end="", flush=True)
+        for text in stream_text(tokens, tokenizer, args.keep_going):
+            print(text, end="", flush=True)
+        print("\n---------------")
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
     try:
-        return run(args)
+        run(parse_args(argv))
+        return 0
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,22 +1,24 @@
-"""sample.py: end to end on a tiny checkpoint, stopping at end-of-text, streaming decode of
-multi-byte characters, which checkpoint it finds and says it loaded, and one clear error for each
-bad input."""
+"""sample.py on tiny checkpoints: the samples, stopping at end-of-text, the text streamed as the
+tokens come (characters split across tokens included), which checkpoint it finds and says it
+loaded, compact vocabularies, and one `error: ...` line for each bad input."""
 import json
 import os
 import subprocess
-import time
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 import sample
-from model import build_model, checkpoint_payload, load_model
 from conftest import unsafe_message
+from model import build_model, checkpoint_payload, load_model
 
-REPO = sample.Path(sample.__file__).resolve().parent
+REPO = Path(sample.__file__).resolve().parent
 TINY = dict(vocab_size=50257, block_size=32, n_layer=1, n_embd=32, n_head=2, head_dim=16)
 EOT = 50256
+SEPARATOR = "\n---------------\n"
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +56,7 @@ def count(path):
 
 
 def run_main(capsys, *argv):
-    rc = sample.main([*argv, "--device=cpu"])
+    rc = sample.main(["--device=cpu", *argv])
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -64,20 +66,19 @@ def test_end_to_end(ckpt, capsys):
             "--max_new_tokens=8", "--temperature=0.8", "--top_k=200", "--top_p=0.95", "--seed=7"]
     rc, out, err = run_main(capsys, *args)
     assert rc == 0, err
-    samples = out.split("\n---------------\n")
+    samples = out.split(SEPARATOR)
     assert len(samples) == 3 and samples[-1] == ""
     assert all(s.startswith("Once upon a time") and len(s) > len("Once upon a time")
                for s in samples[:2])
-    assert "parameters" not in out   # what was loaded goes to stderr, in one line
-    assert err == f"loaded {ckpt}: prism, {count(ckpt) / 1e6:.2f}M parameters\n"
+    assert err == f"loaded {ckpt}: prism, {count(ckpt) / 1e6:.2f}M parameters\n"  # stderr: 1 line
     assert run_main(capsys, *args)[1] == out   # same seed, same samples
     assert run_main(capsys, *args[:-1], "--seed=8")[1] != out
 
 
 def test_greedy_is_deterministic(ckpt, capsys):
-    a = run_main(capsys, f"--ckpt={ckpt}", "--temperature=0", "--num_samples=2",
-                 "--max_new_tokens=5", "--seed=1")[1]
-    samples = a.split("\n---------------\n")
+    out = run_main(capsys, f"--ckpt={ckpt}", "--temperature=0", "--num_samples=2",
+                   "--max_new_tokens=5")[1]
+    samples = out.split(SEPARATOR)
     assert samples[0] == samples[1]
 
 
@@ -89,51 +90,43 @@ def test_no_cache_gives_the_same_samples(ckpt, capsys):
     assert run_main(capsys, *args, "--no_cache") == cached
 
 
+def test_options_reach_generate_stream(ckpt, monkeypatch, capsys):
+    """top_k 0 and top_p 1 mean no limit (None); --no_cache turns the cache off."""
+    cls, calls = type(load_model(ckpt)), []
+    real = cls.generate_stream
+
+    def spy(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
+        calls.append((max_new_tokens, temperature, top_k, top_p, use_cache))
+        return real(self, idx, max_new_tokens, temperature, top_k, top_p, use_cache)
+
+    monkeypatch.setattr(cls, "generate_stream", spy)
+    run_main(capsys, f"--ckpt={ckpt}", "--num_samples=1", "--max_new_tokens=2")
+    run_main(capsys, f"--ckpt={ckpt}", "--num_samples=1", "--max_new_tokens=3", "--top_k=0",
+             "--top_p=0.9", "--temperature=0.5", "--no_cache")
+    assert calls == [(2, 0.8, 200, None, True), (3, 0.5, None, 0.9, False)]
+
+
 def test_stops_at_end_of_text_unless_keep_going(eot_ckpt, capsys):
     rc, out, _ = run_main(capsys, f"--ckpt={eot_ckpt}", "--prompt=Hi", "--num_samples=1",
                           "--max_new_tokens=5")
-    assert rc == 0 and out == "Hi\n---------------\n"
+    assert rc == 0 and out == "Hi" + SEPARATOR
     rc, out, _ = run_main(capsys, f"--ckpt={eot_ckpt}", "--prompt=Hi", "--num_samples=1",
                           "--max_new_tokens=3", "--keep_going")
-    assert rc == 0 and out == "Hi" + "<|endoftext|>" * 3 + "\n---------------\n"
+    assert rc == 0 and out == "Hi" + "<|endoftext|>" * 3 + SEPARATOR
 
 
-class StubModel:
-    """Yields a fixed list of tokens, like LanguageModel.generate_stream."""
-
-    def __init__(self, tokens):
-        self.tokens = tokens
-
-    def generate_stream(self, idx, max_new_tokens, **kw):
-        for t in self.tokens[:max_new_tokens]:
-            yield torch.tensor([[t]])
-
-
-def test_stream_sample_stops_and_streams(tokenizer):
-    a, b, c = tokenizer.encode(" the cat sat")
-    written = []
-    new = sample.stream_sample(StubModel([a, b, EOT, c]), [1], tokenizer, 10,
-                               write=written.append)
-    assert new == [a, b] and written == [" the", " cat"]   # one write per token, as they come
-    written = []
-    new = sample.stream_sample(StubModel([a, b, EOT, c]), [1], tokenizer, 10, keep_going=True,
-                               write=written.append)
-    assert new == [a, b, EOT, c] and "".join(written) == " the cat<|endoftext|> sat"
+def test_text_streams_as_the_tokens_come(tokenizer):
+    a, b = tokenizer.encode(" the cat")
+    tokens = iter([a, b])
+    pieces = sample.stream_text(tokens, tokenizer)
+    assert next(pieces) == " the" and next(tokens) == b   # out before the next token is drawn
 
 
 def test_multibyte_characters_split_across_tokens(tokenizer):
     ids = tokenizer.encode(" 🦖é")
-    def whole(t):
-        try:
-            tokenizer.decode_bytes([t]).decode("utf-8")
-            return True
-        except UnicodeDecodeError:
-            return False
-
-    assert not all(whole(t) for t in ids)   # some token holds part of a character
-    written = []
-    sample.stream_sample(StubModel(ids), [1], tokenizer, 10, write=written.append)
-    assert "".join(written) == " 🦖é"
+    with pytest.raises(UnicodeDecodeError):   # some token holds part of a character
+        [tokenizer.decode_bytes([t]).decode("utf-8") for t in ids]
+    assert "".join(sample.stream_text(ids, tokenizer)) == " 🦖é"
 
 
 def test_prompt_from_file(ckpt, tmp_path, capsys):
@@ -144,50 +137,41 @@ def test_prompt_from_file(ckpt, tmp_path, capsys):
     assert rc == 0 and out.startswith("Lily and Tom") and not out.startswith("Lily and Tom\n")
 
 
-@pytest.mark.parametrize("case", ["missing", "corrupt", "not_a_checkpoint", "empty_prompt",
-                                  "blank_prompt", "empty_file", "missing_file", "bad_top_p",
-                                  "bad_samples"])
-def test_bad_inputs(case, ckpt, tmp_path, capsys):
-    args = {"ckpt": str(ckpt), "prompt": "Once"}
-    extra = []
-    if case == "missing":
-        args["ckpt"] = str(tmp_path / "nope.pt")
-    elif case == "corrupt":
-        bad = tmp_path / "bad.pt"
-        bad.write_bytes(ckpt.read_bytes()[:500])   # truncated
-        args["ckpt"] = str(bad)
-    elif case == "not_a_checkpoint":
-        bad = tmp_path / "other.pt"
-        torch.save({"weights": torch.zeros(2)}, bad)
-        args["ckpt"] = str(bad)
-    elif case == "empty_prompt":
-        args["prompt"] = ""
-    elif case == "blank_prompt":
-        args["prompt"] = "  \n "
-    elif case == "empty_file":
-        (tmp_path / "p.txt").write_text("")
-        args["prompt"] = f"FILE:{tmp_path / 'p.txt'}"
-    elif case == "missing_file":
-        args["prompt"] = f"FILE:{tmp_path / 'none.txt'}"
-    elif case == "bad_top_p":
-        extra = ["--top_p=0"]
-    elif case == "bad_samples":
-        extra = ["--num_samples=0"]
-    rc, out, err = run_main(capsys, f"--ckpt={args['ckpt']}", f"--prompt={args['prompt']}",
-                            "--max_new_tokens=2", *extra)
-    assert rc == 2 and out == ""
-    lines = err.splitlines()
-    assert lines[-1].startswith("error: ") and sum("error" in x.lower() for x in lines) == 1, err
+@pytest.mark.parametrize("case", ["num_samples", "top_p", "not_an_int", "out_dir", "blank_prompt",
+                                  "empty_prompt_file", "missing_prompt_file", "foreign_file",
+                                  "weights_not_its_config", "no_cuda"])
+def test_a_bad_input_is_one_error_line(case, ckpt, tmp_path, monkeypatch, capsys):
+    (tmp_path / "empty.txt").write_text("\n")
+    (tmp_path / "notes.pt").write_text("garbage")
+    payload = torch.load(ckpt, weights_only=True)
+    payload["model_config"]["n_embd"] = 64
+    torch.save(payload, tmp_path / "mismatch.pt")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv, message = {
+        "num_samples": (["--num_samples=0"], "--num_samples must be >= 1 (got 0)"),
+        "top_p": (["--top_p=0"], "--top_p must be in (0, 1] (got 0.0)"),
+        "not_an_int": (["--top_k=many"], "argument --top_k: invalid int value: 'many'"),
+        "out_dir": (["--out_dir=out"], "unrecognized arguments: --out_dir=out"),
+        "blank_prompt": (["--prompt=  \n "], "the prompt is empty"),
+        "empty_prompt_file": ([f"--prompt=FILE:{tmp_path / 'empty.txt'}"],
+                              f"the prompt is empty (file {tmp_path / 'empty.txt'})"),
+        "missing_prompt_file": ([f"--prompt=FILE:{tmp_path / 'no.txt'}"],
+                                f"cannot read prompt file {tmp_path / 'no.txt'} (No such file"),
+        "foreign_file": ([f"--ckpt={tmp_path / 'notes.pt'}"],
+                         f"{tmp_path / 'notes.pt'} is not a PyTorch checkpoint file"),
+        "weights_not_its_config": ([f"--ckpt={tmp_path / 'mismatch.pt'}"],
+                                   f"cannot load checkpoint {tmp_path / 'mismatch.pt'}: "),
+        "no_cuda": (["--device=cuda"], "--device=cuda but this machine has no CUDA device"),
+    }[case]
+    rc, out, err = run_main(capsys, f"--ckpt={ckpt}", "--max_new_tokens=2", *argv)
+    assert rc == 2 and out == "" and err.startswith("error: " + message) and err.count("\n") == 1
 
 
-def test_unsafe_or_foreign_checkpoint_is_refused_in_one_line(unsafe_ckpt, tmp_path, capsys):
+def test_a_checkpoint_carrying_code_is_refused_before_it_runs(unsafe_ckpt, capsys):
     path, marker = unsafe_ckpt
     rc, out, err = run_main(capsys, f"--ckpt={path}", "--max_new_tokens=2")
     assert rc == 2 and out == "" and err == unsafe_message(path) + "\n"
     assert not marker.exists()
-    (tmp_path / "notes.pt").write_text("garbage")
-    rc, out, err = run_main(capsys, f"--ckpt={tmp_path / 'notes.pt'}", "--max_new_tokens=2")
-    assert rc == 2 and err == f"error: {tmp_path / 'notes.pt'} is not a PyTorch checkpoint file\n"
 
 
 @pytest.fixture(scope="module")
@@ -231,47 +215,42 @@ def test_checkpoint_from_train_py_carries_its_compact_vocabulary(compact_data, t
     cfg = train.TrainConfig(data_dir=str(compact_data), out_dir=str(tmp_path), max_iters=2,
                             eval_interval=2, eval_iters=1, batch_size=2, warmup_iters=1)
     train.train(cfg, dict(n_layer=1, n_embd=32, n_head=2, head_dim=16, block_size=32))
+    path = tmp_path / "ckpt.pt"
     meta = json.loads((compact_data / "meta.json").read_text())
-    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["vocabulary"]["compact_vocab"] \
-        == meta["compact_vocab"]
+    saved = torch.load(path, weights_only=True)
+    assert saved["vocabulary"]["compact_vocab"] == meta["compact_vocab"]
     capsys.readouterr()
-    rc, out, err = run_main(capsys, f"--ckpt={tmp_path / 'ckpt.pt'}", "--prompt=Once upon a time",
+    rc, out, err = run_main(capsys, f"--ckpt={path}", "--prompt=Once upon a time",
                             "--num_samples=1", "--max_new_tokens=5", "--keep_going")
     assert rc == 0 and out.startswith("Once upon a time"), err
     # the line says what was loaded, with the run's iteration and best val loss
-    best = torch.load(tmp_path / "ckpt.pt", weights_only=True)["best_val_loss"]
-    path = tmp_path / "ckpt.pt"
     assert err == (f"loaded {path}: prism, {count(path) / 1e6:.2f}M parameters, iteration 2, "
-                   f"val loss {best:.4f}\n")
+                   f"val loss {saved['best_val_loss']:.4f}\n")
 
 
 def test_which_checkpoint(ckpt, tmp_path, monkeypatch, capsys):
-    """Default: the newest out/*/ckpt.pt; --ckpt takes a file or a folder, --out_dir a folder."""
+    """Default: the newest out/*/ckpt.pt; --ckpt takes a file or a folder holding ckpt.pt."""
     monkeypatch.chdir(tmp_path)
+    hint = "(train one with `python train.py`, or give --ckpt=PATH)"
     rc, out, err = run_main(capsys, "--max_new_tokens=1")
-    assert rc == 2 and err == ("error: no checkpoint in out/*/ (train one with `python train.py`, "
-                               "or give --ckpt=PATH)\n")
+    assert rc == 2 and err == f"error: no checkpoint in out/*/ {hint}\n"
     for i, name in enumerate(["old", "new"]):
         (tmp_path / "out" / name).mkdir(parents=True)
         (tmp_path / "out" / name / "ckpt.pt").write_bytes(ckpt.read_bytes())
         os.utime(tmp_path / "out" / name / "ckpt.pt", (time.time() + i, time.time() + i))
+    (tmp_path / "out" / "old" / "model").write_bytes(ckpt.read_bytes())  # a file, no suffix
     (tmp_path / "out" / "empty").mkdir()
-    new = os.path.join("out", "new", "ckpt.pt")
-    old = os.path.join("out", "old", "ckpt.pt")
-    cases = [([], new), (["--out_dir=out/old"], old), (["--ckpt=out/old"], old),
-             (["--ckpt=out/old/ckpt.pt"], old)]
-    for argv, path in cases:
+    for argv, path in [([], os.path.join("out", "new", "ckpt.pt")),
+                       (["--ckpt=out/old"], os.path.join("out", "old", "ckpt.pt")),
+                       (["--ckpt=out/old/ckpt.pt"], os.path.join("out", "old", "ckpt.pt")),
+                       (["--ckpt=out/old/model"], os.path.join("out", "old", "model"))]:
         rc, out, err = run_main(capsys, *argv, "--max_new_tokens=1", "--num_samples=1")
         assert rc == 0 and err.startswith(f"loaded {path}: prism, "), (argv, err)
-    hint = "(train one with `python train.py`, or give --ckpt=PATH)"
-    for argv, message in [(["--ckpt=out/empty"], f"no checkpoint in out/empty {hint}"),
-                          (["--ckpt=out/cpu_small"], f"no checkpoint in out/cpu_small {hint}"),
-                          (["--out_dir=out/none"], f"no checkpoint in out/none {hint}"),
-                          (["--ckpt=out/x.pt"], f"no checkpoint at out/x.pt {hint}"),
-                          (["--ckpt=out/old", "--out_dir=out/old"],
-                           "give --ckpt or --out_dir, not both")]:
+    for argv, missing in [(["--ckpt=out/empty"], os.path.join("out", "empty", "ckpt.pt")),
+                          (["--ckpt=out/cpu_small"], os.path.join("out", "cpu_small", "ckpt.pt")),
+                          (["--ckpt=out/x.pt"], os.path.join("out", "x.pt"))]:
         rc, out, err = run_main(capsys, *argv, "--max_new_tokens=1")
-        assert rc == 2 and out == "" and err == f"error: {message}\n", argv
+        assert rc == 2 and out == "" and err == f"error: no checkpoint at {missing} {hint}\n", argv
 
 
 def test_command_line(ckpt):
@@ -280,7 +259,7 @@ def test_command_line(ckpt):
                          "--max_new_tokens=3", "--device=cpu"], cwd=REPO, capture_output=True,
                         text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
-    assert ok.stdout.startswith("Once upon a time") and ok.stdout.endswith("---------------\n")
+    assert ok.stdout.startswith("Once upon a time") and ok.stdout.endswith(SEPARATOR)
 
 
 def test_a_tokenizer_that_cannot_load_is_one_line(monkeypatch):
