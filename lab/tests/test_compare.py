@@ -26,11 +26,10 @@ def elsewhere(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def report_data(stories, tmp_path_factory):
     """The compact-vocabulary data with the validation stories split into selection and report."""
-    import prepare_tinystories
+    from lab.data import prepare_study
 
     out = tmp_path_factory.mktemp("report_data")
-    prepare_tinystories.tokenize_files(*stories, out_dir=out, vocab_size=512, progress=False,
-                                       report_fraction=0.5)
+    prepare_study(*stories, out_dir=out, vocab_size=512, progress=False)
     return out
 
 
