@@ -37,7 +37,7 @@ attention matmuls), and each arch's step time and FLOPs relative to --ref (gpt2 
 same T: a time ratio above the FLOP ratio is implementation overhead, the FLOP ratio itself is the
 architecture.
 
-The prepare step's throughput is its own line: prepare_tinystories.tokenize_files (one worker,
+The prepare step's throughput is its own line: prepare_tinystories.tokenize_files (one thread,
 into a temporary folder) on --prepare_file, in MB of text per second (tiktoken must find its GPT-2
 files: on an offline machine set TIKTOKEN_CACHE_DIR), median of three runs. --prepare_file=''
 skips the line.
@@ -391,13 +391,13 @@ def prepare_throughput(path):
     with tempfile.TemporaryDirectory() as out_dir:
         for _ in range(3):  # a small file takes a fraction of a second: median of three
             t0 = time.perf_counter()
-            meta = prep.tokenize_files(str(path), None, out_dir, workers=1, progress=False)
+            meta = prep.tokenize_files(str(path), None, out_dir, threads=1, progress=False)
             times.append(time.perf_counter() - t0)
-    seconds, size = statistics.median(times), meta["input_bytes"]
+    seconds, size = statistics.median(times), os.path.getsize(path)
     return {"kind": "prepare", "file": str(path), "bytes": size, "seconds": seconds,
             "tokens": meta["train_tokens"] + meta["val_tokens"],
             "mb_per_sec": size / 1e6 / max(seconds, 1e-9),
-            "source": ("prepare_tinystories.tokenize_files (workers=1; reads, splits, encodes with "
+            "source": ("prepare_tinystories.tokenize_files (threads=1; reads, splits, encodes with "
                        "tiktoken gpt2 and writes train.bin / val.bin)")}
 
 

@@ -2,9 +2,9 @@
 The comparison (docs/PRISM.md §7): PRISM against GPT-2, Gemma 3 and plain RoPE attention of the
 same parameter count, and PRISM's white-box variants, under a protocol whose answer can decide.
 
-    python prepare_tinystories.py --sample --vocab_size=4096 --report_fraction=0.5  # data/sample
-    python -m lab.compare --data_dir=data/sample --preset=cpu-small --dry_run   # the whole plan
-    python -m lab.compare --data_dir=data/sample --preset=cpu-small             # the study
+    python -m lab.data                                          # data/study (lab/data.py)
+    python -m lab.compare --preset=cpu-small --dry_run          # the whole plan
+    python -m lab.compare --preset=cpu-small                    # the study
     python -m lab.compare --preset=cpu-small --report_only      # the tables again, from records
 
 The protocol. Every run is train.py's train() and every head analysis is analyze_heads.py.
@@ -13,8 +13,8 @@ The protocol. Every run is train.py's train() and every head analysis is analyze
      lab.variants.RETIRED (rejected by the screen, its code deleted) still reports from its
      records; to run it again, check out the commit RETIRED names.
   2. Splits: train.bin trains; val.bin is the selection split (it picks the learning rate and is
-     the curve train.py logs); test.bin, the report split (prepare_tinystories.py
-     --report_fraction), is scored once per run, on all its windows (train.evaluate_split).
+     the curve train.py logs); test.bin, the report split (python -m lab.data), is scored once
+     per run, on all its windows (train.evaluate_split).
   3. Learning rate, per arm: a grid ×2 apart (--lrs), each rate trained at the first seed of
      --seeds (the grid seed) for the full budget and scored on the whole selection split. While
      the best rate is the grid's lowest or highest, the grid grows by ×2 on that side
@@ -97,9 +97,8 @@ def build_parser():
                     "report split, and write the paired statistics, the grid, the head contrasts "
                     "and the curves (see the module docstring for the protocol).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data_dir", default="data/sample",
-                   help="prepared data with test.bin (python prepare_tinystories.py --sample "
-                        "--vocab_size=4096 --report_fraction=0.5 makes the study's); "
+    p.add_argument("--data_dir", default="data/study",
+                   help="prepared data with test.bin (python -m lab.data makes the study's); "
                         "--report_only reads none")
     p.add_argument("--preset", default="cpu-small", choices=sorted(PRESETS), help="model sizes")
     p.add_argument("--archs", default=",".join(STUDY_ARMS),
@@ -187,13 +186,12 @@ def load_data_fingerprint(args, variants):
         return summary["data"]
     meta_path = Path(args.data_dir) / "meta.json"
     if not meta_path.is_file():
-        raise CompareError(f"no meta.json in {args.data_dir}: run prepare_tinystories.py first "
-                           f"(python prepare_tinystories.py --sample --vocab_size=4096 "
-                           f"--report_fraction=0.5 makes the study's data/sample)")
+        raise CompareError(f"no meta.json in {args.data_dir}: prepare the data first "
+                           f"(python -m lab.data makes the study's data/study)")
     meta = json.loads(meta_path.read_text())
     if "test_tokens" not in meta:
-        raise CompareError(f"{args.data_dir} has no report split (test.bin): prepare it with "
-                           f"prepare_tinystories.py --report_fraction=0.5")
+        raise CompareError(f"{args.data_dir} has no report split (test.bin): the study's data "
+                           f"comes from python -m lab.data")
     return fingerprint(meta)
 
 
@@ -672,7 +670,7 @@ def _mean_sd(values):
 
 def study_command(args):
     """The command that runs (or resumes) this study, without the machine's own paths: the data
-    folder is DATA (data/sample for the study's sample), which --report_only does not read."""
+    folder is DATA (data/study for the study's), which --report_only does not read."""
     keys = ("preset", "archs", "seeds", "epochs", "batch_size", "lrs", "max_extensions", "evals",
             "eval_iters", "analysis_batches", "records")
     optional = [f"--{k}={getattr(args, k)!r}" if " " in str(getattr(args, k)) else

@@ -26,11 +26,10 @@ def elsewhere(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def report_data(stories, tmp_path_factory):
     """The compact-vocabulary data with the validation stories split into selection and report."""
-    import prepare_tinystories
+    from lab.data import prepare_study
 
     out = tmp_path_factory.mktemp("report_data")
-    prepare_tinystories.tokenize_files(*stories, out_dir=out, vocab_size=512, progress=False,
-                                       report_fraction=0.5)
+    prepare_study(*stories, out_dir=out, vocab_size=512, progress=False)
     return out
 
 
@@ -102,7 +101,7 @@ def test_data_without_a_report_split_and_mismatched_sizes_stop_the_study(
     code, out = run_compare(capsys, f"--data_dir={tmp_path / 'none'}", "--dry_run")
     assert code == 1 and "no meta.json" in out.err
     code, out = run_compare(capsys, f"--data_dir={compact_data}", "--dry_run")
-    assert code == 1 and "no report split" in out.err and "--report_fraction" in out.err
+    assert code == 1 and "no report split" in out.err and "python -m lab.data" in out.err
     monkeypatch.setitem(PRESETS["cpu-small"], "gemma3", dict(PRESETS["cpu-small"]["gemma3"],
                                                              mlp_hidden=2048))
     code, out = run_compare(capsys, f"--data_dir={report_data}", "--dry_run", "--time_steps=0")
@@ -380,9 +379,9 @@ def test_a_tiny_study_leaves_records_resumes_and_reports_from_records_alone(
     assert code == 0, out.err
     assert results.read_text() == section
     # --report_only reads no data at all, not even a default folder that is there but has no
-    # report split (a quickstart's data/sample or data/tinystories without test.bin); and what
-    # made a record is not part of what makes it this study's
-    for folder in ("sample", "tinystories"):
+    # report split (the default data/study, a quickstart's data/sample or data/tinystories
+    # without test.bin); and what made a record is not part of what makes it this study's
+    for folder in ("study", "sample", "tinystories"):
         shutil.copytree(compact_data, elsewhere / "data" / folder)
         assert "test_tokens" not in json.loads((compact_data / "meta.json").read_text())
     for path in rec.rglob("summary.json"):
