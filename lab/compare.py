@@ -123,6 +123,9 @@ def build_parser():
     p.add_argument("--refine", action="store_true",
                    help="once the grid's best rate is inside it, also score the rates x√2 either "
                         "side of it and choose the best of all")
+    p.add_argument("--every_record", action="store_true",
+                   help="choose each arm's rate among every record it has at the grid seed, not "
+                        "only the grid's rates (a rate recorded by an earlier study counts too)")
     p.add_argument("--max_extensions", type=int, default=3,
                    help="rates a grid may grow by while its best rate is at an edge")
     p.add_argument("--evals", type=int, default=8, help="evaluations along each run (the curve)")
@@ -274,15 +277,17 @@ def smallest_adjusted_p(n_seeds, n_arms):
 # The learning-rate grid
 
 
-def choose_lr(grid, score, max_extensions, refine=False):
+def choose_lr(grid, score, max_extensions, refine=False, recorded=(), canonical=lambda lr: lr):
     """(best rate, {rate: score}, rates added, still at an edge?) for a grid ×2 apart.
 
-    `score(lr)` is the loss of a rate (lower is better; NaN counts as the worst). While the best
-    rate is the lowest or highest of the grid, the rate ×2 beyond it is added and scored, at most
-    max_extensions times; a one-rate grid is a fixed rate and never grows. With `refine`, a best
-    rate inside the grid then gets its two neighbours ×√2 away scored too (in the scores, not in
-    `added`), and the best of all is chosen: the grid is ×√2 fine around its optimum."""
-    lrs = sorted(grid)
+    `score(lr)` is the loss of a rate (lower is better; NaN counts as the worst). `recorded`
+    rates (the arm's other records at the grid seed) are scored beside the grid, so the choice is
+    among all of them. While the best rate is the lowest or highest scored, the rate ×2 beyond it
+    is added and scored, at most max_extensions times; a one-rate grid is a fixed rate and never
+    grows. With `refine`, an interior best then gets its two neighbours ×√2 away scored too (in
+    the scores, not in `added`), and the best of all is chosen. `canonical` maps a computed rate
+    to the recorded one of the same name (4e-3·√2 and 8e-3/√2 differ in the last bit)."""
+    lrs = sorted({canonical(lr) for lr in (*grid, *recorded)})
     scores = {lr: score(lr) for lr in lrs}
 
     def best():
@@ -290,7 +295,7 @@ def choose_lr(grid, score, max_extensions, refine=False):
 
     added = []
     while len(lrs) > 1 and best() in (lrs[0], lrs[-1]) and len(added) < max_extensions:
-        lr = lrs[0] / 2 if best() == lrs[0] else lrs[-1] * 2
+        lr = canonical(lrs[0] / 2 if best() == lrs[0] else lrs[-1] * 2)
         scores[lr] = score(lr)
         lrs = sorted(scores)
         added.append(lr)
@@ -298,7 +303,9 @@ def choose_lr(grid, score, max_extensions, refine=False):
     if refine and len(lrs) > 1 and not at_edge:
         centre = best()
         for lr in (centre / math.sqrt(2), centre * math.sqrt(2)):
-            scores[lr] = score(lr)
+            lr = canonical(lr)
+            if lr not in scores:
+                scores[lr] = score(lr)
     return best(), scores, added, at_edge
 
 
@@ -498,10 +505,21 @@ def choose_arm_lr(args, plan, variant):
         speeds.append(summary["tokens_per_sec"])
         return summary["selection_loss"]
 
-    lr, grid, added, at_edge = choose_lr(plan["grid"], score, args.max_extensions, args.refine)
+    seed = plan["grid_seed"]
+    recorded = {f"{s['lr']:g}": s["lr"] for s in
+                (json.loads(p.read_text()) for p in sorted((plan["records"] / variant).glob(
+                    f"lr*/seed{seed}/summary.json"))) if "lr" in s}
+    lr, grid, added, at_edge = choose_lr(
+        plan["grid"], score, args.max_extensions, args.refine,
+        recorded=recorded.values() if args.every_record else (),
+        canonical=lambda lr: recorded.get(f"{lr:g}", lr))
     measured = [s for s in speeds if s]
-    refined = sorted(set(grid) - set(plan["grid"]) - set(added))
-    return dict(lr=lr, grid=grid, added=added, refined=refined, at_edge=at_edge,
+    named = {f"{lr:g}" for lr in (*plan["grid"], *added)}
+    extra = [lr for lr in sorted(grid) if f"{lr:g}" not in named]
+    # with --every_record the arm's other records join the grid; else extras are refinements
+    others = [lr for lr in extra if args.every_record and f"{lr:g}" in recorded]
+    return dict(lr=lr, grid=grid, added=added, at_edge=at_edge, records=others,
+                refined=[lr for lr in extra if lr not in others],
                 tokens_per_sec=statistics.fmean(measured) if measured else None)
 
 
@@ -676,17 +694,21 @@ def study_command(args):
     optional = [f"--{k}={getattr(args, k)!r}" if " " in str(getattr(args, k)) else
                 f"--{k}={getattr(args, k)}" for k in ("reference", "section") if getattr(args, k)]
     optional += ["--refine"] if args.refine else []
+    optional += ["--every_record"] if args.every_record else []
     return " ".join(["python -m lab.compare --data_dir=DATA",
                      *(f"--{k}={getattr(args, k)}" for k in keys), *optional])
 
 
 def lr_note(s):
     refined = s.get("refined", [])
-    if not s["added"] and not s["at_edge"] and not refined:
+    if not s["added"] and not s["at_edge"] and not refined and not s.get("records"):
         return f"{s['lr']:.3g}"
     note = f"extended by {', '.join(f'{x:g}' for x in s['added'])}" if s["added"] else ""
     if refined:
         note += ("; " if note else "") + f"refined by {', '.join(f'{x:.3g}' for x in refined)}"
+    if s.get("records"):
+        note += (("; " if note else "") + "and the records at "
+                 + ", ".join(f"{x:.3g}" for x in s["records"]))
     if s["at_edge"]:
         note += ("; " if note else "") + "still at the grid's edge"
     return f"{s['lr']:.3g} ({note})"
@@ -701,6 +723,8 @@ def grid_table(args, plan, study):
              f"{plan['grid_seed']}, full budget; **bold** = chosen; rates beyond --lrs were "
              f"added because the best was at an edge (at most {args.max_extensions})"
              + (", and ×√2 either side of an interior best (--refine)" if args.refine else "")
+             + ("; the choice is among these and every other record of the arm at that seed "
+                "(--every_record)" if args.every_record else "")
              + ".", "",
              "| variant | " + " | ".join(f"{lr:.3g}" for lr in all_lrs) + " | note |",
              "|---|" + "---:|" * len(all_lrs) + "---|"]
