@@ -1,26 +1,15 @@
 """
-Train PRISM (model.py) on the tokens prepare_tinystories.py wrote. One file, top to bottom:
-settings, data, evaluation, checkpoints, the training loop, the command line.
+Train PRISM (model.py) on the tokens prepare_tinystories.py wrote, on a CPU, a GPU or many.
 
-    python train.py                                  # config/prism_50m.py on CUDA, else config/cpu_small.py
-    python train.py config/cpu_small.py --max_iters=100 --batch_size=8
-    python train.py config/cpu_small.py --init_from=resume             # continue out_dir/ckpt.pt
-    torchrun --standalone --nproc_per_node=8 train.py config/prism_50m.py  # DDP, one process per GPU
+    python train.py                                   # config/prism_50m.py with CUDA, else config/cpu_small.py
+    python train.py config/cpu_small.py --max_iters=100 --learning_rate=8e-3
+    python train.py config/cpu_small.py --init_from=resume          # continue out_dir/ckpt.pt exactly
+    torchrun --standalone --nproc_per_node=8 train.py config/prism_50m.py   # one process per GPU
 
-Settings are the fields of TrainConfig below and of model.py's PrismConfig (n_layer, n_embd, n_head,
-head_dim, block_size, ...). A config file is a Python file that assigns some of them; the
-`--key=value` arguments are applied after the config files. vocab_size comes from meta.json.
-
-Other architectures (the lab's, e.g. --arch=gpt2): a config file describes a PRISM. For another
-arch, train.py asks that arch's model class for its sizes at the same scale, through the lab's
-hook `ModelClass.sizes_like_prism(prism_model_args) -> dict` (model.get_arch imports the lab on
-the first name it does not know), then applies the command line's fields of that arch's own config
-(--n_head=4 is GPT2Config's n_head). Unless out_dir is given on the command line, such a run
-writes to the config's out_dir + "_" + arch (out/cpu_small_gpt2), so it leaves PRISM's checkpoint alone.
-
-Outputs, written by rank 0 only: out_dir/log.jsonl (one JSON record per evaluation) and
-out_dir/ckpt.pt (model, optimizer, settings, iteration, RNG states, elapsed time; rewritten at
-every evaluation, the point --init_from=resume continues from, exactly).
+A config file is a Python file that assigns settings; --key=value arguments override it. The
+settings are TrainConfig's fields below and the model's (model.py's PrismConfig, or another
+--arch's config); vocab_size comes from the data's meta.json. Rank 0 writes out_dir/log.jsonl (one
+record per evaluation) and out_dir/ckpt.pt (rewritten at every evaluation: the exact resume point).
 """
 
 import dataclasses
@@ -33,8 +22,6 @@ import re
 import sys
 import time
 import types
-import typing
-import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -42,7 +29,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from model import CheckpointError, PrismConfig, build_model, checkpoint_payload, get_arch, read_checkpoint
+from model import CheckpointError, build_model, checkpoint_payload, get_arch, read_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -51,16 +38,12 @@ class TrainError(Exception):
     """A mistake in the settings, the data or the checkpoint: main() prints it as one line."""
 
 
-# -----------------------------------------------------------------------------
-# Settings
-
-
 @dataclass
 class TrainConfig:
     data_dir: str = "data/tinystories"  # train.bin, val.bin, meta.json (prepare_tinystories.py)
     out_dir: str = "out"                # ckpt.pt and log.jsonl
     init_from: str = "scratch"          # "scratch" or "resume" (from out_dir/ckpt.pt)
-    arch: str = "prism"                 # "prism", or one of the lab's (gpt2, gemma3, ...)
+    arch: str = "prism"                 # the model: "prism", or one of the lab's (gpt2, gemma3, ...)
     batch_size: int = 12                # sequences per micro-step and process
     grad_accum: int = 1                 # micro-steps per iteration, split across the processes
     max_iters: int = 5000               # iterations (optimizer steps) of the whole run
@@ -80,23 +63,22 @@ class TrainConfig:
     seed: int = 1337                    # fixes the initialisation and the data order
 
     def __post_init__(self):
-        def need(ok, name, why):
+        checks = [(self.init_from in ("scratch", "resume"), "init_from", "must be scratch or resume"),
+                  (self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
+                   "must be auto, float32, bfloat16 or float16"),
+                  (self.learning_rate > 0, "learning_rate", "must be positive"),
+                  (0 <= self.min_lr <= self.learning_rate, "min_lr", "must be in [0, learning_rate]")]
+        checks += [(getattr(self, k) > 0, k, "must be positive") for k in
+                   ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval")]
+        checks += [(getattr(self, k) >= 0, k, "must not be negative") for k in
+                   ("max_iters", "warmup_iters", "grad_clip", "weight_decay")]
+        for ok, name, why in checks:
             if not ok:
                 raise TrainError(f"{name} = {getattr(self, name)!r} {why}")
 
-        need(self.init_from in ("scratch", "resume"), "init_from", "must be 'scratch' or 'resume'")
-        need(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
-             "must be auto, float32, bfloat16 or float16")
-        for name in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
-            need(getattr(self, name) > 0, name, "must be positive")
-        for name in ("max_iters", "warmup_iters", "grad_clip", "weight_decay"):
-            need(getattr(self, name) >= 0, name, "must not be negative")
-        need(self.learning_rate > 0, "learning_rate", "must be positive")
-        need(0 <= self.min_lr <= self.learning_rate, "min_lr", "must be in [0, learning_rate]")
-
 
 def read_config_file(path):
-    """The settings a config file assigns: its top-level names, except _private ones and modules."""
+    """The settings a config file assigns: its top-level names, but _private ones and modules."""
     try:
         with open(path, encoding="utf-8") as f:
             source = f.read()
@@ -108,101 +90,67 @@ def read_config_file(path):
             if not k.startswith("_") and not isinstance(v, (types.ModuleType, types.FunctionType, type))}
 
 
-def _value(key, value, typ, source):
-    """A setting as a value of its field's type: parsed from a command-line string, or checked
-    (a config file's value; an int is a fine float)."""
-    optional = typing.get_origin(typ) in (typing.Union, types.UnionType)
-    if optional:  # Optional[bool]: None is "auto"
-        typ = next(a for a in typing.get_args(typ) if a is not type(None))
-    if source != "the command line":
-        if optional and value is None:
-            return None
-        if typ is float and type(value) is int:
-            return float(value)
-        if type(value) is not typ:
-            raise TrainError(f"{key} = {value!r} in {source} should be of type {typ.__name__}")
-        return value
-    if typ is bool:
-        words = {"true": True, "1": True, "false": False, "0": False, **({"auto": None} if optional else {})}
-        if value.lower() not in words:
-            raise TrainError(f"--{key} expects {'true, false or auto' if optional else 'true or false'}, "
-                             f"got {value!r}")
-        return words[value.lower()]
+def typed(key, value, source, default):
+    """A setting as the type of its field's default: parsed from a command-line string (source
+    None) or checked (a config file's value; an int is a fine float). A default None is auto."""
+    kind = bool if default is None else type(default)
+    if source is not None:
+        if value is None and default is None or type(value) is kind or kind is float and type(value) is int:
+            return value if value is None else kind(value)
+        raise TrainError(f"{key} = {value!r} in {source} should be of type {kind.__name__}")
+    words = {"true": True, "false": False, **({"auto": None} if default is None else {})}
     try:
-        return typ(value)
-    except ValueError:
-        raise TrainError(f"--{key} expects {typ.__name__}, got {value!r}") from None
-
-
-def _get_arch(name):
-    try:
-        return get_arch(name)
-    except ValueError as e:
-        raise TrainError(str(e)) from None
+        return words[value.lower()] if kind is bool else kind(value)
+    except (KeyError, ValueError):
+        expected = " or ".join(words) if kind is bool else kind.__name__
+        raise TrainError(f"--{key} expects {expected}, got {value!r}") from None
 
 
 def parse_args(argv):
-    """Config files, then --key=value arguments -> (TrainConfig, model_args of cfg.arch).
+    """Config files, then --key=value arguments -> (TrainConfig, the arch's model args)."""
+    settings = {}
+    for arg in sorted(argv, key=lambda a: a.startswith("--")):  # the files first, in their order
+        if not arg.startswith("--"):
+            settings.update({k: (v, arg) for k, v in read_config_file(arg).items()})
+            continue
+        key, eq, value = arg[2:].partition("=")
+        if not (key and eq):
+            raise TrainError(f"expected --key=value, got {arg!r}")
+        settings[key] = (value, None)
+    arch = typed("arch", *settings.get("arch", ("prism", "the defaults")), "prism")
+    config_cls = arch_config(arch)
+    train_args, model_args = {}, {}
+    for key, (value, source) in settings.items():
+        cls, dest = next(((c, d) for c, d in ((TrainConfig, train_args), (config_cls, model_args))
+                          if key in c.__dataclass_fields__ and key != "vocab_size"), (None, None))
+        if cls is None:
+            raise TrainError(
+                f"unknown key {key!r} (from {source or 'the command line'}): neither a TrainConfig "
+                f"field nor a {config_cls.__name__} field" + (
+                    "; vocab_size comes from meta.json" if key == "vocab_size" else
+                    "; another arch at a PRISM config's size: python -m lab.train" if arch != "prism" else ""))
+        dest[key] = typed(key, value, source, cls.__dataclass_fields__[key].default)
+    return TrainConfig(**train_args), model_args
 
-    A config file's keys are TrainConfig or PrismConfig fields; a command-line key is a TrainConfig
-    field or a field of the arch's config; anything else is an error naming it. For an arch other
-    than PRISM the config files' PrismConfig fields become that arch's sizes through its
-    sizes_like_prism (the lab's hook, see the docstring at the top)."""
-    files, cli = {}, {}
-    for arg in argv:
-        if arg.startswith("--"):
-            key, eq, value = arg[2:].partition("=")
-            if not eq or not key:
-                raise TrainError(f"expected --key=value, got {arg!r}")
-            cli[key] = (value, "the command line")
-        else:
-            files.update({k: (v, arg) for k, v in read_config_file(arg).items()})
-    train_types, prism_types = typing.get_type_hints(TrainConfig), typing.get_type_hints(PrismConfig)
-    train_args, prism_args, arch_args = {}, {}, {}
-    arch = cli["arch"][0] if "arch" in cli else files.get("arch", (TrainConfig.arch,))[0]
-    config_cls, model_cls = _get_arch(arch)
-    arch_types = typing.get_type_hints(config_cls)
-    for settings, model_types, model_dest in ((files, prism_types, prism_args), (cli, arch_types, arch_args)):
-        for key, (value, source) in settings.items():
-            if key == "vocab_size":
-                raise TrainError(f"vocab_size (from {source}) is not a setting: it comes from the "
-                                 "data's meta.json")
-            typ, dest = ((train_types[key], train_args) if key in train_types
-                         else (model_types[key], model_dest) if key in model_types else (None, None))
-            if dest is None:
-                cls = PrismConfig if settings is files else config_cls
-                raise TrainError(f"unknown key {key!r} (from {source}): it is neither a TrainConfig "
-                                 f"field nor a {cls.__name__} field (arch {arch!r})")
-            dest[key] = _value(key, value, typ, source)
-    if config_cls is PrismConfig:
-        return TrainConfig(**train_args), {**prism_args, **arch_args}
-    if not hasattr(model_cls, "sizes_like_prism"):
-        raise TrainError(f"arch {arch!r} has no sizes_like_prism, so it cannot train from a PRISM config")
-    try:  # no config file: the PrismConfig defaults are the PRISM
-        model_args = model_cls.sizes_like_prism(prism_args)
+
+def arch_config(name):
+    try:
+        return get_arch(name)[0]
     except ValueError as e:
         raise TrainError(str(e)) from None
-    if "out_dir" not in cli:  # keep PRISM's checkpoint: out/cpu_small -> out/cpu_small_gpt2
-        train_args["out_dir"] = f"{train_args.get('out_dir', TrainConfig.out_dir)}_{arch}"
-    return TrainConfig(**train_args), {**model_args, **arch_args}
 
 
 def resolve_system(cfg, local_rank=None):
     """The TrainConfig with device, dtype and compile made concrete for this machine."""
-    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device
-    device = "cpu" if device == "auto" else device
-    device_type = device.split(":")[0]
-    if device_type == "cuda":
-        if not torch.cuda.is_available():
-            raise TrainError(f"device = {cfg.device!r} but this machine has no CUDA")
-        if local_rank is not None:  # one GPU per process under torchrun
-            device = f"cuda:{local_rank}"
-    dtype = cfg.dtype
-    if dtype == "auto":
-        dtype = ("float32" if device_type != "cuda"
-                 else "bfloat16" if torch.cuda.is_bf16_supported() else "float16")
-    compile_ = device_type == "cuda" if cfg.compile is None else cfg.compile
-    return dataclasses.replace(cfg, device=device, dtype=dtype, compile=compile_)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    cuda = device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise TrainError(f"device = {cfg.device!r} but this machine has no CUDA")
+    device = f"cuda:{local_rank}" if cuda and local_rank is not None else device  # one GPU per process
+    dtype = cfg.dtype if cfg.dtype != "auto" else (
+        "float32" if not cuda else "bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+    return dataclasses.replace(cfg, device=device, dtype=dtype,
+                               compile=cuda if cfg.compile is None else cfg.compile)
 
 
 # -----------------------------------------------------------------------------
@@ -212,28 +160,22 @@ def resolve_system(cfg, local_rank=None):
 def load_data(data_dir):
     """(train, val, meta): memmap views of the token files and the parsed meta.json."""
     if not os.path.isdir(data_dir):
-        command = "python prepare_tinystories.py" + (
-            " --sample --vocab_size=4096 --report_fraction=0.5"  # config/cpu_small.py's data
-            if os.path.normpath(data_dir) == os.path.join("data", "sample") else "")
-        raise TrainError(f"data_dir {data_dir} does not exist; make it with `{command}` (see README.md)")
-    meta_path = os.path.join(data_dir, "meta.json")
-    if not os.path.isfile(meta_path):
-        raise TrainError(f"{meta_path} is missing; run prepare_tinystories.py to write it")
-    try:
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except json.JSONDecodeError as e:
-        raise TrainError(f"{meta_path} is not valid JSON ({e})") from None
-    missing = [k for k in ("vocab_size", "val_tokens", "val_bytes") if k not in meta]
-    if missing:
-        raise TrainError(f"{meta_path} lacks {', '.join(missing)}")
-    splits = []
-    for split in ("train", "val"):
-        path = os.path.join(data_dir, f"{split}.bin")
+        sample = " --sample" if os.path.normpath(data_dir) == os.path.join("data", "sample") else ""
+        raise TrainError(f"data_dir {data_dir} does not exist; make it with "
+                         f"`python prepare_tinystories.py{sample}` (see README.md)")
+    paths = [os.path.join(data_dir, name) for name in ("train.bin", "val.bin", "meta.json")]
+    for path in paths:
         if not os.path.isfile(path):
             raise TrainError(f"{path} is missing; run prepare_tinystories.py to write it")
-        splits.append(np.memmap(path, dtype=np.uint16, mode="r"))
-    return splits[0], splits[1], meta
+    try:
+        with open(paths[2], encoding="utf-8") as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as e:
+        raise TrainError(f"{paths[2]} is not valid JSON ({e})") from None
+    missing = [k for k in ("vocab_size", "val_tokens", "val_bytes") if k not in meta]
+    if missing:
+        raise TrainError(f"{paths[2]} lacks {', '.join(missing)}")
+    return *(np.memmap(path, dtype=np.uint16, mode="r") for path in paths[:2]), meta
 
 
 def random_offsets(rng, n_tokens, block_size, shape):
@@ -242,8 +184,8 @@ def random_offsets(rng, n_tokens, block_size, shape):
 
 
 def get_batch(data, offsets, block_size, device):
-    """Inputs x and next-token targets y, int64 (len(offsets), block_size), for the windows of
-    `data` starting at `offsets`; on CUDA through pinned memory, without blocking."""
+    """Inputs x and next-token targets y (len(offsets), block_size) of the windows at offsets;
+    on CUDA through pinned memory, without blocking."""
     windows = torch.from_numpy(np.stack([data[i: i + block_size + 1] for i in offsets]).astype(np.int64))
     x, y = windows[:, :-1], windows[:, 1:]
     if torch.device(device).type == "cuda":
@@ -255,62 +197,32 @@ def get_lr(it, cfg):
     """Linear warmup over warmup_iters, then cosine decay from learning_rate to min_lr at max_iters."""
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it >= cfg.max_iters:
-        return cfg.min_lr
-    progress = (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)
+    progress = min(1.0, (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
 @torch.no_grad()
-def estimate_loss(model, data, block_size, batch_size, eval_iters, device, seed=0,
-                  ctx=nullcontext(), rank=0, world_size=1):
+def estimate_loss(model, data, block_size, batch_size, eval_iters, device, seed, ctx):
     """Mean loss over eval_iters batches of `data`: the same windows at every call with the same
-    seed, so evaluations along a run (and across runs) see the same text. Under DDP each process
-    takes every world_size-th batch and the sum is all-reduced: the result does not depend on the
-    number of processes."""
+    seed, so evaluations along a run (and across runs) see the same text."""
     offsets = random_offsets(np.random.default_rng(seed), len(data), block_size, (eval_iters, batch_size))
-    was_training = model.training
     model.eval()
     total = 0.0
-    for k in range(rank, eval_iters, world_size):
+    for k in range(eval_iters):
         x, y = get_batch(data, offsets[k], block_size, device)
         with ctx:
             total += model(x, y)[1].item()
-    model.train(was_training)
-    if world_size > 1:
-        total_t = torch.tensor(total, dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(total_t)
-        total = total_t.item()
+    model.train()
     return total / eval_iters
 
 
-@torch.no_grad()
-def evaluate_split(model, data, block_size, batch_size, device, ctx=nullcontext()):
-    """Mean loss per token over ALL non-overlapping windows of `data` (window w covers tokens
-    w·block_size … (w+1)·block_size, its targets shifted by one; the tail shorter than a window is
-    left out): the whole split, no sampling noise, the same number at every call."""
-    n_windows = (len(data) - 1) // block_size
-    if n_windows < 1:
-        raise TrainError(f"a split of {len(data)} tokens holds no window of {block_size + 1}")
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    for start in range(0, n_windows, batch_size):
-        offsets = np.arange(start, min(start + batch_size, n_windows)) * block_size
-        x, y = get_batch(data, offsets, block_size, device)
-        with ctx:
-            total += model(x, y)[1].item() * len(offsets)  # every window has block_size targets
-    model.train(was_training)
-    return total / n_windows
-
-
 def bits_per_byte(loss, meta):
-    """Nats per token -> bits per byte of the original text, from meta.json's token and byte counts."""
+    """Nats per token -> bits per byte of the text, from meta.json's val token and byte counts."""
     return loss / math.log(2) * meta["val_tokens"] / meta["val_bytes"]
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints and random states: what makes a resumed run the run it continues.
 
 
 def save_checkpoint(path, payload):
@@ -335,31 +247,37 @@ def load_checkpoint(path, arch, model_config):
         raise TrainError(f"{path} is not a checkpoint written by train.py")
     if ckpt["arch"] != arch:
         raise TrainError(f"{path} holds a {ckpt['arch']!r} model, but arch = {arch!r}")
-    saved = ckpt["model_config"]
-    differ = [f"{k} = {v!r} (checkpoint: {saved.get(k, '<absent>')!r})"
-              for k, v in model_config.items() if saved.get(k, object()) != v]
-    differ += [f"{k} absent (checkpoint: {v!r})" for k, v in saved.items() if k not in model_config]
+    differ = [f"{k} = {v!r} (checkpoint: {ckpt['model_config'].get(k, '<absent>')!r})"
+              for k, v in model_config.items() if ckpt["model_config"].get(k, object()) != v]
     if differ:
         raise TrainError(f"{path} holds a model of another size: {'; '.join(differ)}")
     return ckpt
 
 
 def rng_states(rng, device):
-    state = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()}
-    if torch.device(device).type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+    cuda = {"cuda": torch.cuda.get_rng_state(device)} if torch.device(device).type == "cuda" else {}
+    return {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), **cuda}
 
 
-def set_rng_states(state, rng, device):
+def resume(ckpt, model, optimizer, scaler, rng, cfg, rank, log, path):
+    """Load a checkpoint's weights (λ included), optimizer, scaler and this process's random
+    states; -> (iteration, best val loss, elapsed seconds)."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    state = ckpt["rng"][rank % len(ckpt["rng"])]
     rng.bit_generator.state = state["numpy"]
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.device(device).type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
+    if "cuda" in state and cfg.device.startswith("cuda"):
+        torch.cuda.set_rng_state(state["cuda"], cfg.device)
+    changed = [f"{k}={v!r} (was {ckpt['train_config'].get(k)!r})" for k, v in asdict(cfg).items()
+               if k != "init_from" and ckpt["train_config"].get(k) != v]
+    log(f"resuming from {path} at iter {ckpt['iter_num']}" + (f"; changed: {', '.join(changed)}" if changed else ""))
+    return ckpt["iter_num"], ckpt["best_val_loss"], ckpt.get("elapsed_s", 0.0)
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C in the loop, with where the run was and where its checkpoint is (None: none yet)."""
+    """Ctrl-C in the loop, with where the run was and which iteration its checkpoint holds."""
 
     def __init__(self, iter_num, ckpt_iter, ckpt_path):
         super().__init__(iter_num)
@@ -371,26 +289,21 @@ class Interrupted(KeyboardInterrupt):
 
 
 def train(cfg, model_args=None):
-    """Train as `cfg` and `model_args` (the fields of cfg.arch's config) say; returns a summary
-    (rank 0's numbers under DDP): arch, params, out_dir, iters, tokens, train loss, val loss, ppl
-    and bpb, best val loss and bpb, tokens/s."""
-    # -- processes: one, or one of WORLD_SIZE under torchrun ----------------------------------------
-    ddp = int(os.environ.get("RANK", -1)) != -1
+    """Train as cfg and model_args (fields of cfg.arch's config) say; returns rank 0's summary:
+    the last evaluation's record, with arch, params, out_dir, iters, best val and tokens/s."""
+    ddp = "RANK" in os.environ  # torchrun sets RANK, WORLD_SIZE and LOCAL_RANK
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
+    master, log = rank == 0, print if rank == 0 else (lambda *a, **k: None)
     cfg = resolve_system(cfg, int(os.environ["LOCAL_RANK"]) if ddp else None)
     device, device_type = cfg.device, torch.device(cfg.device).type
     if cfg.grad_accum % world_size:
-        raise TrainError(f"grad_accum = {cfg.grad_accum} must be a multiple of the number of "
-                         f"processes ({world_size})")
+        raise TrainError(f"grad_accum = {cfg.grad_accum} must be a multiple of the {world_size} processes")
     accum = cfg.grad_accum // world_size  # this process's micro-steps per iteration
 
-    # -- data, model config, checkpoint: all checked before any process starts or file is written ----
+    # -- data, model config, checkpoint: all checked before a process starts or a file is written
     train_data, val_data, meta = load_data(cfg.data_dir)
-    config_cls, _ = _get_arch(cfg.arch)
     try:
-        model_config = asdict(config_cls(**{**(model_args or {}), "vocab_size": meta["vocab_size"]}))
+        model_config = asdict(arch_config(cfg.arch)(**{**(model_args or {}), "vocab_size": meta["vocab_size"]}))
     except (TypeError, ValueError) as e:
         raise TrainError(str(e)) from None
     block_size = model_config["block_size"]
@@ -400,66 +313,35 @@ def train(cfg, model_args=None):
     ckpt_path, log_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "log.jsonl")
     ckpt = load_checkpoint(ckpt_path, cfg.arch, model_config) if cfg.init_from == "resume" else None
     tokens_per_iter = cfg.batch_size * cfg.grad_accum * block_size
-
-    # -- the device: autocast, TF32, the peak FLOP/s for MFU -------------------------------------------
     log(f"arch {cfg.arch} | device {device} ({world_size} process{'es' if world_size > 1 else ''}) | "
         f"dtype {cfg.dtype} | compile {cfg.compile} | {tokens_per_iter:,} tokens/iter "
         f"({cfg.batch_size} x {cfg.grad_accum} x {block_size})")
+    ctx = nullcontext() if cfg.dtype == "float32" else torch.autocast(device_type, getattr(torch, cfg.dtype))
+    peak_flops = setup_cuda(cfg, log) if device_type == "cuda" else None
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
-    if device_type == "cuda":
-        if ddp:  # this process's GPU, cuda:LOCAL_RANK
-            torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-    ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
-    # float32 matmuls run as TF32 here: that is the peak they reach
-    peak_flops = (current_gpu_peak_flops("tf32" if ptdtype == torch.float32 else cfg.dtype)
-                  if device_type == "cuda" else None)
 
-    # -- model and optimizer. The same batch generator on every process: each draws the whole
-    # iteration's batch and takes its own micro-steps, so N processes see the data one process would.
+    # -- model and optimizer; every process draws the whole iteration's batch and takes its share
     torch.manual_seed(cfg.seed + rank)  # the init (DDP broadcasts rank 0's), dropout
     rng = np.random.default_rng(cfg.seed)
     raw_model = build_model(cfg.arch, **model_config).to(device)
     log(raw_model.describe_parameters())
-    # The ids' meaning travels with the checkpoint, so sample.py can print text without the data.
     raw_model.vocabulary = {k: meta[k] for k in ("tokenizer", "vocab_size", "eot_token", "compact_vocab")
-                            if k in meta}
+                            if k in meta}  # the ids' meaning travels with the checkpoint
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
                                                (cfg.beta1, cfg.beta2), device_type)
-    scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
-    iter_num, best_val_loss, ckpt_iter, elapsed_before = 0, math.inf, None, 0.0
+    scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")
+    iter_num, best_val_loss, elapsed = 0, math.inf, 0.0
     if ckpt is not None:
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        iter_num = ckpt_iter = ckpt["iter_num"]
-        best_val_loss, elapsed_before = ckpt["best_val_loss"], ckpt.get("elapsed_s", 0.0)
-        set_rng_states(ckpt["rng"][rank % len(ckpt["rng"])], rng, device)
-        changed = [f"{k}={v!r} (was {ckpt['train_config'].get(k)!r})" for k, v in asdict(cfg).items()
-                   if k != "init_from" and ckpt["train_config"].get(k) != v]
-        log(f"resuming from {ckpt_path} at iter {iter_num}"
-            + (f"; changed: {', '.join(changed)}" if changed else ""))
-    if master:  # a fresh log, or the log up to the checkpoint (a crash may come between the two)
-        kept = []
-        if ckpt is not None and os.path.isfile(log_path):
-            with open(log_path, encoding="utf-8") as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["iter"] <= iter_num]
-        with open(log_path + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(log_path + ".tmp", log_path)
-    start_iter = iter_num
+        iter_num, best_val_loss, elapsed = resume(ckpt, raw_model, optimizer, scaler, rng, cfg, rank,
+                                                  log, ckpt_path)
+    if master:
+        keep_log_until(log_path, iter_num if ckpt is not None else -1)
+    start_iter, ckpt_iter = iter_num, iter_num if ckpt is not None else None
     model = eval_model = torch.compile(raw_model) if cfg.compile else raw_model  # eval: no all-reduce
     summary = {"arch": cfg.arch, "params": raw_model.get_num_params(), "out_dir": cfg.out_dir}
-
-    def sync():
-        if device_type == "cuda":
-            torch.cuda.synchronize()
-
-    run_start = time.time() - elapsed_before  # a resumed run's clock continues the checkpoint's
-    train_time, train_tokens, mfu = 0.0, 0, -1.0  # this process's run, for the summary and MFU
+    run_start = time.time() - elapsed  # a resumed run's clock continues the checkpoint's
+    train_time, train_tokens, mfu = 0.0, 0, -1.0  # this process's training, for the summary and MFU
     t_seg, seg_iters = time.time(), 0  # since the last evaluation, for log.jsonl
     t_log, log_iters, loss_sum = time.time(), 0, 0.0  # since the last progress line
     if ddp:
@@ -467,54 +349,49 @@ def train(cfg, model_args=None):
     try:
         if ddp:
             from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: PLC0415
-            # The buffers (RoPE tables) are constants: no need to send them at every forward.
-            no_buffers = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
-                          inspect.signature(DDP).parameters else {"broadcast_buffers": False})  # torch < 2.13
-            model = DDP(model, device_ids=[device] if device_type == "cuda" else None, **no_buffers)
+            # The buffers (RoPE tables, λ) agree on every process: no need to send them each step.
+            no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                       inspect.signature(DDP).parameters else {"broadcast_buffers": False})  # torch < 2.13
+            model = DDP(model, device_ids=[device] if device_type == "cuda" else None, **no_sync)
         while True:
             lr = get_lr(iter_num, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             raw_model.set_progress(iter_num / max(1, cfg.max_iters))  # PRISM's λ
 
-            # -- evaluate, log and checkpoint: the resume point, so always, not only when val improves
+            # -- evaluate, log and checkpoint (rank 0): the resume point, so always
             if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
-                sync()
-                seg_time = time.time() - t_seg
+                if device_type == "cuda":
+                    torch.cuda.synchronize()
+                seg_time, t_seg = time.time() - t_seg, time.time()
                 train_time += seg_time
-                kw = dict(block_size=block_size, batch_size=cfg.batch_size, eval_iters=cfg.eval_iters,
-                          device=device, ctx=ctx, rank=rank, world_size=world_size)
-                train_loss = estimate_loss(eval_model, train_data, seed=cfg.seed + 1, **kw)
-                val_loss = estimate_loss(eval_model, val_data, seed=cfg.seed + 2, **kw)
-                best_val_loss = min(best_val_loss, val_loss)
-                record = {"iter": iter_num, "train_loss": train_loss, "val_loss": val_loss,
-                          "val_ppl": math.exp(min(val_loss, 700)), "val_bpb": bits_per_byte(val_loss, meta),
-                          "lr": lr, "tokens": iter_num * tokens_per_iter,
-                          "tokens_per_sec": seg_iters * tokens_per_iter / seg_time if seg_iters else None,
-                          "elapsed_s": round(time.time() - run_start, 3), **({"mfu": mfu} if mfu > 0 else {})}
-                log(f"eval iter {iter_num}: train loss {train_loss:.4f} | val loss {val_loss:.4f} | "
-                    f"val ppl {record['val_ppl']:.2f} | val bpb {record['val_bpb']:.4f}"
-                    + (" (best)" if val_loss == best_val_loss else ""))
-                summary.update({k: record[k] for k in ("train_loss", "val_loss", "val_ppl", "val_bpb",
-                                                       "tokens")},
-                               iters=iter_num, best_val_loss=best_val_loss,
-                               best_val_bpb=bits_per_byte(best_val_loss, meta))
-                states = [rng_states(rng, device)]
-                if world_size > 1:  # every process's, so each resumes its own
-                    states = [None] * world_size
-                    torch.distributed.all_gather_object(states, rng_states(rng, device))
-                if not (iter_num == start_iter and ckpt is not None):  # a resumed start is saved already
-                    if master:
+                states = [rng_states(rng, device)] * world_size  # every process's, to resume its own
+                if ddp:
+                    torch.distributed.all_gather_object(states, states[0])
+                if master:
+                    kw = dict(block_size=block_size, batch_size=cfg.batch_size,
+                              eval_iters=cfg.eval_iters, device=device, ctx=ctx)
+                    train_loss = estimate_loss(eval_model, train_data, seed=cfg.seed + 1, **kw)
+                    val_loss = estimate_loss(eval_model, val_data, seed=cfg.seed + 2, **kw)
+                    best_val_loss = min(best_val_loss, val_loss)
+                    record = {"iter": iter_num, "train_loss": train_loss, "val_loss": val_loss,
+                              "val_ppl": math.exp(min(val_loss, 700)), "val_bpb": bits_per_byte(val_loss, meta),
+                              "lr": lr, "tokens": iter_num * tokens_per_iter,
+                              "tokens_per_sec": seg_iters * tokens_per_iter / seg_time if seg_iters else None,
+                              "elapsed_s": round(time.time() - run_start, 3), **({"mfu": mfu} if mfu > 0 else {})}
+                    log(f"eval iter {iter_num}: train loss {train_loss:.4f} | val loss {val_loss:.4f} | "
+                        f"val ppl {record['val_ppl']:.2f} | val bpb {record['val_bpb']:.4f}"
+                        + (" (best)" if val_loss == best_val_loss else ""))
+                    summary.update(record, iters=iter_num, best_val_loss=best_val_loss,
+                                   best_val_bpb=bits_per_byte(best_val_loss, meta))
+                    if not (iter_num == start_iter and ckpt is not None):  # a resumed start is saved
                         with open(log_path, "a", encoding="utf-8") as f:
                             f.write(json.dumps(record) + "\n")
                         save_checkpoint(ckpt_path, {
                             **checkpoint_payload(raw_model), "optimizer": optimizer.state_dict(),
                             "scaler": scaler.state_dict(), "train_config": asdict(cfg), "iter_num": iter_num,
-                            "best_val_loss": best_val_loss, "rng": states,
-                            "elapsed_s": time.time() - run_start})
-                    ckpt_iter = iter_num
-                t_seg = t_log = time.time()
-                seg_iters = 0
+                            "best_val_loss": best_val_loss, "rng": states, "elapsed_s": time.time() - run_start})
+                ckpt_iter, t_log, seg_iters = iter_num, time.time(), 0
             if iter_num >= cfg.max_iters:
                 break
 
@@ -543,11 +420,10 @@ def train(cfg, model_args=None):
 
             # -- progress: the mean loss since the last line (over all processes), speed, time left
             if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
-                if world_size > 1:
+                if ddp:
                     torch.distributed.all_reduce(loss_sum)
                     loss_sum /= world_size
-                mean_loss = (loss_sum / log_iters).item()  # waits for the GPU
-                dt = (time.time() - t_log) / log_iters
+                mean_loss, dt = (loss_sum / log_iters).item(), (time.time() - t_log) / log_iters
                 if peak_flops:
                     step_mfu = raw_model.estimate_mfu(cfg.batch_size * accum, dt, peak_flops)
                     mfu = step_mfu if mfu < 0 else 0.9 * mfu + 0.1 * step_mfu
@@ -559,31 +435,75 @@ def train(cfg, model_args=None):
     except KeyboardInterrupt:
         raise Interrupted(iter_num, ckpt_iter, ckpt_path) from None
     finally:
-        if ddp:
-            # The DDP wrapper goes first: its Reducer holds the process group, which
-            # destroy_process_group does not free. Left alive (a reference cycle can hold it), the
-            # group's gloo threads die with the interpreter, and a rank can abort at exit (SIGABRT).
-            del model
+        if ddp:  # the wrapper first: its Reducer holds the group; left to a reference cycle, the
+            del model  # group's gloo threads die with the interpreter and a rank can abort at exit
             gc.collect()
             torch.distributed.destroy_process_group()
 
-    # this process's speed; None where it trained nothing (resumed at its last checkpoint)
-    summary["tokens_per_sec"] = train_tokens / train_time if train_tokens else None
-    log(f"done: {summary['iters']} iters | val loss {summary['val_loss']:.4f} (best "
-        f"{best_val_loss:.4f}) | val bpb {summary['val_bpb']:.4f} | "
-        + (f"{summary['tokens_per_sec']:,.0f} tok/s | " if summary["tokens_per_sec"] else "")
-        + f"{time.time() - run_start:.0f} s | {ckpt_path}")
+    summary["tokens_per_sec"] = train_tokens / train_time if train_tokens else None  # None: nothing trained
+    if master:
+        print(f"done: {summary['iters']} iters | val loss {summary['val_loss']:.4f} (best {best_val_loss:.4f}) | "
+              f"val bpb {summary['val_bpb']:.4f} | " + (f"{summary['tokens_per_sec']:,.0f} tok/s | "
+                                                        if summary["tokens_per_sec"] else "")
+              + f"{time.time() - run_start:.0f} s | {ckpt_path}")
     return summary
+
+
+def keep_log_until(path, iter_num):
+    """log.jsonl anew, or up to the resumed checkpoint (a crash may come between the two)."""
+    kept = []
+    if iter_num >= 0 and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["iter"] <= iter_num]
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
 def format_duration(seconds):
     """12s, 3m05s, 2h07m: short enough for the progress line."""
     seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
     if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
+        return f"{seconds}s" if seconds < 60 else f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+# Dense peak TFLOP/s for MFU, from the vendors' datasheets (which quote 2:4 sparsity, twice these):
+# (pattern in torch.cuda.get_device_name(), bfloat16, float16, float32 matmuls: TF32 where the GPU
+# has it, else its CUDA cores). None: no such unit. A GPU not listed gets no MFU, not a guess.
+GPU_PEAK_TFLOPS = (
+    (r"H100 80GB HBM3$|H200$", 989.4, 989.4, 494.7),  # SXM
+    (r"H100 PCIe$", 756.5, 756.5, 378.0),
+    (r"H100 NVL$|H200 NVL$", 835.5, 835.5, 417.5),
+    (r"A100[- ]", 312.0, 312.0, 156.0),
+    (r"NVIDIA L40S$", 362.05, 362.05, 183.0),
+    (r"NVIDIA A10$", 125.0, 125.0, 62.5),
+    (r"NVIDIA L4$", 121.0, 121.0, 60.0),
+    (r"GeForce RTX 4090$", 165.2, 165.2, 82.6),  # float32 accumulation: half rate on GeForce
+    (r"GeForce RTX 3090$", 71.0, 71.0, 35.6),
+    (r"V100-SXM2", None, 125.0, 15.7),
+    (r"Tesla T4$", None, 65.0, 8.1),
+)
+
+
+def gpu_peak_flops(device_name, dtype):
+    """Dense peak FLOP/s of the GPU called `device_name` for matmuls in `dtype` (bfloat16, float16
+    or float32), or None."""
+    for pattern, *peaks in GPU_PEAK_TFLOPS:
+        if re.search(pattern, device_name):
+            tflops = peaks[("bfloat16", "float16", "float32").index(dtype)]
+            return None if tflops is None else tflops * 1e12
+    return None
+
+
+def setup_cuda(cfg, log):
+    """TF32 for float32 matmuls; -> the GPU's peak FLOP/s for MFU, or None."""
+    torch.cuda.set_device(cfg.device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    peak = gpu_peak_flops(torch.cuda.get_device_name(cfg.device), cfg.dtype)
+    if peak is None:
+        log(f"no MFU: {torch.cuda.get_device_name(cfg.device)} is not in train.GPU_PEAK_TFLOPS")
+    return peak
 
 
 # -----------------------------------------------------------------------------
@@ -591,59 +511,46 @@ def format_duration(seconds):
 
 
 def default_config():
-    """The config that fits this machine: the paper's 50M PRISM on a GPU, the small one on a CPU."""
+    """The config that fits this machine: the paper's PRISM on a GPU, the small one on a CPU."""
     return os.path.join(HERE, "config", "prism_50m.py" if torch.cuda.is_available() else "cpu_small.py")
 
 
-def field_descriptions(cls):
-    """{field name: the comment on its line}: a setting is described once, where it is defined."""
+def field_help(cls):
+    """{field name: the comment on its line}: each setting is described once, where it is defined."""
     lines = inspect.getsource(cls).splitlines()
     return {m[1]: m[2].strip() for m in (re.match(r"\s+(\w+)\s*:[^#]*#(.*)", x) for x in lines) if m}
 
 
-def _shown(value):  # as the command line spells it
-    return "auto" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-
-
 def usage(argv=()):
-    """The docstring, then one line per setting: --name=DEFAULT, its description, and the value
-    the default config gives it where that differs. The model's fields are those of --arch."""
-    config = os.path.join("config", os.path.basename(default_config()))
-    try:
-        cfg, model_args = parse_args([default_config(), *[a for a in argv if a.startswith("--arch=")][-1:]])
-    except TrainError:  # an unknown arch, or one without PRISM's sizes: the default config's
-        cfg, model_args = parse_args([default_config()])
+    """The docstring, then every setting: --name=DEFAULT, what it is, and its value in the default
+    config where that differs. The model's settings are those of --arch (PRISM's by default)."""
+    config = os.path.relpath(default_config(), HERE)
+    arch = next((a.split("=", 1)[1] for a in reversed(argv) if a.startswith("--arch=")), "prism")
+    cfg, model_args = parse_args([default_config()]) if arch == "prism" else (TrainConfig(), {})
+    given = {**asdict(cfg), **model_args}
     lines = [__doc__.strip(), "", f"Settings: --name=DEFAULT  what it is  [{config}: its value there]"]
-    for cls, values in ((TrainConfig, asdict(cfg)), (_get_arch(cfg.arch)[0], model_args)):
-        lines += ["", f"{cls.__name__} (arch {cfg.arch}; --arch=NAME --help for another's):"
-                  if cls is not TrainConfig else "TrainConfig:"]
-        descriptions = field_descriptions(cls)
-        for f in dataclasses.fields(cls):
-            if f.name == "vocab_size":
-                continue
-            flag = f"--{f.name}={_shown(f.default)}"
-            line = f"  {flag:<28} {descriptions.get(f.name, '')}"
-            if f.name in values and values[f.name] != f.default:
-                line += f"  [{config}: {_shown(values[f.name])}]"
-            lines.append(line)
+    for cls in (TrainConfig, arch_config(arch)):
+        lines += ["", f"{cls.__name__}:" if cls is TrainConfig else
+                  f"{cls.__name__} (arch {arch}; --arch=NAME --help for another's):"]
+        for f, text in ((f, field_help(cls).get(f.name, "")) for f in dataclasses.fields(cls)):
+            shown = "auto" if f.default is None else str(f.default).lower() if isinstance(f.default, bool) else f.default
+            if f.name != "vocab_size":
+                lines.append(f"  {f'--{f.name}={shown}':<28} {text}" + (
+                    f"  [{config}: {given[f.name]}]" if given.get(f.name, f.default) != f.default else ""))
     return "\n".join(lines)
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(usage(argv))
-        return None
     master = int(os.environ.get("RANK", 0)) == 0
-    if all(a.startswith("--") for a in argv):
-        config = default_config()
-        if master:
-            print(f"no config file given: using {os.path.relpath(config)} "
-                  f"({'CUDA is available' if torch.cuda.is_available() else 'no CUDA: CPU'})")
-        argv = [config, *argv]
-    elif master:
-        print(f"config: {', '.join(a for a in argv if not a.startswith('--'))}")
     try:
+        if any(a in ("-h", "--help") for a in argv):
+            return print(usage(argv))
+        if all(a.startswith("--") for a in argv):
+            argv = [default_config(), *argv]
+            if master:
+                print(f"no config file given: using {os.path.relpath(argv[0])} "
+                      f"({'CUDA is available' if torch.cuda.is_available() else 'no CUDA: CPU'})")
         return train(*parse_args(argv))
     except TrainError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -663,69 +570,6 @@ def interrupted_message(e):
                 f"yet ({e.ckpt_path} not written); run the same command again to start over")
     return (f"interrupted at iter {e.iter_num}: continue from iter {e.ckpt_iter} with "
             f"--init_from=resume ({e.ckpt_path})")
-
-
-# -----------------------------------------------------------------------------
-# Peak FLOP/s for MFU.
-# Dense (no 2:4 sparsity) peak TFLOP/s by GPU, as torch.cuda.get_device_name() spells it, from
-# the vendors' datasheets and architecture whitepapers; the datasheets quote tensor-core rates
-# "with sparsity", twice the dense ones given here. bfloat16 / float16: tensor cores with float32
-# accumulation (what PyTorch's matmuls use); tf32: float32 matmuls with allow_tf32 (train.py and
-# lab/bench.py set it); float32: the plain CUDA cores. None: the GPU has no such unit.
-# A name that no pattern matches gets no MFU: a guess from a similar name would be a wrong number.
-GPU_PEAK_TFLOPS = (
-    # (regex searched in the name, bfloat16, float16, tf32, float32)
-    # NVIDIA H100 Tensor Core GPU Architecture whitepaper (SXM5, PCIe); H100 datasheet (NVL)
-    (r"H100 80GB HBM3$", 989.4, 989.4, 494.7, 66.9),  # H100 SXM5 reports this name
-    (r"H100 PCIe$", 756.5, 756.5, 378.0, 51.2),
-    (r"H100 NVL$", 835.5, 835.5, 417.5, 60.0),
-    # H200 datasheet: the SXM part has the H100 SXM5's compute, the NVL part the H100 NVL's
-    (r"H200$", 989.4, 989.4, 494.7, 66.9),
-    (r"H200 NVL$", 835.5, 835.5, 417.5, 60.0),
-    # A100 datasheet: the same peaks for SXM4 and PCIe, 40 GB and 80 GB
-    (r"A100[- ]", 312.0, 312.0, 156.0, 19.5),
-    (r"NVIDIA A10$", 125.0, 125.0, 62.5, 31.2),         # A10 datasheet
-    (r"NVIDIA L4$", 121.0, 121.0, 60.0, 30.3),          # L4 datasheet
-    (r"NVIDIA L40S$", 362.05, 362.05, 183.0, 91.6),     # L40S datasheet
-    # NVIDIA Ada Lovelace (RTX 4090) and Ampere GA102 (RTX 3090) architecture whitepapers; the
-    # GeForce cards' tensor cores run at half rate with float32 accumulation, given here
-    (r"GeForce RTX 4090$", 165.2, 165.2, 82.6, 82.6),
-    (r"GeForce RTX 3090$", 71.0, 71.0, 35.6, 35.6),
-    # V100 and T4 datasheets: float16 tensor cores only
-    (r"V100-SXM2", None, 125.0, None, 15.7),
-    (r"V100-PCIE", None, 112.0, None, 14.0),
-    (r"Tesla T4$", None, 65.0, None, 8.1),
-)
-PEAK_DTYPES = ("bfloat16", "float16", "tf32", "float32")
-
-
-def gpu_peak_flops(device_name, dtype="bfloat16"):
-    """Dense peak FLOP/s of the GPU called `device_name` for matmuls in `dtype` (one of
-    PEAK_DTYPES, or a torch dtype), or None where GPU_PEAK_TFLOPS does not know it."""
-    dtype = str(dtype).removeprefix("torch.")
-    if dtype not in PEAK_DTYPES:
-        raise ValueError(f"dtype {dtype!r}: choose from {', '.join(PEAK_DTYPES)}")
-    for pattern, *peaks in GPU_PEAK_TFLOPS:
-        if re.search(pattern, device_name):
-            tflops = peaks[PEAK_DTYPES.index(dtype)]
-            return None if tflops is None else tflops * 1e12
-    return None
-
-
-def current_gpu_peak_flops(dtype=None):
-    """gpu_peak_flops of the current CUDA device (None without one, with a warning); dtype None:
-    bfloat16 where torch.cuda.is_bf16_supported(), else float16, as dtype=auto picks."""
-    if not torch.cuda.is_available():
-        warnings.warn("no CUDA device: MFU not reported", stacklevel=2)
-        return None
-    name = torch.cuda.get_device_name()
-    if dtype is None:
-        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    peak = gpu_peak_flops(name, dtype)
-    if peak is None:
-        warnings.warn(f"unknown device {name!r} for {dtype}: MFU not reported (its peak is not in "
-                      "train.GPU_PEAK_TFLOPS)", stacklevel=2)
-    return peak
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ the model is built, says how much); the table shows both.
 
 MFU (GPU only): model.estimate_mfu(batch_size, step) against the GPU's own dense peak for the
 compute dtype (train.GPU_PEAK_TFLOPS; float32 counts as TF32, which bench.py enables), or
---peak_tflops; a GPU that the table does not know gets no MFU ("-"), with a warning. The record
+--peak_tflops; a GPU that the table does not know gets no MFU ("-"). The record
 keeps the peak used (peak_tflops) and the GPU's name (gpu). On every device the table also shows
 the achieved model FLOP rate, flops_per_token() · tokens / step (6 FLOPs per weight plus the
 attention matmuls), and each arch's step time and FLOPs relative to --ref (gpt2 by default) at the
@@ -240,7 +240,7 @@ def measure(cfg):
 
     from lab import variants
     from model import build_model
-    from train import current_gpu_peak_flops
+    from train import gpu_peak_flops
 
     device, device_type, dtype = _resolve_device_dtype(cfg["device"], cfg["dtype"])
     if cfg.get("threads"):
@@ -297,7 +297,7 @@ def measure(cfg):
     peak_flops = None
     if device_type == "cuda":
         peak_flops = (cfg["peak_tflops"] * 1e12 if cfg.get("peak_tflops")
-                      else current_gpu_peak_flops("tf32" if dtype == "float32" else dtype))
+                      else gpu_peak_flops(torch.cuda.get_device_name(device), dtype))
     record = {
         "kind": "train_step", "arch": cfg["arch"], "model_arch": arch, "preset": cfg["preset"],
         "block_size": T, "batch_size": B, "vocab_size": cfg["vocab_size"], "params": params,

@@ -3,14 +3,14 @@ context, for PRISM, past block_size. (The lab's models have their cache tests in
 import pytest
 import torch
 
-from model import build_model
-from model import KVCache
+from model import KVCache, build_model
 
 SIZES = dict(vocab_size=97, block_size=24, n_layer=2, n_embd=32)
 MODELS = {
-    "prism": ("prism", dict(n_head=4, head_dim=16)),
-    # biases in the dictionary (W carries them into the cached value) and π-RoPE off
-    "prism-bias-pi-off": ("prism", dict(n_head=4, head_dim=16, bias=True, rope_ratio=1.0)),
+    "prism": ("prism", dict(n_head=2)),
+    # R = 1, λ at its end value, one RoPE base for both streams
+    "prism-complete-pi-off": ("prism", dict(n_head=2, expansion=1, lambda_start=0.1,
+                                            signal_base=1e4, noise_base=1e4)),
 }
 
 
@@ -70,22 +70,11 @@ def test_greedy_and_sampled_tokens_are_the_same_with_and_without_cache(name):
     check_generation_with_and_without_cache(make(name))
 
 
-def test_a_windowed_cache_keeps_only_what_the_layer_can_still_see():
-    cache = KVCache(window=5)
-    cache.extend(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4))
-    for t in range(10):
-        seen, _ = cache.extend(torch.full((1, 2, 1, 4), float(t)), torch.zeros(1, 2, 1, 4))
-        assert seen.shape[-2] == min(3 + t + 1, 5)  # the new token sees at most the window
-    assert cache.length == 13
-    assert cache.tensors[0].shape[-2] == 4  # the window of 5 = 4 kept + the next token
-    assert cache.tensors[0][0, 0, :, 0].tolist() == [6.0, 7.0, 8.0, 9.0]
-
-
 def test_the_prism_cache_holds_the_rotated_key_and_w():
     # PRISM with q = k = v keeps the rotated key and W itself, the value
     prism = make("prism")
     cache = prism.new_cache()
-    assert len(cache) == 2 and cache[0].window is None
+    assert len(cache) == 2
     with torch.no_grad():
         prism.forward_hidden(prompt(T=3), cache=cache)
         for _ in range(5):
@@ -97,7 +86,7 @@ def test_the_prism_cache_holds_the_rotated_key_and_w():
     key, value = cache[0].tensors
     attn = prism.transformer.h[0].attn
     w = attn.dictionary(prism.transformer.h[0].ln_1(prism.embed(prompt(T=3))))
-    torch.testing.assert_close(value, w.view(2, 3, 4, 16).transpose(1, 2))
+    torch.testing.assert_close(value, w.view(2, 3, 4, 32).transpose(1, 2))  # 2 + 2 heads of p = 32
     assert not torch.allclose(key[:, :, 1:], value[:, :, 1:])  # rotated from position 1 on
 
 

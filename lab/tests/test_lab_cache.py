@@ -5,16 +5,21 @@ across Gemma's sliding window."""
 import pytest
 import torch
 
+from lab.attention import WindowedKVCache
 from model import build_model
 from tests.test_cache import (SIZES, check_cached_logits_equal_the_full_forward,
                               check_generation_with_and_without_cache, prompt)
 
 MODELS = {
+    # our reconstruction, and the author's PRISM with its read-out untied and without wpe
+    "recon": ("recon", dict(n_head=4, head_dim=16, bias=True, rope_ratio=1.0)),
+    "prism-untied-no-wpe": ("prism-ablation", dict(n_head=2, tied_readout=False,
+                                                   position_embedding=False, iso_energy=False)),
     "prism-white": ("prism-white", dict(n_head=4, head_dim=16, normalize_subspaces=True,
                                         mask_self=True, rotate_values=True)),
     # the sink alone: its explicit bias with cached keys, queries one position at a time
-    "prism-no-self": ("prism-white", dict(n_head=4, head_dim=16, mask_self=True)),
-    "prism-rotated-values": ("prism-white", dict(n_head=4, head_dim=16, rotate_values=True)),
+    "recon-no-self": ("prism-white", dict(n_head=4, head_dim=16, mask_self=True)),
+    "recon-rotated-values": ("prism-white", dict(n_head=4, head_dim=16, rotate_values=True)),
     "prism-white-ista": ("prism-white", dict(n_head=4, head_dim=16, normalize_subspaces=True,
                                              mask_self=True, rotate_values=True, mlp="ista")),
     # the sandwich model with its gated MLP, its controls with q, k, v apart and with v apart
@@ -40,10 +45,10 @@ def make(name, seed=0):
     torch.manual_seed(seed)
     model = build_model(arch, **SIZES, **args).eval()
     with torch.no_grad():  # larger weights than the init: logits far apart, no near-ties
-        for p in model.parameters():
+        for pname, p in model.named_parameters():
             if p.dim() == 2:
                 p.mul_(8)
-            elif name.startswith("prism") and p.dim() == 1 and p.shape[0] == 4:  # sink logits
+            elif pname.endswith("sink_logit"):
                 p.copy_(torch.tensor([-2.0, -0.5, 1.0, 3.0]))
     return model
 
@@ -56,6 +61,17 @@ def test_cached_logits_equal_the_full_forward(name):
 @pytest.mark.parametrize("name", MODELS)
 def test_greedy_and_sampled_tokens_are_the_same_with_and_without_cache(name):
     check_generation_with_and_without_cache(make(name))
+
+
+def test_a_windowed_cache_keeps_only_what_the_layer_can_still_see():
+    cache = WindowedKVCache(window=5)
+    cache.extend(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4))
+    for t in range(10):
+        seen, _ = cache.extend(torch.full((1, 2, 1, 4), float(t)), torch.zeros(1, 2, 1, 4))
+        assert seen.shape[-2] == min(3 + t + 1, 5)  # the new token sees at most the window
+    assert cache.length == 13
+    assert cache.tensors[0].shape[-2] == 4  # the window of 5 = 4 kept + the next token
+    assert cache.tensors[0][0, 0, :, 0].tolist() == [6.0, 7.0, 8.0, 9.0]
 
 
 def test_a_local_layers_cache_holds_only_its_window():
