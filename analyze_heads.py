@@ -1,52 +1,17 @@
 """
-What every attention head of a checkpoint does on held-out text (PRISM.md §6): how far back it
-looks, how much it attends to itself, which rotary frequencies it uses, whether the designed signal
-heads differ from the noise heads, and how each layer's tokens code under MCR².
+What every attention head of a checkpoint does on held-out text: how far back it looks, how much
+it attends to itself, which rotary frequencies it uses, whether the designed signal heads differ
+from the noise heads, how each layer's tokens code under MCR², and, for one word of one story,
+where every signal head and every noise head looks from it (the paper's picture).
 
-    python analyze_heads.py                      # the newest out/*/ckpt.pt, on its own data
+    python analyze_heads.py                            # the newest out/*/ckpt.pt, on its own data
     python analyze_heads.py --ckpt=out/prism_50m --num_batches=20 --out_dir=out/analysis_50m
+    python analyze_heads.py --word=park                # the picture at another word
 
-Writes heads.json (every number; schema in `write_json`) and three figures to out_dir:
-head_spectra.png, distance_vs_centroid.png and coding_rate.png. The text is num_batches ×
-batch_size windows at evenly spaced offsets of data_dir/<split>.bin, the same every run; its loss
-is the mean over these windows, and differs a little from train.py's (random windows).
-
-The headline: signal − noise contrasts. The claim under test is that signal heads look further back
-and sit lower in their frequency band than noise heads. Per layer a contrast is the mean over the
-signal heads minus the mean over the noise heads (so anything shared by a layer's heads cancels) of
-  log_distance          ln mean_distance             (> 0: signal heads look further back)
-  log_distance_no_self  ln mean_distance_no_self     (the same without attention to itself)
-  log_centroid_in_band  ln centroid_in_band          (< 0: signal heads lower in their band)
-  self_attention        self_attention               (q = k makes every head lean to itself)
-and layer "all" is their mean over layers, tested against shuffles of the group labels within each
-layer (contrast_tests). lab/heads.py tests them across seeds.
-
-Definitions (A: a head's causal attention matrix, rows i = queries, columns j <= i = keys; queries
-i >= 1, since position 0 can only attend to itself):
-  mean_distance      Σ_j A_ij (i − j), averaged over the queries, in tokens.
-  self_attention     A_ii, averaged over the queries.
-  mean_distance_no_self  Σ_i Σ_j A_ij (i − j) / Σ_i (1 − A_ii): the mean distance of the mass not
-                     on the token itself (null for a head that only attends to itself). Where rows
-                     sum to less than 1 (a sink, in the lab), the sink counts as distance 0.
-  entropy            −Σ_j A_ij ln A_ij, averaged over the queries, in nats.
-  spectrum E(i)      mean over tokens of ‖q^(i)‖·‖k^(i)‖, x^(i) the rotary pair i of a head, dims
-                     (i, i + p/2) (half-split RoPE); the rotation keeps pair norms.
-  spectral_centroid  exp(Σ_i E(i) ln ω_i / Σ_i E(i)), in radians per token: the head's average
-                     frequency, weighted by energy on a log scale.
-  centroid_in_band   spectral_centroid / ω_0, the fastest frequency of the head's own band: where
-                     in its band a head sits, the ×π offset of the noise band removed.
-  R, Rc, dR          per layer, on the layer's normalised input tokens Z (at most max_tokens, drawn
-                     evenly from the batches): R = ½ log det(I + d/(n ε²) ZᵀZ), Rc = Σ_k ½ log det(I
-                     + p/(n ε²) (Z U_k)ᵀ(Z U_k)) with the dictionary as held (grows with ‖U‖),
-                     dR = R − Rc.
-  Rc_orth, dR_orth   the same with each U_k replaced by an orthonormal basis of its span, so they
-                     depend on the subspaces only. With ρ = H·p/d = 2 and ε = 0.5, dR_orth < 0 even
-                     for tokens that lie exactly in the subspaces (tests/test_analyze.py): read it
-                     across layers and against the untrained checkpoint, not against 0.
-  neumann_radius     max_k β·λ_max(W_kᵀW_k) (model.neumann_radius): the series the attention step is
-                     derived from converges only where this is below 1.
-A model without rotary heads, designed groups or a dictionary gets nulls for what needs them, and
-heads.json's `not_applicable` says why.
+Writes heads.json (every number) and four figures to --out_dir: head_spectra.png,
+distance_vs_centroid.png, coding_rate.png and word_attention.png. The text is num_batches ×
+batch_size windows at evenly spaced offsets of data_dir/<split>.bin, the same at every run.
+docs/PRISM.md §6 defines each measure and states the claim the signal − noise contrasts test.
 """
 
 import argparse
@@ -67,7 +32,7 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from model import coding_rate, compressed_coding_rate, neumann_radius
-from sample import UsageError, find_checkpoint, load_checkpoint_model, pick_device
+from sample import UsageError, find_checkpoint, load_checkpoint_model, load_tokenizer, pick_device
 
 GROUP_COLORS = {"signal": "#1f77b4", "noise": "#d62728", None: "#7f7f7f"}
 
@@ -206,6 +171,7 @@ def label_permutation_test(heads, contrast, draws=9999, seed=0):
     return dict(statistic=observed, p=float(p), draws=draws)
 
 
+
 # -----------------------------------------------------------------------------
 # Running a model over batches.
 
@@ -301,6 +267,7 @@ def analyze_model(model, batches, eps=0.5, max_tokens=4096, num_batches=None, se
     return result
 
 
+
 # -----------------------------------------------------------------------------
 # Data.
 
@@ -336,18 +303,32 @@ def open_tokens(data_dir, split, block_size, vocab_size):
     return data
 
 
+
+
+def find_word(data, tokenizer, word, block_size):
+    """(tokens, position): the first story of `data` holding `word` as a token of its own (with
+    its leading space, or at a story's start), up to and including it, at most block_size tokens;
+    None if the split has none."""
+    for target in (tokenizer.encode(" " + word), tokenizer.encode(word)):
+        if len(target) != 1:
+            continue
+        hits = np.flatnonzero(np.asarray(data) == target[0])
+        if len(hits):
+            end = int(hits[0]) + 1
+            eots = np.flatnonzero(np.asarray(data[max(0, end - block_size):end]) == tokenizer.eot)
+            start = max(0, end - block_size) + (int(eots[-1]) + 1 if len(eots) else 0)
+            return torch.from_numpy(np.asarray(data[start:end], dtype=np.int64)), end - start - 1
+    return None
+
+
 # -----------------------------------------------------------------------------
-# Output.
+# Output: heads.json and the figures.
 
 
 def write_json(result, path):
-    """heads.json. Top level: arch, model_config, data, val_loss (the mean over the analysed
-    windows), tokens_analyzed, eps, max_tokens, contrasts [{layer, log_distance,
-    log_distance_no_self, log_centroid_in_band, self_attention}], contrast_tests {contrast:
-    {statistic, p, draws}}, not_applicable {field: reason}, layers [{layer, R, Rc, dR, Rc_orth,
-    dR_orth, neumann_radius, n_tokens}], heads [{layer, head, group, mean_distance,
-    mean_distance_no_self, self_attention, entropy, spectral_centroid, centroid_in_band,
-    spectrum [E(i)], frequencies [ω_i]}]. The module docstring defines each."""
+    """heads.json: arch, model_config, data, val_loss, tokens_analyzed, eps, max_tokens,
+    contrasts (per layer and "all"), contrast_tests, not_applicable {field: reason}, layers [R, Rc,
+    dR, Rc_orth, dR_orth, neumann_radius, frame_bounds per layer], heads [every measure per head]."""
     Path(path).write_text(json.dumps(_clean(result), indent=1, allow_nan=False) + "\n",
                           encoding="utf-8")
 
@@ -358,15 +339,7 @@ def _clean(x):
         return {k: _clean(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_clean(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
-def _note(ax, text):
-    ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True, transform=ax.transAxes)
-    ax.set_xticks([])
-    ax.set_yticks([])
+    return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
 def _title(result):
@@ -379,65 +352,59 @@ def _title(result):
             else f"{result['arch']} on {where}") + " (training's val loss uses random windows)"
 
 
+def _figure(path, title, panels, draw, panel_size=(4.0, 3.0), ncols=None, note=None):
+    """The layout every figure shares: `panels` panels in a grid (ncols, or about square), each
+    drawn by draw(ax, i), a title above, saved to path. With `note`, one panel saying it."""
+    if note:
+        panels, draw = 1, lambda ax, i: (ax.text(0.5, 0.5, note, ha="center", va="center", wrap=True,
+                                                 transform=ax.transAxes), ax.set_axis_off())
+    ncols = ncols or math.ceil(math.sqrt(panels))
+    nrows = math.ceil(panels / ncols)
+    fig, axes = plt.subplots(nrows, ncols, squeeze=False, layout="constrained",
+                             figsize=(panel_size[0] * ncols + 1.0, panel_size[1] * nrows + 1.2))
+    for i, ax in enumerate(axes.ravel()):
+        draw(ax, i) if i < panels else ax.set_axis_off()
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return fig
+
+
 def plot_head_spectra(result, path):
-    """One panel per layer, in a grid: per head (rows), the share of its q·k energy at each rotary
-    frequency (columns), its group at the left, its centroid as a white tick."""
+    """One panel per layer: per head (rows), the share of its q·k energy at each rotary frequency
+    (columns), its group at the left, its average frequency as a white tick."""
     heads = result["heads"]
-    n_layers = len(result["layers"])
-    if all(h["spectrum"] is None for h in heads):
-        fig, ax = plt.subplots(figsize=(7, 4))
-        _note(ax, result["not_applicable"]["spectrum"])
-        fig.suptitle(_title(result), fontsize=9)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return
-    ncols = math.ceil(math.sqrt(n_layers))
-    nrows = math.ceil(n_layers / ncols)
+    layers = sorted({h["layer"] for h in heads})
     n_heads = max(h["head"] for h in heads) + 1
-    fig, axes = plt.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True,
-                             layout="constrained",
-                             figsize=(3.8 * ncols + 1.2,
-                                      max(2.6, 0.2 * n_heads + 1.2) * nrows + 1.3))
-    vmax = max(max(h["spectrum"]) / max(sum(h["spectrum"]), 1e-300) for h in heads)
-    norm, mesh = Normalize(0, vmax), None
-    for l, ax in enumerate(axes.ravel()):
-        if l >= n_layers:
-            ax.axis("off")
-            continue
-        for h in (h for h in heads if h["layer"] == l):
+    spectra = [h for h in heads if h["spectrum"]]
+    vmax = max((max(h["spectrum"]) / max(sum(h["spectrum"]), 1e-300) for h in spectra), default=1)
+
+    def draw(ax, i):
+        mesh = None
+        for h in (h for h in spectra if h["layer"] == layers[i]):
             order = np.argsort(h["frequencies"])
             f = np.array(h["frequencies"])[order]
             share = np.array(h["spectrum"])[order] / max(sum(h["spectrum"]), 1e-300)
-            # cell edges halfway (geometrically) between neighbouring frequencies
-            mid = np.sqrt(f[1:] * f[:-1])
-            edges = (np.concatenate([[f[0] ** 2 / mid[0]], mid, [f[-1] ** 2 / mid[-1]]])
-                     if len(f) > 1 else np.array([f[0] / 2, f[0] * 2]))
+            mid = np.sqrt(f[1:] * f[:-1])  # cell edges halfway (geometrically) between frequencies
+            edges = np.concatenate([[f[0] ** 2 / mid[0]], mid, [f[-1] ** 2 / mid[-1]]])
             mesh = ax.pcolormesh(edges, [h["head"] - 0.5, h["head"] + 0.5], share[None, :],
-                                 cmap="viridis", norm=norm, shading="flat")
+                                 cmap="viridis", norm=Normalize(0, vmax), shading="flat")
             if h["spectral_centroid"]:
-                ax.plot(h["spectral_centroid"], h["head"], marker="|", color="white",
-                        markersize=7, markeredgewidth=2)
+                ax.plot(h["spectral_centroid"], h["head"], marker="|", color="white", markersize=7,
+                        markeredgewidth=2)
             ax.add_patch(Rectangle((-0.06, h["head"] - 0.5), 0.04, 1, clip_on=False,
-                                   transform=ax.get_yaxis_transform(),
-                                   color=GROUP_COLORS.get(h["group"], "#7f7f7f")))
-        ax.set_xscale("log")
-        ax.set_ylim(n_heads - 0.5, -0.5)
-        ax.set_yticks(range(n_heads))
-        ax.set_title(f"layer {l}", fontsize=10)
-        if l % ncols == 0:
-            ax.set_ylabel("head")
-        if l // ncols == nrows - 1 or l + ncols >= n_layers:
-            ax.set_xlabel("rotary frequency (radians per token)")
-    bar = ("left bar: the head's designed group (blue signal, red noise)"
-           if any(h["group"] for h in heads) else "no designed head groups")
-    fig.suptitle("Which rotary frequencies each head uses: the share of its query·key energy at "
-                 "each frequency\n(fast frequencies on the right tell apart nearby positions, "
-                 "slow ones on the left far ones; white tick: the head's average frequency;\n"
-                 f"{bar}; blank: outside the head's own band)\n{_title(result)}", fontsize=9)
-    fig.colorbar(mesh, ax=axes.ravel().tolist(), label="share of the head's energy", shrink=0.9,
-                 fraction=0.04, pad=0.02)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+                                   transform=ax.get_yaxis_transform(), color=GROUP_COLORS[h["group"]]))
+        ax.set(xscale="log", ylim=(n_heads - 0.5, -0.5), title=f"layer {layers[i]}", ylabel="head",
+               xlabel="rotary frequency (radians per token)")
+        if mesh is not None and i == len(layers) - 1:
+            ax.figure.colorbar(mesh, ax=ax, label="share of the head's energy")
+
+    note = None if spectra else result["not_applicable"]["spectrum"]
+    _figure(path, "Which rotary frequencies each head uses: the share of its query·key energy at "
+                  "each frequency (fast on the right tell\nnearby positions apart, slow on the "
+                  "left far ones; white tick: the head's average; left bar: blue signal, red "
+                  f"noise head)\n{_title(result)}", len(layers), draw, (4.2, 0.22 * n_heads + 1.4),
+            note=note)
 
 
 def _scatter_heads(ax, heads, xkey):
@@ -448,18 +415,18 @@ def _scatter_heads(ax, heads, xkey):
         if not hs:
             continue
         n_heads = max(h["head"] for h in hs) + 1
-        xs = [h[xkey] if xkey else h["layer"] + 0.8 * (h["head"] + 0.5) / n_heads - 0.4
-              for h in hs]
+        xs = [h[xkey] if xkey else h["layer"] + 0.8 * (h["head"] + 0.5) / n_heads - 0.4 for h in hs]
         ys = [max(h["mean_distance"], 1e-2) for h in hs]
         ax.scatter(xs, ys, s=28, alpha=0.8, color=GROUP_COLORS[group], edgecolor="black",
                    linewidth=0.4, label=f"{group} heads" if group else "heads (no groups)")
         for x, y, h in zip(xs, ys, hs):
-            ax.annotate(str(h["layer"]), (x, y), fontsize=6, xytext=(3, 2),
-                        textcoords="offset points")
-    dists = [h["mean_distance"] for h in heads]
-    if max(dists) > 20 * max(min(dists), 1e-2):  # distances spanning orders of magnitude
+            ax.annotate(str(h["layer"]), (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    if max(h["mean_distance"] for h in heads) > 20 * max(min(h["mean_distance"] for h in heads), 1e-2):
         ax.set_yscale("log")
-        ax.yaxis.set_minor_formatter(NullFormatter())  # minor labels would collide
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    if xkey:
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_ylabel("how far back the head looks\n(mean attention distance, tokens)")
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8)
@@ -467,88 +434,100 @@ def _scatter_heads(ax, heads, xkey):
 
 def plot_distance_vs_centroid(result, path):
     """One point per head: how far it looks against its average frequency (left) and against
-    where that sits in the head's own band (right)."""
+    where that sits in its own band (right); without rotary heads, by layer."""
     heads = result["heads"]
+    keys = [("spectral_centroid", "the head's average rotary frequency (radians per token)"),
+            ("centroid_in_band", "that frequency over its band's fastest (1 = the top)")]
     if not any(h["spectral_centroid"] for h in heads):
-        fig, ax = plt.subplots(figsize=(9, 5))
-        _scatter_heads(ax, heads, None)
-        ax.set_xticks(range(len(result["layers"])))
-        ax.set_xlabel("layer (no rotary heads, so no frequencies to plot)")
-        ax.set_title(f"How far each head looks, by layer\n{_title(result)}", fontsize=9)
-    else:
-        fig, axes = plt.subplots(1, 2, figsize=(12, 5.5), sharey=True)
-        for ax, key, label in ((axes[0], "spectral_centroid",
-                                "the head's average rotary frequency (radians per token)"),
-                               (axes[1], "centroid_in_band", "where that frequency sits in the "
-                                "head's own band (1 = its fastest)")):
-            _scatter_heads(ax, heads, key)
-            ax.set_xscale("log")
-            ax.xaxis.set_minor_formatter(NullFormatter())
-            ax.set_xlabel(label)
-        axes[1].set_ylabel("")
-        claim = ""
-        if result.get("contrasts"):
-            overall, tests = result["contrasts"][-1], result["contrast_tests"]
-            parts = [f"{what} {overall[c]:+.2f} (p = {tests[c]['p']:.2g})" for c, what in
-                     (("log_distance", "log distance"), ("log_centroid_in_band",
-                                                         "log place in band"))
-                     if overall[c] is not None]
-            claim = ("\nsignal minus noise heads, mean over layers: " + ", ".join(parts)
-                     + "; p: how often shuffled group labels give as large a difference")
-        fig.suptitle("How far each head looks against the frequencies it uses (number: its layer)"
-                     f"{claim}\n{_title(result)}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        keys = [(None, "layer (no rotary heads, so no frequencies to plot)")]
+    elif all(h["centroid_in_band"] == h["spectral_centroid"] for h in heads):
+        keys = keys[:1]  # every band tops at 1 rad/token (PRISM's two bases): one panel says it
+    claim = ""
+    if result.get("contrasts"):
+        overall, tests = result["contrasts"][-1], result["contrast_tests"]
+        parts = [f"{what} {overall[c]:+.2f} (p = {tests[c]['p']:.2g})" for c, what in
+                 (("log_distance", "log distance"), ("log_centroid_in_band", "log place in band"))
+                 if overall[c] is not None]
+        claim = ("\nsignal minus noise heads, mean over layers: " + ", ".join(parts)
+                 + "; p: how often shuffled group labels give as large a difference")
+
+    def draw(ax, i):
+        _scatter_heads(ax, heads, keys[i][0])
+        ax.set_xlabel(keys[i][1])
+
+    _figure(path, f"How far each head looks against the frequencies it uses (number: its layer)"
+                  f"{claim}\n{_title(result)}", len(keys), draw, (6.0, 5.0), ncols=len(keys))
 
 
 def plot_coding_rate(result, path):
     """Left: the MCR² rates of each layer's input tokens. Right: the Neumann radius by layer."""
     layers = result["layers"]
     xs = [d["layer"] for d in layers]
-    fig, (ax, ax_r) = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": [3, 2]})
     styles = [("R", "R: the cost of coding the tokens all together", "black", "-"),
               ("Rc_orth", "R$^c$: the cost of coding them subspace by subspace", "#1f77b4", "-"),
               ("dR_orth", "ΔR = R − R$^c$: the gain MCR² maximises", "#2ca02c", "-"),
               ("Rc", "R$^c$ of the dictionary at its learned scale", "#1f77b4", "--"),
               ("dR", "ΔR of the dictionary at its learned scale", "#2ca02c", "--")]
-    for key, label, color, ls in styles:
-        pts = [(x, d[key]) for x, d in zip(xs, layers) if d[key] is not None]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", color=color, linestyle=ls, label=label)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("nats")
-    ax.set_xticks(xs)
-    ax.axhline(0, color="grey", linewidth=0.5)
-    ax.legend(fontsize=7)
-    ax.grid(True, alpha=0.3)
-    title = (f"MCR² coding rates of each layer's input (ε = {result['eps']}, "
-             f"{layers[0]['n_tokens']} tokens)")
-    if layers[0]["Rc"] is not None:
-        title += ("\nsolid: each subspace as an orthonormal basis, dashed: as learned\nan "
-                  "overcomplete dictionary can make ΔR negative even for ideal tokens: compare "
-                  "layers, not its sign")
-    ax.set_title(title, fontsize=9)
-    radius = [(x, d["neumann_radius"]) for x, d in zip(xs, layers) if d["neumann_radius"]]
-    if radius:
-        ax_r.semilogy(*zip(*radius), marker="o", color="#9467bd")
-        ax_r.axhline(1, color="grey", linestyle="--", linewidth=1)
-        ax_r.text(xs[0], 1, " the series converges below this line", va="bottom", fontsize=8)
-        ax_r.set_xticks(xs)
-        ax_r.set_xlabel("layer")
-        ax_r.set_ylabel("β·λmax, the largest over the layer's heads")
-        ax_r.grid(True, alpha=0.3)
-        ax_r.set_title("Neumann radius: how far the series the attention is derived from\n"
-                       "is from converging (it converges below 1)", fontsize=9)
-    else:
-        _note(ax_r, result["not_applicable"].get("Rc", "no dictionary"))
-    fig.suptitle(_title(result), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+
+    def draw(ax, i):
+        if i == 0:
+            for key, label, color, ls in styles:
+                pts = [(x, d[key]) for x, d in zip(xs, layers) if d[key] is not None]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", color=color, linestyle=ls, label=label)
+            ax.axhline(0, color="grey", linewidth=0.5)
+            ax.set(ylabel="nats", title=f"MCR² coding rates of each layer's input (ε = "
+                   f"{result['eps']}, {layers[0]['n_tokens']} tokens); solid: subspaces as "
+                   "orthonormal bases\nan overcomplete dictionary makes ΔR negative even for "
+                   "ideal tokens: compare layers, not its sign")
+            ax.legend(fontsize=7)
+        else:
+            radius = [(x, d["neumann_radius"]) for x, d in zip(xs, layers) if d["neumann_radius"]]
+            if radius:
+                ax.semilogy(*zip(*radius), marker="o", color="#9467bd")
+                ax.axhline(1, color="grey", linestyle="--", linewidth=1)
+            ax.set(ylabel="β·λmax, the largest over the layer's heads", title="Neumann radius: the "
+                   "series the attention is motivated by\nconverges only below 1 (dashed)")
+        ax.set(xlabel="layer", xticks=xs)
+        ax.title.set_fontsize(8)
+        ax.grid(True, alpha=0.3)
+
+    _figure(path, _title(result), 2, draw, (6.0, 4.5), ncols=2)
+
+
+@torch.no_grad()
+def plot_word_attention(model, tokens, position, tokenizer, path, context=24):
+    """The paper's picture: where each head looks from one word. Per layer (rows), the signal
+    heads (left) beside the noise heads (right); in each, a head's attention from the word over
+    the last `context` tokens up to it. Heads without designed groups all go left."""
+    model.eval()
+    layers = model.analyze(tokens[None, :position + 1].to(next(model.parameters()).device))[2]
+    groups = getattr(model, "head_groups", lambda: None)() or ["heads"] * layers[0]["attn"].shape[1]
+    names = list(dict.fromkeys(groups))
+    start = max(0, position + 1 - context)
+    labels = [tokenizer.decode_bytes([int(t)]).decode("utf-8", "replace") for t in tokens[start:position + 1]]
+
+    def draw(ax, i):
+        layer, group = divmod(i, len(names))
+        rows = [k for k, g in enumerate(groups) if g == names[group]]
+        attn = layers[layer]["attn"][0, rows, position, start:position + 1].float().cpu().numpy()
+        ax.imshow(attn, cmap="Blues" if names[group] == "signal" else "Reds", vmin=0, vmax=1,
+                  aspect="auto")
+        ax.set_yticks(range(len(rows)), [f"{names[group]} {k}" for k in rows], fontsize=6)
+        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
+        ax.set_title(f"layer {layer}, {names[group]} heads", fontsize=8)
+
+    word = labels[-1].strip()
+    return _figure(path, f"Where each head looks from the word '{word}' (rightmost column): the "
+                         "attention from it to each of the tokens before it, darker = more\n"
+                         f"{model.arch}, one story of the analysed split; every row sums to 1 over "
+                         "the whole story, of which the last tokens are shown",
+                   len(layers) * len(names), draw, (0.25 * len(labels) + 1.5, 0.2 * len(groups) + 1.3),
+                   ncols=len(names))
 
 
 def write_outputs(result, out_dir):
+    """heads.json and the three figures of `result` in out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(result, out / "heads.json")
@@ -562,44 +541,34 @@ def write_outputs(result, out_dir):
 # Command line.
 
 
-def build_parser():
-    p = argparse.ArgumentParser(
-        description="What each attention head of a prism-nano checkpoint does on held-out text: "
-                    "attention distance and self-attention, rotary spectra, signal/noise "
-                    "contrasts, MCR² coding rates. Writes heads.json and three figures.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", default=None,
-                   help="a checkpoint file, or a folder holding ckpt.pt; default: the newest "
-                        "out/*/ckpt.pt")
-    p.add_argument("--data_dir", default=None,
-                   help="folder with <split>.bin; default: the one the checkpoint was trained on")
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", help="a ckpt.pt, or a folder holding one; None: the newest out/*/ckpt.pt")
+    p.add_argument("--data_dir", help="folder with <split>.bin; None: the checkpoint's own data")
     p.add_argument("--split", default="val", help="which <split>.bin of data_dir to read")
-    p.add_argument("--out_dir", default="out/analysis", help="where heads.json and figures go")
+    p.add_argument("--out_dir", default="out/analysis", help="where heads.json and the figures go")
     p.add_argument("--num_batches", type=int, default=10, help="batches to analyse")
     p.add_argument("--batch_size", type=int, default=4, help="windows per batch")
-    p.add_argument("--block_size", type=int, default=0,
-                   help="tokens per window; 0 = the model's block_size")
+    p.add_argument("--block_size", type=int, default=0, help="tokens per window; 0: the model's")
     p.add_argument("--eps", type=float, default=0.5, help="precision ε of the coding rates")
     p.add_argument("--max_tokens", type=int, default=4096,
                    help="tokens pooled per layer for the coding rates (spread over the batches)")
     p.add_argument("--seed", type=int, default=1337, help="seed for choosing the pooled tokens")
+    p.add_argument("--word", default="door",
+                   help="the word of word_attention.png: its first use in the split; '': no figure")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
-    return p
-
-
-def check_args(args):
+    args = p.parse_args(argv)
     for name in ("num_batches", "batch_size", "max_tokens"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1 (got {getattr(args, name)})")
-    if args.block_size < 0:
-        raise UsageError(f"--block_size must be >= 0 (got {args.block_size})")
-    if not args.eps > 0:
-        raise UsageError(f"--eps must be > 0 (got {args.eps})")
+    if args.block_size < 0 or not args.eps > 0:
+        raise UsageError(f"--block_size must be >= 0 and --eps > 0 (got {args.block_size}, {args.eps})")
+    return args
 
 
 def run(args):
-    check_args(args)
     path = find_checkpoint(args.ckpt)
     device = pick_device(args.device)
     model, facts = load_checkpoint_model(path, device)
@@ -613,13 +582,21 @@ def run(args):
     data = open_tokens(data_dir, args.split, block, model.config.vocab_size)
     batches = evenly_spaced_batches(data, args.batch_size, block, args.num_batches, device)
     result = analyze_model(model, batches, eps=args.eps, max_tokens=args.max_tokens,
-                           num_batches=args.num_batches, seed=args.seed,
-                           progress=not args.no_progress)
+                           num_batches=args.num_batches, seed=args.seed, progress=not args.no_progress)
     result["data"] = dict(ckpt=str(path), data_dir=str(data_dir), split=args.split,
                           num_batches=args.num_batches, batch_size=args.batch_size,
                           block_size=block, seed=args.seed)
     out = write_outputs(result, args.out_dir)
-    print(headline(result) + f"\nwrote {out / 'heads.json'} and 3 figures")
+    figures = 3
+    if args.word:
+        tokenizer = load_tokenizer(model.vocabulary)
+        found = find_word(data, tokenizer, args.word, model.config.block_size)
+        if found is None:
+            print(f"no '{args.word}' of its own in {args.split}.bin: word_attention.png not drawn")
+        else:
+            plot_word_attention(model, *found, tokenizer, out / "word_attention.png")
+            figures += 1
+    print(headline(result) + f"\nwrote {out / 'heads.json'} and {figures} figures")
     return 0
 
 
@@ -632,17 +609,15 @@ def headline(result):
     if result.get("contrasts"):
         overall = result["contrasts"][-1]
         for c in ("log_distance", "log_centroid_in_band"):
-            p = result["contrast_tests"][c]["p"]
             if overall[c] is not None:
                 lines.append(f"signal − noise heads, {c} {overall[c]:+.3f} (label-shuffle p = "
-                             f"{p:.3g})")
+                             f"{result['contrast_tests'][c]['p']:.3g})")
     return "\n".join(lines)
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
     try:
-        return run(args)
+        return run(parse_args(argv))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

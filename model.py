@@ -165,7 +165,7 @@ def _check(config, name, ok, why):
 # 4. π-RoPE: two RoPE bases. Every head rotates the interleaved pairs (w_2i, w_2i+1) of its q = k
 # by t·ω_i at position t, ω_i = b^(−2i/p), i = 0 … p/2 − 1, with b = 10⁴·π in the signal heads
 # and 10⁴/π in the noise heads; the value is not rotated. Scores depend on positions only through
-# their difference (exact). What the two bases do (band_facts computes each number; tested):
+# their difference (exact). What the two bases do (computed in tests/test_model.py):
 # both ladders start at ω_0 = 1 rad/token, so pair 0 turns alike in every head, whatever the
 # ratio of the bases; below it noise pair i turns π^(4i/p) times faster than signal pair i (up to
 # almost π² at the slow end), so the noise band lies inside the signal band and only signal heads
@@ -186,19 +186,6 @@ def rope_frequencies(config):
     H, p = config.n_head, config.head_dim
     return torch.cat((rotary_frequencies(p, config.signal_base).expand(H, -1),
                       rotary_frequencies(p, config.noise_base).expand(H, -1)))
-
-
-def band_facts(head_dim, signal_base=1e4 * math.pi, noise_base=1e4 / math.pi, context=512):
-    """What the two bases do, computed: each group's band, the ratio of noise pair i to signal
-    pair i at the slow end, how many noise pairs lie inside the signal band, and how many pairs
-    of each group turn less than once over `context` tokens."""
-    signal, noise = rotary_frequencies(head_dim, signal_base), rotary_frequencies(head_dim, noise_base)
-    return dict(pairs=len(signal), signal_band=(float(signal.min()), float(signal.max())),
-                noise_band=(float(noise.min()), float(noise.max())),
-                slowest_ratio=float(noise[-1] / signal[-1]),
-                noise_inside_signal_band=int(((noise >= signal.min()) & (noise <= signal.max())).sum()),
-                signal_longer_than_context=int((2 * math.pi / signal > context).sum()),
-                noise_longer_than_context=int((2 * math.pi / noise > context).sum()))
 
 
 def rotary_tables(freqs, length):
@@ -549,6 +536,11 @@ class Prism(LanguageModel):
     @property
     def attention_width(self):
         return 2 * self.config.n_head * self.config.head_dim
+
+    def flops_per_token(self):
+        """The shared count plus the tied read-out's second use of each dictionary, 6 per weight."""
+        return super().flops_per_token() + 6 * sum(b.attn.dictionary.weight.numel()
+                                                    for b in self.transformer.h)
 
     # What analyze_heads.py asks of a model.
     def rope_frequencies(self, layer=0):

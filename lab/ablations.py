@@ -57,6 +57,11 @@ class PrismAblation(Prism):
         if not config.position_embedding:
             del self.transformer.wpe
 
+    def flops_per_token(self):
+        """PRISM's count, less the tied read-out's second use of D where B reads out instead."""
+        tied = 6 * sum(b.attn.dictionary.weight.numel() for b in self.transformer.h)
+        return super().flops_per_token() - (0 if self.config.tied_readout else tied)
+
     def embed(self, idx, start=0):
         if self.config.position_embedding:
             return super().embed(idx, start)

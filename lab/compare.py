@@ -14,7 +14,7 @@ The protocol. Every run is train.py's train() and every head analysis is analyze
      records; to run it again, check out the commit RETIRED names.
   2. Splits: train.bin trains; val.bin is the selection split (it picks the learning rate and is
      the curve train.py logs); test.bin, the report split (python -m lab.data), is scored once
-     per run, on all its windows (train.evaluate_split).
+     per run, on all its windows (evaluate_split).
   3. Learning rate, per arm: a grid ×2 apart (--lrs), each rate trained at the first seed of
      --seeds (the grid seed) for the full budget and scored on the whole selection split. While
      the best rate is the grid's lowest or highest, the grid grows by ×2 on that side
@@ -294,13 +294,13 @@ def choose_lr(grid, score, max_extensions, refine=False, recorded=(), canonical=
         return min(scores, key=lambda lr: math.inf if math.isnan(scores[lr]) else scores[lr])
 
     added = []
-    while len(lrs) > 1 and best() in (lrs[0], lrs[-1]) and len(added) < max_extensions:
+    while len(grid) > 1 and best() in (lrs[0], lrs[-1]) and len(added) < max_extensions:
         lr = canonical(lrs[0] / 2 if best() == lrs[0] else lrs[-1] * 2)
         scores[lr] = score(lr)
         lrs = sorted(scores)
         added.append(lr)
     at_edge = len(lrs) > 1 and best() in (lrs[0], lrs[-1])
-    if refine and len(lrs) > 1 and not at_edge:
+    if refine and len(grid) > 1 and not at_edge:
         centre = best()
         for lr in (centre / math.sqrt(2), centre * math.sqrt(2)):
             lr = canonical(lr)
@@ -421,8 +421,8 @@ def run_once(args, plan, variant, lr, seed):
     scores = {}
     for split in ("val", "test"):
         data = np.memmap(Path(args.data_dir) / f"{split}.bin", dtype=np.uint16, mode="r")
-        scores[split] = train.evaluate_split(model, data, plan["budget"]["block_size"],
-                                             plan["budget"]["batch_size"], device)
+        scores[split] = evaluate_split(model, data, plan["budget"]["block_size"],
+                                       plan["budget"]["batch_size"], device)
     d = plan["data"]
     rec.mkdir(parents=True, exist_ok=True)
     (rec / "log.jsonl").write_text((run_dir / "log.jsonl").read_text())
@@ -438,6 +438,23 @@ def run_once(args, plan, variant, lr, seed):
                    tokens_per_sec=result["tokens_per_sec"], code=plan["code"])
     _write_json(rec / "summary.json", summary)  # last: it marks the record finished
     return summary
+
+
+@torch.no_grad()
+def evaluate_split(model, data, block_size, batch_size, device):
+    """Mean loss per token over ALL non-overlapping windows of `data` (window w covers tokens
+    w·block_size … (w+1)·block_size, its targets shifted by one; the tail shorter than a window is
+    left out): the whole split, no sampling noise, the same number at every call."""
+    n_windows = (len(data) - 1) // block_size
+    if n_windows < 1:
+        raise CompareError(f"a split of {len(data)} tokens holds no window of {block_size + 1}")
+    model.eval()
+    total = 0.0
+    for start in range(0, n_windows, batch_size):
+        offsets = np.arange(start, min(start + batch_size, n_windows)) * block_size
+        x, y = train.get_batch(data, offsets, block_size, device)
+        total += model(x, y)[1].item() * len(offsets)  # every window has block_size targets
+    return total / n_windows
 
 
 def init_heads(args, plan, variant, seed):

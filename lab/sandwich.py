@@ -10,10 +10,11 @@ mean square of a token's d coordinates):
     sphere of radius √d before the step compares tokens (MCR² codes features on the unit sphere,
     Yu et al. 2020), up to the learned gain g; LayerNorm also removes each token's mean
     coordinate, RMSNorm does not. Heuristic: which sphere is not derived.
-  - RMSNorm after a step, x ← x + N′(Δ(N(x))): the step's increment Δ keeps its direction and
-    gets a learned length, rms(N′(Δ)) = rms(g′ ⊙ Δ/rms(Δ)), whatever ‖Δ‖ was. Read as an unrolled
-    optimiser, the block takes a normalised step (the direction of the MCR² step, its size a
-    learned parameter per coordinate) where the pre-norm block takes the raw one. Exact as a
+  - RMSNorm after a step, x ← x + N′(Δ(N(x))) = x + g′ ⊙ Δ/rms(Δ): the increment is normalised to
+    rms 1 and scaled per coordinate by a learned gain g′, whatever ‖Δ‖ was. It keeps Δ's direction
+    only while g′ is uniform, as at initialisation (g′ = 1); a learned, non-uniform g′ turns it.
+    Read as an unrolled optimiser, the block takes a normalised step (the MCR² step's direction up
+    to a learned per-coordinate scaling) where the pre-norm block takes the raw one. Exact as a
     statement about the block while mean(Δ²) ≫ the norm's ε = 1e-6: the output does not depend
     on Δ's scale (tested; small increments, as at init, keep some of it). That a normalised step
     optimises the coding rate better is not derived; it is what the screen asks.

@@ -59,11 +59,34 @@ def min_sign_flip_pvalue(n, alternative="two-sided"):
     return (2.0 if alternative == "two-sided" else 1.0) / 2 ** n
 
 
-def t_quantile(level, df):
-    """The two-sided Student-t critical value for a `level` interval with df degrees of freedom."""
-    from scipy.stats import t  # noqa: PLC0415
+def t_central_probability(t, df):
+    """P(|T| < t) for Student's t with an integer df ≥ 1, in closed form (Abramowitz & Stegun
+    26.7.3-4): with θ = atan(t/√df), a finite series in cos²θ."""
+    theta = math.atan(t / math.sqrt(df))
+    c2, term, total = math.cos(theta) ** 2, 1.0, 1.0
+    if df % 2 == 0:  # sinθ (1 + c²/2 + 1·3 c⁴/(2·4) + …), df/2 terms
+        for k in range(1, df // 2):
+            term *= c2 * (2 * k - 1) / (2 * k)
+            total += term
+        return math.sin(theta) * total
+    if df == 1:
+        return 2 * theta / math.pi
+    for k in range(1, (df - 1) // 2):  # (2/π)(θ + sinθ cosθ (1 + 2c²/3 + 2·4 c⁴/(3·5) + …))
+        term *= c2 * (2 * k) / (2 * k + 1)
+        total += term
+    return 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * total)
 
-    return float(t.ppf(0.5 + level / 2, df))
+
+def t_quantile(level, df):
+    """The two-sided Student-t critical value for a `level` interval with an integer df ≥ 1:
+    P(|T| < t) = level, by bisection on the closed form."""
+    lo, hi = 0.0, 1.0
+    while t_central_probability(hi, df) < level:
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_central_probability(mid, df) < level else (lo, mid)
+    return (lo + hi) / 2
 
 
 def correlation_bound(n, level=0.95):

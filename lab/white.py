@@ -287,10 +287,12 @@ class CrateAlphaMLP(nn.Module):
 # support S (the atoms with (ηDᵀz)_i > ηλ) and sets the code's value there ((ηDᵀz − ηλ)_i, shrunk
 # by the threshold). The gated block gives each job an encoder of its own and decodes with D:
 #     x ← D · (ReLU(E_s x − θ) ⊙ E_v x).
-# The value, exact for an orthonormal dictionary: on a fixed support S the least-squares code
-# argmin_a ‖z − D_S a‖² is (D_SᵀD_S)⁻¹D_Sᵀz = D_Sᵀz, one linear map of z restricted to S, with no
-# shrinkage (the debiasing step of the relaxed LASSO, Meinshausen 2007); E_v learns that map. For a
-# coherent dictionary the least-squares map depends on S and one E_v is an approximation. The
+# The value, exact where the atoms of the support are orthonormal (D_SᵀD_S = I, which needs |S| ≤ d;
+# the whole d × m dictionary, m > d, cannot be): on a fixed support S the least-squares code
+# argmin_a ‖z − D_S a‖² is then (D_SᵀD_S)⁻¹D_Sᵀz = D_Sᵀz, one linear map of z restricted to S, with
+# no shrinkage (the debiasing step of the relaxed LASSO, Meinshausen 2007); E_v learns that map.
+# Where the support's atoms are coherent the least-squares map depends on S and one E_v is an
+# approximation. The
 # support, heuristic: ReLU(E_s x − θ) is a soft weight (zero off the support, growing with the
 # margin over the threshold), not the 0/1 indicator of S, so the block is not an ISTA step or a
 # relaxed-LASSO step of any LASSO. As an MLP it is ReGLU (Shazeer 2020) with a learned threshold on

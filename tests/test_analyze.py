@@ -14,7 +14,7 @@ from model import build_model, checkpoint_payload
 from conftest import unsafe_message
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-TINY = dict(vocab_size=64, block_size=32, n_layer=2, n_embd=32, n_head=4, head_dim=16)
+TINY = dict(vocab_size=64, block_size=32, n_layer=2, n_embd=32, n_head=2)  # 2 + 2 heads of p = 32
 
 
 def tiny_prism(**kw):
@@ -79,15 +79,18 @@ def test_self_attention_and_distance_without_self_in_a_model(monkeypatch):
 # -- head spectrum and centroid -------------------------------------------------------------
 
 
-def test_spectrum_is_mean_product_of_pair_norms_half_split():
+@pytest.mark.parametrize("pairs, dims", [("interleaved", lambda i: (2 * i, 2 * i + 1)),  # PRISM
+                                         ("halves", lambda i: (i, i + 4))])            # the lab's
+def test_spectrum_is_mean_product_of_pair_norms(pairs, dims):
     g = torch.Generator().manual_seed(1)
     q, k = torch.randn(2, 3, 5, 8, generator=g), torch.randn(2, 3, 5, 8, generator=g)
-    E, n = ah.spectrum_sums(q, k)
+    E, n = ah.spectrum_sums(q, k, pairs)
     assert n == 10 and E.shape == (3, 4)
     for h in range(3):
         for i in range(4):
-            direct = np.mean([math.hypot(q[b, h, t, i], q[b, h, t, i + 4])
-                              * math.hypot(k[b, h, t, i], k[b, h, t, i + 4])
+            a, b_ = dims(i)
+            direct = np.mean([math.hypot(q[b, h, t, a], q[b, h, t, b_])
+                              * math.hypot(k[b, h, t, a], k[b, h, t, b_])
                               for b in range(2) for t in range(5)])
             assert float(E[h, i]) / n == pytest.approx(direct, rel=1e-5)
 
@@ -96,8 +99,8 @@ def test_centroid_of_one_pair_is_its_frequency():
     freqs = torch.tensor([[1.0, 0.1, 0.01, 0.001], [math.pi, 0.1 * math.pi, 0.01 * math.pi,
                                                     0.001 * math.pi]], dtype=torch.float64)
     q = torch.zeros(1, 2, 6, 8)
-    q[..., 2] = torch.randn(1, 2, 6)        # pair 2 = dims (2, 6)
-    q[..., 6] = torch.randn(1, 2, 6)
+    q[..., 4] = torch.randn(1, 2, 6)        # pair 2 = dims (4, 5)
+    q[..., 5] = torch.randn(1, 2, 6)
     E, _ = ah.spectrum_sums(q, q)
     assert torch.all(E[:, [0, 1, 3]] == 0)
     np.testing.assert_allclose(ah.spectral_centroid(E, freqs).numpy(), freqs[:, 2].numpy())
@@ -153,17 +156,20 @@ def test_layer_rates_pool_the_layer_inputs():
 
 @torch.no_grad()
 def test_planted_self_head_through_model():
-    """Head 0 of layer 0 gets a constant W_k (bias only) on rotary pair 0, where ω = 1: with
-    q = k its score with the key Δ back is s² cos(Δ)/√p, largest at Δ = 0 (q = k cannot plant a
-    previous-token head: every constant head peaks at itself). Below it, within 15 tokens, comes
-    Δ = 6 (cos 6 = 0.960, 16 nats lower at s = 40): the attention stays on the token itself, and
-    the little that leaves it goes 6 back, which is what the distance without self shows."""
+    """Head 0 of layer 0 gets a constant W_k on rotary pair 0, where ω = 1 (every token enters
+    the layer as e_0: the LayerNorm's gain 0, its bias e_0): with q = k its score with the key Δ
+    back is s² cos(Δ)/√p, largest at Δ = 0 (q = k cannot plant a previous-token head: every
+    constant head peaks at itself). Below it, within 15 tokens, comes Δ = 6 (cos 6 = 0.960, 11
+    nats lower at s = 40, p = 32): the attention stays on the token itself, and the little that
+    leaves it goes 6 back, which is what the distance without self shows."""
     model = tiny_prism(bias=True)
-    attn = model.transformer.h[0].attn
-    p = 16
-    attn.dictionary.weight[:p] = 0
-    attn.dictionary.bias[:p] = 0
-    attn.dictionary.bias[0] = 40.0                             # pair 0 = dims (0, p/2) = (40, 0)
+    block = model.transformer.h[0]
+    block.ln_1.weight.zero_()
+    block.ln_1.bias.zero_()
+    block.ln_1.bias[0] = 1.0                                   # every token is e_0 here
+    p = 32
+    block.attn.dictionary.weight[:p] = 0
+    block.attn.dictionary.weight[0, 0] = 40.0                  # pair 0 = dims (0, 1) = (40, 0)
     assert float(model.rope_frequencies(0)[0, 0]) == 1.0     # ω of pair 0 of a signal head
     res = ah.analyze_model(model, random_batches(64, 2), num_batches=2, progress=False)
     head = next(h for h in res["heads"] if h["layer"] == 0 and h["head"] == 0)
@@ -184,9 +190,9 @@ def test_planted_single_pair_heads_through_model():
     plant = {0: 5, 3: 1}                                       # signal head 0, noise head 3
     W = model.transformer.h[1].attn.dictionary.weight
     for h, i in plant.items():
-        keep = W[[h * p + i, h * p + i + p // 2]].clone()
+        keep = W[[h * p + 2 * i, h * p + 2 * i + 1]].clone()   # pair i = dims (2i, 2i + 1)
         W[h * p:(h + 1) * p] = 0
-        W[h * p + i], W[h * p + i + p // 2] = keep
+        W[h * p + 2 * i], W[h * p + 2 * i + 1] = keep
     res = ah.analyze_model(model, random_batches(64, 2), num_batches=2, progress=False)
     for h, i in plant.items():
         head = next(x for x in res["heads"] if x["layer"] == 1 and x["head"] == h)
@@ -211,7 +217,7 @@ def check_outputs(out_dir):
         assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100, name
         assert img.std() > 0.01, name   # not a blank image
         if name == "head_spectra.png":  # a grid of panels, not one long strip
-            assert img.shape[1] < 2.5 * img.shape[0], img.shape
+            assert img.shape[1] < 3 * img.shape[0], img.shape
     return json.loads((out_dir / "heads.json").read_text())
 
 
@@ -275,7 +281,7 @@ def test_cli_end_to_end(gpt2_ckpt, gpt2_data, tmp_path, capsys):
     out = tmp_path / "analysis"
     rc = ah.main([f"--ckpt={gpt2_ckpt}", f"--data_dir={gpt2_data}", f"--out_dir={out}",
                   "--num_batches=3", "--batch_size=2", "--block_size=24", "--max_tokens=100",
-                  "--eps=0.5", "--device=cpu", "--no_progress"])
+                  "--eps=0.5", "--device=cpu", "--word=time", "--no_progress"])
     assert rc == 0
     data = check_outputs(out)
     for h in data["heads"]:
@@ -289,7 +295,11 @@ def test_cli_end_to_end(gpt2_ckpt, gpt2_data, tmp_path, capsys):
     out = capsys.readouterr().out
     # the loss is said to be over evenly spaced windows, unlike training's
     assert f"loss {data['val_loss']:.4f}: the mean over 6 evenly spaced windows of val" in out
-    assert "label-shuffle p" in out
+    assert "label-shuffle p" in out and "4 figures" in out and (tmp_path / "analysis" / "word_attention.png").is_file()
+    ah.main([f"--ckpt={gpt2_ckpt}", f"--data_dir={gpt2_data}", f"--out_dir={tmp_path / 'b'}",
+             "--num_batches=1", "--block_size=24", "--word=zebra", "--no_progress"])
+    assert "no 'zebra' of its own in val.bin" in capsys.readouterr().out
+    assert not (tmp_path / "b" / "word_attention.png").exists()
 
 
 def test_cli_defaults_to_the_newest_checkpoint_on_its_own_data(compact_data, tmp_path,
@@ -299,7 +309,7 @@ def test_cli_defaults_to_the_newest_checkpoint_on_its_own_data(compact_data, tmp
     monkeypatch.chdir(tmp_path)
     cfg = train.TrainConfig(data_dir=str(compact_data), out_dir="out/run", max_iters=2,
                             eval_interval=2, eval_iters=1, batch_size=2, warmup_iters=1)
-    train.train(cfg, dict(n_layer=1, n_embd=32, n_head=2, head_dim=16, block_size=32))
+    train.train(cfg, dict(n_layer=1, n_embd=32, n_head=2, block_size=32))
     capsys.readouterr()
     assert ah.main(["--num_batches=2", "--batch_size=1", "--max_tokens=16", "--device=cpu",
                     "--no_progress"]) == 0
@@ -410,12 +420,34 @@ def test_normalised_rate_is_scale_free_and_negative_for_an_ideal_overcomplete_di
         assert sign * out["dR_orth"] > 0      # ρ = 2: ΔR < 0 even though the data are ideal
 
 
-def test_neumann_radius_is_far_above_one_at_paper_scale():
-    # PRISM-50M at initialisation: U ~ N(0, 0.02²), d = 512, p = 64, LayerNorm-scale tokens
+def test_neumann_radius_and_frame_bounds_at_the_paper_models_start():
+    # PRISM-50M's first dictionary: a tight frame of 2048 atoms in R^512 (16 heads of p = 128), on
+    # 512 LayerNorm-scale tokens: the radius is about 370 (model.py §2), the frame bounds both 1
     g = torch.Generator().manual_seed(0)
-    U = 0.02 * torch.randn(2, 64, 512, generator=g, dtype=torch.float64)
-    Z = torch.randn(1024, 512, generator=g, dtype=torch.float64)
-    radius = ah.mcr2_diagnostics(Z, U, 0.5)["neumann_radius"]
-    # p·d·0.02²/ε² ≈ 52 is the bulk of the spectrum; the largest eigenvalue of W_kᵀW_k sits
-    # above it by the random-matrix edge factors of both Z and U_k: ≈ 110 here (PRISM.md §2)
-    assert 80 < radius < 150
+    D = torch.linalg.qr(torch.randn(2048, 512, generator=g, dtype=torch.float64))[0]
+    Z = torch.randn(512, 512, generator=g, dtype=torch.float64)
+    out = ah.mcr2_diagnostics(Z, D.view(16, 128, 512), 0.5)
+    assert 330 < out["neumann_radius"] < 420
+    assert out["frame_bounds"] == pytest.approx([1.0, 1.0], abs=1e-9)
+    assert ah.mcr2_diagnostics(Z, 3 * D.view(16, 128, 512), 0.5)["frame_bounds"] == pytest.approx([9.0, 9.0])
+
+
+# -- the author's picture: every head's attention from one word ---------------------------------
+
+
+def test_the_word_is_found_in_its_story_and_every_head_is_drawn(tmp_path):
+    from sample import load_tokenizer
+
+    tok = load_tokenizer(None)   # GPT-2's
+    stories = ["Tom had a red ball.", "The cat sat by the door. Then the door opened."]
+    data = np.array([t for s in stories for t in tok.encode(s) + [tok.eot]], dtype=np.uint16)
+    tokens, position = ah.find_word(data, tok, "door", block_size=64)
+    assert tok.decode_bytes(tokens.tolist()).decode() == "The cat sat by the door"  # from its story
+    assert position == len(tokens) - 1
+    assert ah.find_word(data, tok, "door", block_size=3)[0].tolist() == tok.encode(" by the door")
+    assert ah.find_word(data, tok, "zebra", block_size=64) is None
+    model = tiny_prism(vocab_size=50257).eval()
+    fig = ah.plot_word_attention(model, tokens, position, tok, tmp_path / "word.png")
+    assert (tmp_path / "word.png").read_bytes()[:8] == PNG_SIGNATURE
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == [f"layer {l}, {g} heads" for l in range(2) for g in ("signal", "noise")]

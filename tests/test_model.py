@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import unsafe_message
-from model import (CheckpointError, Prism, PrismConfig, band_facts, build_model, checkpoint_payload,
-                   filter_logits, load_model, noise_weight_at, rope_frequencies, rotate_pairs)
+from model import (CheckpointError, Prism, PrismConfig, build_model, checkpoint_payload, filter_logits,
+                   load_model, noise_weight_at, rope_frequencies, rotary_frequencies, rotate_pairs)
 
 
 def tiny(**overrides):
@@ -365,7 +365,8 @@ def test_flops_per_token_counts_both_streams():
     model = tiny()
     c = model.config
     attention = 12 * c.n_layer * (2 * c.n_head * c.head_dim) * c.block_size
-    assert model.flops_per_token() == 6 * model.get_num_params() + attention
+    readout = 6 * sum(b.attn.dictionary.weight.numel() for b in model.transformer.h)  # D used twice
+    assert model.flops_per_token() == 6 * model.get_num_params() + readout + attention
     assert model.estimate_mfu(4, 1.0, peak_flops=1e12) == pytest.approx(
         model.flops_per_token() * c.block_size * 4 / 1e12)
     assert math.isnan(model.estimate_mfu(4, 1.0, None))   # no known peak: no number
@@ -533,6 +534,20 @@ def test_the_self_score_tops_only_keys_no_longer_than_the_token():
     assert (scores <= diagonal + 1e-5).masked_select(shorter).all()
     w = torch.tensor([[1.0, 0.0], [2.0, 0.5]])   # and only those: a longer key can beat it
     assert (w @ w.T)[0, 1] > (w @ w.T)[0, 0]
+
+
+def band_facts(head_dim, signal_base=1e4 * math.pi, noise_base=1e4 / math.pi, context=512):
+    """What the two bases of model.py §4 do, computed: each group's band, the ratio of noise pair i to signal
+    pair i at the slow end, how many noise pairs lie inside the signal band, and how many pairs
+    of each group turn less than once over `context` tokens."""
+    signal, noise = rotary_frequencies(head_dim, signal_base), rotary_frequencies(head_dim, noise_base)
+    return dict(pairs=len(signal), signal_band=(float(signal.min()), float(signal.max())),
+                noise_band=(float(noise.min()), float(noise.max())),
+                slowest_ratio=float(noise[-1] / signal[-1]),
+                noise_inside_signal_band=int(((noise >= signal.min()) & (noise <= signal.max())).sum()),
+                signal_longer_than_context=int((2 * math.pi / signal > context).sum()),
+                noise_longer_than_context=int((2 * math.pi / noise > context).sum()))
+
 
 
 @pytest.mark.parametrize("head_dim, context, long_signal, long_noise", [

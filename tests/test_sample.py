@@ -16,7 +16,7 @@ from conftest import unsafe_message
 from model import build_model, checkpoint_payload, load_model
 
 REPO = Path(sample.__file__).resolve().parent
-TINY = dict(vocab_size=50257, block_size=32, n_layer=1, n_embd=32, n_head=2, head_dim=16)
+TINY = dict(vocab_size=50257, block_size=32, n_layer=1, n_embd=32, n_head=2)
 EOT = 50256
 SEPARATOR = "\n---------------\n"
 
@@ -214,7 +214,7 @@ def test_checkpoint_from_train_py_carries_its_compact_vocabulary(compact_data, t
 
     cfg = train.TrainConfig(data_dir=str(compact_data), out_dir=str(tmp_path), max_iters=2,
                             eval_interval=2, eval_iters=1, batch_size=2, warmup_iters=1)
-    train.train(cfg, dict(n_layer=1, n_embd=32, n_head=2, head_dim=16, block_size=32))
+    train.train(cfg, dict(n_layer=1, n_embd=32, n_head=2, block_size=32))
     path = tmp_path / "ckpt.pt"
     meta = json.loads((compact_data / "meta.json").read_text())
     saved = torch.load(path, weights_only=True)

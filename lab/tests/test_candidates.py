@@ -1,17 +1,19 @@
-"""The white-box PRISM family (lab/white.py): each change keeps the model causal, its analysis
-path equal to its fast path, and trains; the sink's two forms agree; the rotated values are the
-gradient form they claim; ISTA's descent condition is η < 2/L for any λ; the masked diagonal is
-never attended; with every change off it is the paper's PRISM. The ISTA block's attribution
-controls are what lab/white.py says: relu-bias is the ista block's model, CRATE-α's block is two
-ISTA steps and its FLOPs count D's extra uses."""
+"""The white-box family on our reconstruction of PRISM (lab/white.py): each change keeps the
+model causal, its analysis path equal to its fast path, and trains; the sink's two forms agree; the
+rotated values are the gradient form they claim; ISTA's descent condition is η < 2/L for any λ; the
+masked diagonal is never attended; with every change off it is the reconstruction
+(lab/reconstruction.py). The ISTA block's attribution controls are what lab/white.py says:
+relu-bias is the ista block's model, CRATE-α's block is two ISTA steps and its FLOPs count D's
+extra uses."""
 import math
 
 import pytest
 import torch
 
-from model import Prism, PrismConfig, apply_rotary
 from torch.nn import functional as F
 
+from lab.attention import apply_rotary
+from lab.reconstruction import Reconstruction, ReconstructionConfig
 from model import mlp_width
 from lab.white import PrismWhite, WhiteConfig, ista_step, lasso_objective
 
@@ -74,14 +76,15 @@ def test_candidate_trains(overrides):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-def test_with_every_change_off_it_is_the_papers_prism():
+def test_with_every_change_off_it_is_the_reconstruction():
     white = tiny()
     torch.manual_seed(0)
-    prism = Prism(PrismConfig(**SIZES))
-    assert white.get_num_params() == prism.get_num_params()
-    white.load_state_dict(prism.state_dict())  # the same weights, by name and shape
+    recon = Reconstruction(ReconstructionConfig(**SIZES))
+    assert white.get_num_params() == recon.get_num_params()
+    assert torch.equal(white.transformer.wte.weight, recon.transformer.wte.weight)  # same draws
+    white.load_state_dict(recon.state_dict())  # the same weights, by name and shape
     idx = tokens(white)
-    assert torch.allclose(white(idx)[0], prism(idx)[0], atol=1e-6)
+    assert torch.allclose(white(idx)[0], recon(idx)[0], atol=1e-6)
 
 
 def test_bad_white_config_names_its_field():
@@ -225,17 +228,24 @@ def test_the_sparse_coding_mlp_is_a_relu_mlp_with_a_learned_threshold():
     assert torch.allclose(block(x), ista_step(x, D, lam, 0.7) @ D.T, atol=1e-6)
 
 
-def test_every_candidate_variant_is_matched_to_prism_at_every_preset():
-    from lab.variants import PRESETS, VARIANTS, count_params, variant_args
+def test_every_candidate_variant_is_matched_to_the_reconstruction_at_every_preset():
+    """A candidate is sized against its family's base, the reconstruction (one MLP unit from its
+    count at most), and stays within ±5% of the author's PRISM too."""
+    from lab.variants import PRESETS, VARIANTS, count_params, family_base, variant_args
 
     candidates = [v for v, (arch, _) in VARIANTS.items() if arch == "prism-white"]
-    assert len(candidates) >= 14
+    assert len(candidates) >= 14 and family_base("prism-white") == "recon"
     for v in ("gelu-bias", "relu-bias", "crate-alpha"):
         assert VARIANTS[f"prism-white-{v}"] == ("prism-white", {**WHITE, "mlp": v})
     for preset in PRESETS:
+        recon = count_params(*variant_args(preset, "recon", 4097))
         prism = count_params(*variant_args(preset, "prism", 4097))
+        sizes = PRESETS[preset]["recon"]
+        unit = sizes["n_layer"] * (2 * sizes["n_embd"] + 1)  # one MLP unit, with its bias
         for v in candidates:
-            assert abs(count_params(*variant_args(preset, v, 4097)) / prism - 1) <= 0.05, (preset, v)
+            n = count_params(*variant_args(preset, v, 4097))
+            assert abs(n - recon) <= unit, (preset, v)
+            assert abs(n / prism - 1) <= 0.05, (preset, v)
 
 
 # -----------------------------------------------------------------------------

@@ -189,6 +189,53 @@ def test_a_diverged_rate_never_wins_and_one_rate_is_no_grid():
         math.log2(3e-3) ** 2)}, [], False)
 
 
+def test_recorded_rates_are_chosen_among_beside_the_grid():
+    """--every_record: an arm's earlier records at the grid seed are scored beside the grid. One
+    outside the grid that scores best is chosen; the grid grows only where the best is at the edge
+    of every rate scored, records included."""
+    grid, up = [1, 2, 4, 8, 16], 4 * math.sqrt(2)
+    calls = []  # a record between grid rates, nearest the bowl's bottom: chosen, nothing added
+    best, scores, added, at_edge = compare.choose_lr(grid, stub_loss(5.5, calls), 3,
+                                                     recorded=[up])
+    assert (best, added, at_edge) == (up, [], False) and sorted(calls) == sorted([*grid, up])
+    assert compare.choose_lr(grid, stub_loss(5.5, []), 3)[0] == 4  # without it: the grid's best
+    calls = []  # a record past the grid's edge is the best: the edge of all scored rates grows
+    best, scores, added, at_edge = compare.choose_lr(grid, stub_loss(40, calls), 3, recorded=[32])
+    assert (best, added, at_edge) == (32, [64], False) and sorted(scores) == [*grid, 32, 64]
+    calls = []  # the grid's top is best but a record lies beyond it: the best is inside, no growth
+    best, scores, added, at_edge = compare.choose_lr(grid, stub_loss(20, calls), 3, recorded=[32])
+    assert (best, added, at_edge) == (16, [], False) and sorted(calls) == [*grid, 32]
+    calls = []  # a recorded grid rate is scored once
+    compare.choose_lr(grid, stub_loss(4, calls), 3, recorded=[4, 8])
+    assert sorted(calls) == grid
+
+
+def test_a_computed_rate_maps_to_the_recorded_one_of_the_same_name():
+    """8e-3/√2 and 4e-3·√2 differ in the last bit and name one record (lr0.00565685): `canonical`
+    maps the computed rate to the recorded one, so refining around 8e-3 trains no duplicate."""
+    up, down = 4e-3 * math.sqrt(2), 8e-3 / math.sqrt(2)
+    assert up != down and f"{up:g}" == f"{down:g}"
+    recorded = {f"{up:g}": up}
+
+    def canonical(lr):
+        return recorded.get(f"{lr:g}", lr)
+
+    grid = [2e-3, 4e-3, 8e-3, 1.6e-2]
+    for rec in ((), (up,)):  # with --every_record the record is scored with the grid; else refined
+        calls = []
+        best, scores, added, at_edge = compare.choose_lr(grid, stub_loss(8e-3 * 2 ** 0.1, calls),
+                                                         3, refine=True, recorded=rec,
+                                                         canonical=canonical)
+        assert (best, added, at_edge) == (8e-3, [], False)
+        assert up in scores and down not in scores and len(scores) == 6
+        assert len(calls) == len(set(calls)) == 6 and down not in calls, rec
+        assert sorted(calls) == sorted([*grid, up, 8e-3 * math.sqrt(2)])
+    # without the mapping the same refinement would train the record's rate a second time
+    calls = []
+    compare.choose_lr(grid, stub_loss(8e-3 * 2 ** 0.1, calls), 3, refine=True, recorded=[up])
+    assert up in calls and down in calls and len({f"{lr:g}" for lr in calls}) == len(calls) - 1
+
+
 # -----------------------------------------------------------------------------
 # Paired statistics on synthetic per-seed losses
 
@@ -251,35 +298,80 @@ def test_paired_differences_pair_by_seed_not_by_position():
 # Head contrasts: compare hands contrast_test (lab.heads) the right pairs
 
 
-def test_head_contrasts_pair_trained_untrained_and_the_two_arms(monkeypatch):
+def head_study(*arms):
+    return {v: {"heads": [{"arm": v, "seed": s} for s in (1, 2)],
+                "init_heads": [{"arm": v, "init": True, "seed": s} for s in (1, 2)]}
+            for v in arms}
+
+
+@pytest.fixture
+def stub_contrasts(monkeypatch):
+    """contrast_test replaced by a stub that records its calls and returns, at layer 0 and "all",
+    a row for each claim contrast and one that is not (p from the call's number, known)."""
     calls = []
 
     def contrast_test(treated, control=None):
         calls.append((treated, control))
-        return [{"layer": layer, "contrast": "log_distance", "n": len(treated), "mean": 0.5,
-                 "lo": 0.1, "hi": 0.9, "p": 0.0078} for layer in (0, "all")]
+        return [{"layer": layer, "contrast": c, "n": len(treated), "mean": 0.5, "lo": 0.1,
+                 "hi": 0.9, "p": 0.001 * len(calls) * (i + 1)}
+                for layer in (0, "all")
+                for i, c in enumerate((*compare.CLAIM_CONTRASTS, "entropy"))]
 
     monkeypatch.setattr(compare, "contrast_test", contrast_test)
-    study = {v: {"heads": [{"arm": v, "seed": s} for s in (1, 2)],
-                 "init_heads": [{"arm": v, "init": True, "seed": s} for s in (1, 2)]}
-             for v in ("prism", "prism-pi-off")}
+    return calls
+
+
+@pytest.mark.parametrize("model,control", compare.HEAD_PAIRS)
+def test_head_contrasts_pair_trained_untrained_and_the_two_arms(stub_contrasts, model, control):
+    calls = stub_contrasts
+    assert (model, control) in (("prism", "prism-pi-off"), ("recon", "recon-pi-off"))
+    assert {model, control} <= set(compare.HEAD_ARMS)
+    study = head_study(model, control)
     out = compare.head_contrasts(study)
     assert [t for t, _ in out] == [
-        "prism trained (against 0)", "prism trained − prism untrained",
-        "prism-pi-off trained (against 0)", "prism-pi-off trained − prism-pi-off untrained",
-        "prism − prism-pi-off, both trained"]
-    assert calls[1] == (study["prism"]["heads"], study["prism"]["init_heads"])
-    assert calls[4] == (study["prism"]["heads"], study["prism-pi-off"]["heads"])
+        f"{model} trained (against 0)", f"{model} trained − {model} untrained",
+        f"{control} trained (against 0)", f"{control} trained − {control} untrained",
+        f"{model} − {control}, both trained"]
+    assert calls[1] == (study[model]["heads"], study[model]["init_heads"])
+    assert calls[4] == (study[model]["heads"], study[control]["heads"])
     assert calls[0][1] is None
-    # a candidate with recorded heads adds exploratory rows; the pre-registered family stays
-    family = compare.claim_tests(out)
-    assert [t for t, _, _ in family] == list(compare.CLAIM_COMPARISONS)
+    # the pre-registered family: the claim contrasts at layer "all" of the pair's two comparisons,
+    # Holm-corrected together
+    assert compare.head_pair(study) == (model, control)
+    family = compare.claim_tests(out, (model, control))
+    comparisons = [f"{model} trained − {model} untrained", f"{model} − {control}, both trained"]
+    assert [(t, r["contrast"]) for t, r, _ in family] == [
+        (t, c) for t in comparisons for c in compare.CLAIM_CONTRASTS]
+    assert all(r["layer"] == "all" for _, r, _ in family)
+    raw = [r["p"] for _, r, _ in family]
+    assert [p for _, _, p in family] == pytest.approx(compare.stats.holm(raw))
+    # a candidate with recorded heads adds exploratory rows against the pair's model; the
+    # pre-registered family stays
     study["prism-white"] = {"heads": [{"arm": "prism-white", "seed": s} for s in (1, 2)]}
     more = compare.head_contrasts(study)
     assert [t for t, _ in more[5:]] == ["prism-white trained (against 0)",
-                                        "prism-white − prism, both trained"]
-    assert calls[-1] == (study["prism-white"]["heads"], study["prism"]["heads"])
-    assert compare.claim_tests(more) == family
+                                        f"prism-white − {model}, both trained"]
+    assert calls[-1] == (study["prism-white"]["heads"], study[model]["heads"])
+    assert [(t, r["contrast"]) for t, r, _ in compare.claim_tests(more, (model, control))] == \
+        [(t, r["contrast"]) for t, r, _ in family]
+
+
+def test_the_claims_pair_is_the_first_whose_model_is_an_arm(stub_contrasts):
+    assert compare.head_pair(["gpt2", "recon", "prism"]) == ("prism", "prism-pi-off")
+    assert compare.head_pair(["gpt2", "recon", "recon-pi-off"]) == ("recon", "recon-pi-off")
+    assert compare.head_pair(["gpt2", "prism-pi-off", "recon-pi-off"]) is None
+    # both families in one study: each pair's own comparison, the candidates against the first
+    study = head_study("prism", "prism-pi-off", "recon", "recon-pi-off")
+    study["prism-untied"] = {"heads": [{"arm": "prism-untied", "seed": s} for s in (1, 2)]}
+    titles = [t for t, _ in compare.head_contrasts(study)]
+    assert "prism − prism-pi-off, both trained" in titles
+    assert "recon − recon-pi-off, both trained" in titles
+    assert "prism-untied − prism, both trained" in titles
+    assert not any(t.startswith(("prism − recon", "recon − prism")) for t in titles)
+    # a model without its control has no family (its comparison with the control is missing)
+    only = compare.head_contrasts(head_study("prism"))
+    assert [t for t, _, _ in compare.claim_tests(only, ("prism", "prism-pi-off"))] == \
+        ["prism trained − prism untrained"] * len(compare.CLAIM_CONTRASTS)
 
 
 # -----------------------------------------------------------------------------
@@ -313,7 +405,7 @@ def test_a_tiny_study_leaves_records_resumes_and_reports_from_records_alone(
         report_data, compact_data, tmp_path, capsys, monkeypatch, elsewhere):
     records, results = tmp_path / "results", tmp_path / "docs" / "RESULTS.md"
     argv = [f"--data_dir={report_data}", "--preset=cpu-small", "--epochs=0.015", "--seeds=2,3,4",
-            "--archs=prism,gpt2", "--lrs=1e-3,2e-3", "--max_extensions=0", "--evals=2",
+            "--archs=prism,gpt2,recon", "--lrs=1e-3,2e-3", "--max_extensions=0", "--evals=2",
             "--eval_iters=1", "--analysis_batches=1", f"--out_dir={tmp_path / 'runs'}",
             f"--records={records}", f"--results={results}"]
     code, out = run_compare(capsys, *argv)
@@ -322,10 +414,15 @@ def test_a_tiny_study_leaves_records_resumes_and_reports_from_records_alone(
     params = count_params(*variant_args("cpu-small", "prism", 513))
     assert f"| prism | {params:,} |" in section and "| gpt2 |" in section
     assert "still at the grid's edge" in section  # two rates, no growth allowed
-    assert "Holm-corrected over the 1 arms" in section
+    recon = count_params(*variant_args("cpu-small", "recon", 513))
+    assert f"| recon | {recon:,} |" in section
+    assert "Holm-corrected over the 2 arms" in section
     assert "report seeds 3, 4." in section and "at seed 2, a seed that is not reported" in section
     # the head contrasts of analyze_heads, per layer, trained against untrained
     assert "*prism trained − prism untrained*" in section and "log_distance_no_self" in section
+    # both families' head arms (the author's PRISM and our reconstruction), each against its own
+    # untrained self; without their π-off controls among the arms, no pre-registered claim
+    assert "*recon trained − recon untrained*" in section and "the claim" not in section
     assert "| 3 | " in section  # the last of cpu-small's 4 layers
     assert (tmp_path / "docs" / "compare_cpu-small.png").read_bytes().startswith(b"\x89PNG")
     # The records: a summary and a curve per run, heads for the head arm, trained and untrained;
@@ -341,6 +438,7 @@ def test_a_tiny_study_leaves_records_resumes_and_reports_from_records_alone(
         assert s["seed"] == seed and s["budget"]["iters"] == 2 and s["report_loss"] > 0
         assert (run / "log.jsonl").is_file() and (run / "heads.json").is_file()
         assert (rec / "prism" / "init" / f"seed{seed}" / "heads.json").is_file()
+        assert (rec / "recon" / "init" / f"seed{seed}" / "heads.json").is_file()
     # every summary says what made it: the commit and torch's version
     import torch
 
@@ -415,7 +513,7 @@ def test_a_tiny_study_leaves_records_resumes_and_reports_from_records_alone(
     code, out = run_compare(capsys, *alone, "--report_only", "--reference=gemma3")
     assert code == 1 and "--reference=gemma3 is not one of --archs" in out.err
     # without prism among the arms and no --reference: the arms' tables, no comparison
-    code, out = run_compare(capsys, *[a.replace("--archs=prism,gpt2", "--archs=gpt2")
+    code, out = run_compare(capsys, *[a.replace("--archs=prism,gpt2,recon", "--archs=gpt2")
                                       for a in alone], "--report_only", "--section=gpt2 alone")
     assert code == 0, out.err
     assert "| gpt2 |" in results.read_text().split("gpt2 alone -->")[1]
@@ -442,7 +540,7 @@ def test_a_checkpoint_carrying_code_in_the_runs_folder_is_refused(report_data, t
 def test_screen_runs_only_the_grid_and_ranks_the_arms(report_data, tmp_path, capsys, monkeypatch):
     records, results = tmp_path / "results", tmp_path / "R.md"
     argv = [f"--data_dir={report_data}", "--preset=cpu-small", "--epochs=0.015", "--seeds=2",
-            "--archs=prism,prism-no-self", "--lrs=1e-3,2e-3", "--max_extensions=0", "--evals=2",
+            "--archs=prism,prism-untied", "--lrs=1e-3,2e-3", "--max_extensions=0", "--evals=2",
             "--eval_iters=1", "--analysis_batches=1", f"--out_dir={tmp_path / 'runs'}",
             f"--records={records}", f"--results={results}", "--screen"]
     code, out = run_compare(capsys, *argv[:-1], "--screen", "--dry_run", "--time_steps=0")
@@ -459,43 +557,43 @@ def test_screen_runs_only_the_grid_and_ranks_the_arms(report_data, tmp_path, cap
                         for lr in ("0.001", "0.002")])
 
     best = {}
-    for v in ("prism", "prism-no-self"):
+    for v in ("prism", "prism-untied"):
         losses = [json.loads((records / "cpu-small" / v / f"lr{lr}" / "seed2" / "summary.json")
                              .read_text())["selection_loss"] for lr in ("0.001", "0.002")]
         best[v] = min(losses)
         assert f"| {best[v]:.4f} |" in section
         assert f"| {speed_of(v):,.0f} |" in section
-    assert f"| {best['prism-no-self'] - best['prism']:+.4f} |" in section
+    assert f"| {best['prism-untied'] - best['prism']:+.4f} |" in section
     assert "| +0.0000 |" in section                     # prism against itself
     assert not list(records.rglob("seed3"))              # no report seeds were trained
-    # every PRISM-arch arm records its heads, a candidate too (exploratory contrasts beside it)
-    assert len(list((records / "cpu-small" / "prism-no-self").rglob("heads.json"))) == 2
+    # every PRISM-arch arm records its heads, an ablation too (exploratory contrasts beside it)
+    assert len(list((records / "cpu-small" / "prism-untied").rglob("heads.json"))) == 2
     # another reference gets a section of its own beside the first, from the same records
-    code, out = run_compare(capsys, *argv, "--reference=prism-no-self", "--report_only")
+    code, out = run_compare(capsys, *argv, "--reference=prism-untied", "--report_only")
     assert code == 0, out.err
     text = results.read_text()
     assert "<!-- compare.py cpu-small screen -->" in text and section in text
-    assert "<!-- compare.py cpu-small screen vs prism-no-self -->" in text
-    assert "## Screening at preset `cpu-small`, against prism-no-self" in text
-    own = text.split("screen vs prism-no-self -->")[1]
-    assert f"| {best['prism'] - best['prism-no-self']:+.4f} |" in own
+    assert "<!-- compare.py cpu-small screen vs prism-untied -->" in text
+    assert "## Screening at preset `cpu-small`, against prism-untied" in text
+    own = text.split("screen vs prism-untied -->")[1]
+    assert f"| {best['prism'] - best['prism-untied']:+.4f} |" in own
     # A retired candidate (its code deleted) still reports from its records: nothing rebuilds it,
     # its model_args are not checked, its params come from the records and its FLOPs/token from
     # RETIRED; running it is refused with the commit to check out.
     gone = records / "cpu-small" / "prism-gone"
-    shutil.copytree(records / "cpu-small" / "prism-no-self", gone)
+    shutil.copytree(records / "cpu-small" / "prism-untied", gone)
     for path in gone.rglob("summary.json"):
         summary = json.loads(path.read_text())
         path.write_text(json.dumps(summary | {"variant": "prism-gone", "params": 1234567,
                                               "model_args": {"no_such_field": 1}}))
     monkeypatch.setitem(RETIRED, "prism-gone", dict(commit="abc1234", reason="noise at one seed",
                                                     flops_per_token={"cpu-small": 7.5e6}))
-    retired = [a.replace("--archs=prism,prism-no-self", "--archs=prism,prism-gone") for a in argv]
+    retired = [a.replace("--archs=prism,prism-untied", "--archs=prism,prism-gone") for a in argv]
     code, out = run_compare(capsys, *retired, "--report_only", "--section=retired")
     assert code == 0, out.err
     own = results.read_text().split("<!-- compare.py retired -->")[1]
-    assert f"| prism-gone | 1,234,567 | 7.50M | {speed_of('prism-no-self'):,.0f} |" in own
-    assert f"| {best['prism-no-self'] - best['prism']:+.4f} |" in own
+    assert f"| prism-gone | 1,234,567 | 7.50M | {speed_of('prism-untied'):,.0f} |" in own
+    assert f"| {best['prism-untied'] - best['prism']:+.4f} |" in own
     code, out = run_compare(capsys, *retired)
     assert code == 1 and len(out.err.strip().splitlines()) == 1
     assert "prism-gone is a retired candidate" in out.err and "git checkout abc1234" in out.err
@@ -531,7 +629,18 @@ def test_the_grid_table_has_one_column_per_record_name():
     arm = dict(added=[], at_edge=False)
     study = {"a": dict(arm, grid={4e-3: 3.3, up: 3.2, 8e-3: 3.4}, lr=up, refined=[up]),
              "b": dict(arm, grid={8e-3: 3.1, down: 3.0, 1.6e-2: 3.5}, lr=down, refined=[down])}
-    args = type("Args", (), dict(max_extensions=3, refine=True))
-    header, _, a, b = compare.grid_table(args, {"grid_seed": 1}, study)[2:]
+    args = type("Args", (), dict(max_extensions=3, refine=True, every_record=False))
+    lines = compare.grid_table(args, {"grid_seed": 1}, study)
+    header, _, a, b = lines[2:]
     assert header.split(" | ")[1:-1] == ["0.004", "0.00566", "0.008", "0.016"]
     assert a.split(" | ")[2] == "**3.2000**" and b.split(" | ")[2] == "**3.0000**"
+    assert "--every_record" not in lines[0]
+    # with --every_record an arm's other record is a column like the grid's, and the note says so
+    args.every_record = True
+    study["b"] = dict(study["b"], grid={**study["b"]["grid"], 3.2e-2: 2.9}, lr=3.2e-2, refined=[],
+                      records=[3.2e-2])
+    lines = compare.grid_table(args, {"grid_seed": 1}, study)
+    header, _, a, b = lines[2:]
+    assert "every other record of the arm at that seed (--every_record)" in lines[0]
+    assert header.split(" | ")[1:-1] == ["0.004", "0.00566", "0.008", "0.016", "0.032"]
+    assert b.split(" | ")[5] == "**2.9000**" and "and the records at 0.032" in b

@@ -115,6 +115,9 @@ def test_pooled_bimodality_misses_a_designed_split_that_the_label_test_finds():
 ])
 def test_the_lab_baselines_analyse_without_groups_or_rates(tmp_path, arch, args):
     model = build_model(arch, **args)
+    # no groups, no dictionary: the hooks are absent; Gemma has RoPE (on half-split pairs)
+    assert not hasattr(model, "head_groups") and not hasattr(model, "subspaces")
+    assert hasattr(model, "rope_frequencies") == hasattr(model, "rope_pairs") == (arch == "gemma3")
     res = ah.analyze_model(model, random_batches(64, 2), num_batches=2, progress=False)
     ah.write_outputs(res, tmp_path)
     data = check_outputs(tmp_path)

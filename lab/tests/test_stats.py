@@ -63,3 +63,11 @@ def test_correlation_bound_is_exceeded_five_percent_of_the_time_with_no_relation
     x = rng.standard_normal((400, 8))
     related = [np.corrcoef(a, a + 0.3 * rng.standard_normal(8))[0, 1] for a in x]
     assert np.mean(np.array(related) > bound) > 0.9
+
+
+@pytest.mark.parametrize("df, level, expected", [   # Student-t tables (scipy.stats.t.ppf agrees to 1e-12)
+    (1, 0.95, 12.706204736174694), (2, 0.95, 4.302652729749462), (7, 0.95, 2.364624251592785),
+    (8, 0.99, 3.355387331333395), (30, 0.90, 1.697260886593957),
+])
+def test_the_t_quantile_in_closed_form_matches_the_tables(df, level, expected):
+    assert stats.t_quantile(level, df) == pytest.approx(expected, rel=1e-10)

@@ -1,0 +1,63 @@
+"""
+Train one of the lab's archs at the size lab/variants.py matches to a PRISM config file.
+
+    python -m lab.train config/cpu_small.py --arch=gpt2              # -> out/cpu_small_gpt2
+    python -m lab.train config/cpu_small.py --arch=gemma3 --max_iters=100 --n_head=8
+
+The config file's PRISM sizes become the arch's sizes at the same preset (variants.sizes_like_prism)
+and its training settings stay; then the command line's --key=value (TrainConfig fields, and the
+arch's own config fields) apply, as in train.py. Unless --out_dir is given, the run writes to the
+config's out_dir + "_" + arch, so PRISM's checkpoint stays where it is.
+"""
+
+import dataclasses
+import sys
+
+import train
+from lab.variants import sizes_like_prism
+
+
+def parse_args(argv):
+    """(TrainConfig, model args of --arch) from PRISM config files and --key=value flags."""
+    files = [a for a in argv if not a.startswith("--")]
+    flags = [a for a in argv if a.startswith("--")]
+    cfg, prism_args = train.parse_args(files)
+    given = {}
+    for arg in flags:
+        key, eq, value = arg[2:].partition("=")
+        if not (key and eq):
+            raise train.TrainError(f"expected --key=value, got {arg!r}")
+        given[key] = value
+    arch = given.pop("arch", None)
+    if arch is None:
+        raise train.TrainError("--arch=NAME is required (python train.py trains PRISM itself)")
+    config_cls = train.arch_config(arch)
+    train_args, arch_args = {}, {}
+    for key, value in given.items():
+        cls, dest = next(((c, d) for c, d in ((train.TrainConfig, train_args), (config_cls, arch_args))
+                          if key in c.__dataclass_fields__ and key != "vocab_size"), (None, None))
+        if cls is None:
+            raise train.TrainError(f"unknown key {key!r}: neither a TrainConfig field nor a "
+                                   f"{config_cls.__name__} field")
+        dest[key] = train.typed(key, value, None, cls.__dataclass_fields__[key].default)
+    try:
+        model_args = {**sizes_like_prism(arch, prism_args), **arch_args}
+    except ValueError as e:
+        raise train.TrainError(str(e)) from None
+    out_dir = train_args.pop("out_dir", f"{cfg.out_dir}_{arch}")  # PRISM's checkpoint stays
+    return dataclasses.replace(cfg, arch=arch, out_dir=out_dir, **train_args), model_args
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        return print(__doc__.strip())
+    try:
+        return train.train(*parse_args(argv or [train.default_config()]))
+    except train.TrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
