@@ -123,6 +123,10 @@ def build_parser():
     p.add_argument("--refine", action="store_true",
                    help="once the grid's best rate is inside it, also score the rates x√2 either "
                         "side of it and choose the best of all")
+    p.add_argument("--speeds", default=None, metavar="PATH",
+                   help="lab.bench's --json records: the equal-wall-clock table takes each arm's "
+                        "training tokens/s at the preset's block size from them, measured side by "
+                        "side on one machine, instead of the runs' own")
     p.add_argument("--every_record", action="store_true",
                    help="choose each arm's rate among every record it has at the grid seed, not "
                         "only the grid's rates (a rate recorded by an earlier study counts too)")
@@ -251,7 +255,9 @@ def make_plan(args):
                   eval_iters=args.eval_iters, analysis_batches=args.analysis_batches)
     sizes = {v: retired_size(args, v) if v in RETIRED else
              model_size(*variant_args(args.preset, v, data["vocab_size"])) for v in variants}
-    return dict(preset=args.preset, data=data, variants=variants, code=code_version(),
+    speeds = bench_speeds(args.speeds, block_size, variants) if args.speeds else None
+    return dict(preset=args.preset, data=data, variants=variants, code=code_version(), speeds=speeds,
+                speeds_path=args.speeds,
                 reference=args.reference or REFERENCE,
                 grid_seed=seeds[0],
                 seeds=seeds[1:], grid=grid, budget=budget,
@@ -260,6 +266,23 @@ def make_plan(args):
                 records=Path(args.records) / args.preset, runs=Path(args.out_dir) / args.preset,
                 params={v: n for v, (n, _) in sizes.items()},
                 flops={v: f for v, (_, f) in sizes.items()})
+
+
+def bench_speeds(path, block_size, variants):
+    """{arm: training tokens/s} from lab.bench's JSON Lines at this block size (the median record
+    of each arm), for every arm; CompareError where one is missing."""
+    try:
+        records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError) as e:
+        raise CompareError(f"--speeds={path}: {e}") from None
+    speeds = {}
+    for v in variants:
+        rates = [r["tokens_per_sec"] for r in records if r.get("kind") == "train_step"
+                 and r.get("arch") == v and r.get("block_size") == block_size and not r.get("error")]
+        if not rates:
+            raise CompareError(f"--speeds={path} has no training step of {v} at T = {block_size}")
+        speeds[v] = statistics.median(rates)
+    return speeds
 
 
 def compared_arms(plan):
@@ -598,13 +621,13 @@ def equal_wall_clock(plan, study):
     measure) gives the iteration it reaches by then, and its curves (mean over seeds, linear
     between evaluations) the selection-split loss there. {} when a run has no tokens/s."""
     iters = plan["budget"]["iters"]
-    speed = {}
+    speed = dict(plan.get("speeds") or {})
     for v, s in study.items():
         rates = [r.get("tokens_per_sec") for r in s["runs"]]
-        if not rates or not all(rates):
+        if v not in speed and (not rates or not all(rates)):
             return {}
-        speed[v] = statistics.fmean(rates)
-    fastest = max(speed.values())
+        speed.setdefault(v, statistics.fmean(rates or [0]))
+    fastest = max(speed[v] for v in study)
     return {v: (speed[v], iters * speed[v] / fastest,
                 statistics.fmean(curve_between(c, iters * speed[v] / fastest)
                                  for c in study[v]["curves"])) for v in study}
@@ -712,6 +735,7 @@ def study_command(args):
                 f"--{k}={getattr(args, k)}" for k in ("reference", "section") if getattr(args, k)]
     optional += ["--refine"] if args.refine else []
     optional += ["--every_record"] if args.every_record else []
+    optional += [f"--speeds={args.speeds}"] if args.speeds else []
     return " ".join(["python -m lab.compare --data_dir=DATA",
                      *(f"--{k}={getattr(args, k)}" for k in keys), *optional])
 
@@ -792,8 +816,10 @@ def equal_wall_clock_lines(plan, study):
         return []
     iters = plan["budget"]["iters"]
     order = sorted(at, key=lambda v: at[v][2])
-    lines = ["", "At equal wall-clock (this machine, the runs' own training tokens/s, mean over "
-                 "the report seeds): where each arm's curves are when the fastest arm has "
+    source = ("lab.bench's training tokens/s, every arm measured side by side on one machine "
+              f"(--speeds={Path(plan['speeds_path']).name})" if plan.get("speeds") else
+              "this machine, the runs' own training tokens/s, mean over the report seeds")
+    lines = ["", f"At equal wall-clock ({source}): where each arm's curves are when the fastest arm has "
                  "trained its whole budget. A slower arm is stopped early on a schedule made for "
                  "the whole budget (its rate not yet decayed), which handicaps it beyond the "
                  "tokens; read it as a bound, not a run at that budget.", "",

@@ -134,6 +134,24 @@ def test_equal_wall_clock_stops_a_slower_arm_where_the_fastest_one_finishes():
     assert compare.equal_wall_clock(plan, _fake_study({"a": 1.0, "b": None})) == {}
 
 
+def test_equal_wall_clock_can_take_speeds_measured_side_by_side(tmp_path):
+    """--speeds: lab.bench's records (median at the preset's block size) replace the runs' own
+    tokens/s, so arms trained on different machines are timed on one."""
+    lines = [dict(kind="train_step", arch="fast", block_size=128, tokens_per_sec=t) for t in (900, 1000, 5000)]
+    lines += [dict(kind="train_step", arch="slow", block_size=128, tokens_per_sec=250),
+              dict(kind="train_step", arch="slow", block_size=256, tokens_per_sec=9999),
+              dict(kind="prepare", mb_per_sec=10.0)]
+    path = tmp_path / "bench.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    speeds = compare.bench_speeds(path, 128, ["fast", "slow"])
+    assert speeds == {"fast": 1000, "slow": 250}
+    plan = dict(budget=dict(iters=100), speeds=speeds)
+    at = compare.equal_wall_clock(plan, _fake_study({"fast": 1.0, "slow": 1.0}))  # runs: equal
+    assert at["fast"][:2] == (1000, 100) and at["slow"][:2] == (250, 25)
+    with pytest.raises(compare.CompareError, match="no training step of other"):
+        compare.bench_speeds(path, 128, ["fast", "other"])
+
+
 def test_rankings_at_every_whole_epoch_and_the_end():
     study = _fake_study({"a": 1.0, "b": 1.0})
     study["b"]["curves"] = [[(i, 3.6 - i / 500) for i in range(0, 101, 5)]]  # b ahead, then behind
