@@ -287,22 +287,17 @@ def evenly_spaced_batches(data, batch_size, block_size, num_batches, device="cpu
 
 def open_tokens(data_dir, split, block_size, vocab_size):
     path = Path(data_dir) / f"{split}.bin"
-    if not path.is_file():
-        raise UsageError(f"no {split}.bin in {data_dir}")
     try:
         data = np.memmap(path, dtype=np.uint16, mode="r")
     except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read {path} ({e})") from None
+        raise UsageError(f"cannot read {path} ({getattr(e, 'strerror', None) or e})") from None
     if len(data) < block_size + 1:
         raise UsageError(f"{path} has {len(data)} tokens, fewer than block_size + 1 = "
                          f"{block_size + 1}: pass a smaller --block_size")
-    top = int(data.max())
-    if top >= vocab_size:
-        raise UsageError(f"{path} holds token {top}, outside the model's vocabulary of {vocab_size}"
-                         " (data prepared with another vocabulary?)")
+    if int(data.max()) >= vocab_size:
+        raise UsageError(f"{path} holds token {int(data.max())}, outside the model's vocabulary of "
+                         f"{vocab_size} (data prepared with another vocabulary?)")
     return data
-
-
 
 
 def find_word(data, tokenizer, word, block_size):

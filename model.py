@@ -1,8 +1,9 @@
 """
 PRISM (D. Huang, arXiv 2601.15540): attention modelled on a step of Maximal Coding Rate Reduction
 (MCR²), with one overcomplete dictionary for query, key, value and output, two RoPE bases (π-RoPE)
-and a differential read-out, exactly as the author's code trains it (github
-HuangDongchen/PRISM-Transformer, commit b7a0024); everything else is nanoGPT's GPT-2.
+and a differential read-out: the function the author's code computes (github
+HuangDongchen/PRISM-Transformer, commit b7a0024; docs/PRISM.md says where each fact comes from);
+everything else is nanoGPT's GPT-2.
 
 Read it top to bottom, like the derivation: 1 the rates; 2 attention from a step on the compressed
 rate; 3 the dictionary; 4 π-RoPE; 5 the read-out S − λN; 6 the layer; 7 the block and the language
