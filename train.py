@@ -12,7 +12,6 @@ settings are TrainConfig's fields below and the model's (model.py's PrismConfig,
 record per evaluation) and out_dir/ckpt.pt (rewritten at every evaluation: the exact resume point).
 """
 
-import dataclasses
 import gc
 import inspect
 import json
@@ -23,8 +22,7 @@ import sys
 import time
 import types
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
-from typing import Optional
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -59,7 +57,7 @@ class TrainConfig:
     log_interval: int = 10              # a progress line every this many iterations
     device: str = "auto"                # "auto" = cuda if there is one, else cpu; or "cuda:1", "mps"
     dtype: str = "auto"                 # "auto" = bfloat16 on CUDA (float16 without bf16), else float32
-    compile: Optional[bool] = None      # torch.compile: true, false or auto (= on with CUDA only)
+    compile: bool | None = None         # torch.compile: true, false or auto (= on with CUDA only)
     seed: int = 1337                    # fixes the initialisation and the data order
 
     def __post_init__(self):
@@ -75,6 +73,10 @@ class TrainConfig:
         for ok, name, why in checks:
             if not ok:
                 raise TrainError(f"{name} = {getattr(self, name)!r} {why}")
+
+
+# -----------------------------------------------------------------------------
+# Settings: config files, then --key=value arguments; --help
 
 
 def read_config_file(path):
@@ -108,15 +110,15 @@ def typed(key, value, source, default):
 
 def parse_args(argv):
     """Config files, then --key=value arguments -> (TrainConfig, the arch's model args)."""
-    settings = {}
+    settings = {}  # key -> (value, its config file or None for the command line)
     for arg in sorted(argv, key=lambda a: a.startswith("--")):  # the files first, in their order
+        key, eq, value = arg[2:].partition("=")
         if not arg.startswith("--"):
             settings.update({k: (v, arg) for k, v in read_config_file(arg).items()})
-            continue
-        key, eq, value = arg[2:].partition("=")
-        if not (key and eq):
+        elif not (key and eq):
             raise TrainError(f"expected --key=value, got {arg!r}")
-        settings[key] = (value, None)
+        else:
+            settings[key] = (value, None)
     arch = typed("arch", *settings.get("arch", ("prism", "the defaults")), "prism")
     config_cls = arch_config(arch)
     train_args, model_args = {}, {}
@@ -124,11 +126,10 @@ def parse_args(argv):
         cls, dest = next(((c, d) for c, d in ((TrainConfig, train_args), (config_cls, model_args))
                           if key in c.__dataclass_fields__ and key != "vocab_size"), (None, None))
         if cls is None:
-            raise TrainError(
-                f"unknown key {key!r} (from {source or 'the command line'}): neither a TrainConfig "
-                f"field nor a {config_cls.__name__} field" + (
-                    "; vocab_size comes from meta.json" if key == "vocab_size" else
-                    "; another arch at a PRISM config's size: python -m lab.train" if arch != "prism" else ""))
+            hint = ("; vocab_size comes from meta.json" if key == "vocab_size" else
+                    "; another arch at a PRISM config's size: python -m lab.train" if arch != "prism" else "")
+            raise TrainError(f"unknown key {key!r} (from {source or 'the command line'}): neither a "
+                             f"TrainConfig field nor a {config_cls.__name__} field{hint}")
         dest[key] = typed(key, value, source, cls.__dataclass_fields__[key].default)
     return TrainConfig(**train_args), model_args
 
@@ -149,12 +150,42 @@ def resolve_system(cfg, local_rank=None):
     device = f"cuda:{local_rank}" if cuda and local_rank is not None else device  # one GPU per process
     dtype = cfg.dtype if cfg.dtype != "auto" else (
         "float32" if not cuda else "bfloat16" if torch.cuda.is_bf16_supported() else "float16")
-    return dataclasses.replace(cfg, device=device, dtype=dtype,
-                               compile=cuda if cfg.compile is None else cfg.compile)
+    return replace(cfg, device=device, dtype=dtype, compile=cuda if cfg.compile is None else cfg.compile)
+
+
+def default_config():
+    """The config that fits this machine: the paper's PRISM on a GPU, the small one on a CPU."""
+    return os.path.join(HERE, "config", "prism_50m.py" if torch.cuda.is_available() else "cpu_small.py")
+
+
+def field_help(cls):
+    """{field name: the comment on its line}: each setting is described once, where it is defined."""
+    lines = inspect.getsource(cls).splitlines()
+    return {m[1]: m[2].strip() for m in (re.match(r"\s+(\w+)\s*:[^#]*#(.*)", x) for x in lines) if m}
+
+
+def usage(argv=()):
+    """The docstring, then every setting of TrainConfig and of --arch's config (PRISM's by
+    default): --name=DEFAULT, what it is, and its value in the default config where that differs."""
+    config = os.path.relpath(default_config(), HERE)
+    arch = next((a.split("=", 1)[1] for a in reversed(argv) if a.startswith("--arch=")), "prism")
+    cfg, model_args = parse_args([default_config()]) if arch == "prism" else (TrainConfig(), {})
+    given = {**asdict(cfg), **model_args}
+    lines = [__doc__.strip(), "", f"Settings: --name=DEFAULT  what it is  [{config}: its value there]"]
+    for cls in (TrainConfig, arch_config(arch)):
+        lines += ["", f"{cls.__name__}:" if cls is TrainConfig else
+                  f"{cls.__name__} (arch {arch}; --arch=NAME --help for another's):"]
+        text = field_help(cls)
+        for f in (f for f in fields(cls) if f.name != "vocab_size"):
+            shown = "auto" if f.default is None else str(f.default).lower() if isinstance(f.default, bool) else f.default
+            lines.append(f"  {f'--{f.name}={shown}':<28} {text.get(f.name, '')}" + (
+                f"  [{config}: {given[f.name]}]" if given.get(f.name, f.default) != f.default else ""))
+    return "\n".join(lines)
 
 
 # -----------------------------------------------------------------------------
-# Data: train.bin / val.bin are raw uint16 token ids; a batch is random windows of them.
+# Data (train.bin / val.bin: raw uint16 token ids; a batch is random windows of them), the learning
+# rate, evaluation, and the checkpoint that makes a resumed run the run it continues
 
 
 def load_data(data_dir):
@@ -163,19 +194,19 @@ def load_data(data_dir):
         sample = " --sample" if os.path.normpath(data_dir) == os.path.join("data", "sample") else ""
         raise TrainError(f"data_dir {data_dir} does not exist; make it with "
                          f"`python prepare_tinystories.py{sample}` (see README.md)")
-    paths = [os.path.join(data_dir, name) for name in ("train.bin", "val.bin", "meta.json")]
-    for path in paths:
+    *bins, meta_path = [os.path.join(data_dir, name) for name in ("train.bin", "val.bin", "meta.json")]
+    for path in (*bins, meta_path):
         if not os.path.isfile(path):
             raise TrainError(f"{path} is missing; run prepare_tinystories.py to write it")
     try:
-        with open(paths[2], encoding="utf-8") as f:
+        with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
     except json.JSONDecodeError as e:
-        raise TrainError(f"{paths[2]} is not valid JSON ({e})") from None
+        raise TrainError(f"{meta_path} is not valid JSON ({e})") from None
     missing = [k for k in ("vocab_size", "val_tokens", "val_bytes") if k not in meta]
     if missing:
-        raise TrainError(f"{paths[2]} lacks {', '.join(missing)}")
-    return *(np.memmap(path, dtype=np.uint16, mode="r") for path in paths[:2]), meta
+        raise TrainError(f"{meta_path} lacks {', '.join(missing)}")
+    return *(np.memmap(path, dtype=np.uint16, mode="r") for path in bins), meta
 
 
 def random_offsets(rng, n_tokens, block_size, shape):
@@ -202,33 +233,24 @@ def get_lr(it, cfg):
 
 
 @torch.no_grad()
-def estimate_loss(model, data, block_size, batch_size, eval_iters, device, seed, ctx):
-    """Mean loss over eval_iters batches of `data`: the same windows at every call with the same
-    seed, so evaluations along a run (and across runs) see the same text."""
-    offsets = random_offsets(np.random.default_rng(seed), len(data), block_size, (eval_iters, batch_size))
+def estimate_loss(model, data, block_size, cfg, ctx, seed):
+    """Mean loss over cfg.eval_iters batches of `data`: the same windows at every call with the
+    same seed, so evaluations along a run (and across runs) see the same text."""
+    offsets = random_offsets(np.random.default_rng(seed), len(data), block_size, (cfg.eval_iters, cfg.batch_size))
     model.eval()
     total = 0.0
-    for k in range(eval_iters):
-        x, y = get_batch(data, offsets[k], block_size, device)
+    for batch in offsets:
+        x, y = get_batch(data, batch, block_size, cfg.device)
         with ctx:
             total += model(x, y)[1].item()
     model.train()
-    return total / eval_iters
+    return total / cfg.eval_iters
 
 
-def bits_per_byte(loss, meta):
-    """Nats per token -> bits per byte of the text, from meta.json's val token and byte counts."""
-    return loss / math.log(2) * meta["val_tokens"] / meta["val_bytes"]
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints and random states: what makes a resumed run the run it continues.
-
-
-def save_checkpoint(path, payload):
-    """torch.save to a temporary file, then os.replace: a reader never sees half a checkpoint."""
+def replace_file(path, write):
+    """write(f) into path + ".tmp", then os.replace: a reader never sees half a file."""
     with open(path + ".tmp", "wb") as f:
-        torch.save(payload, f)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
@@ -254,38 +276,41 @@ def load_checkpoint(path, arch, model_config):
     return ckpt
 
 
-def rng_states(rng, device):
-    cuda = {"cuda": torch.cuda.get_rng_state(device)} if torch.device(device).type == "cuda" else {}
-    return {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), **cuda}
-
-
-def resume(ckpt, model, optimizer, scaler, rng, cfg, rank, log, path):
-    """Load a checkpoint's weights (λ included), optimizer, scaler and this process's random
-    states; -> (iteration, best val loss, elapsed seconds)."""
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
-    state = ckpt["rng"][rank % len(ckpt["rng"])]
-    rng.bit_generator.state = state["numpy"]
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and cfg.device.startswith("cuda"):
-        torch.cuda.set_rng_state(state["cuda"], cfg.device)
-    changed = [f"{k}={v!r} (was {ckpt['train_config'].get(k)!r})" for k, v in asdict(cfg).items()
-               if k != "init_from" and ckpt["train_config"].get(k) != v]
-    log(f"resuming from {path} at iter {ckpt['iter_num']}" + (f"; changed: {', '.join(changed)}" if changed else ""))
-    return ckpt["iter_num"], ckpt["best_val_loss"], ckpt.get("elapsed_s", 0.0)
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C in the loop, with where the run was and which iteration its checkpoint holds."""
-
-    def __init__(self, iter_num, ckpt_iter, ckpt_path):
-        super().__init__(iter_num)
-        self.iter_num, self.ckpt_iter, self.ckpt_path = iter_num, ckpt_iter, ckpt_path
-
-
 # -----------------------------------------------------------------------------
-# The training loop
+# The training loop, and its progress line's time left and MFU
+
+
+def format_duration(seconds):
+    """12s, 3m05s, 2h07m: short enough for the progress line."""
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+# Dense peak TFLOP/s (datasheets quote 2:4 sparsity, twice these) of (a get_device_name() pattern,
+# bfloat16, float16, float32: TF32, else CUDA cores); None: no such unit. Unlisted: no MFU, no guess.
+GPU_PEAK_TFLOPS = (
+    (r"H100 80GB HBM3$|H200$", 989.4, 989.4, 494.7),  # SXM
+    (r"H100 PCIe$", 756.5, 756.5, 378.0),
+    (r"H100 NVL$|H200 NVL$", 835.5, 835.5, 417.5),
+    (r"A100[- ]", 312.0, 312.0, 156.0),
+    (r"NVIDIA L40S$", 362.05, 362.05, 183.0),
+    (r"NVIDIA A10$", 125.0, 125.0, 62.5),
+    (r"NVIDIA L4$", 121.0, 121.0, 60.0),
+    (r"GeForce RTX 4090$", 165.2, 165.2, 82.6),  # float32 accumulation: half rate on GeForce
+    (r"GeForce RTX 3090$", 71.0, 71.0, 35.6),
+    (r"V100-SXM2", None, 125.0, 15.7),
+    (r"Tesla T4$", None, 65.0, 8.1),
+)
+
+
+def gpu_peak_flops(device_name, dtype):
+    """Dense peak FLOP/s of the GPU called `device_name` for matmuls in `dtype`, or None."""
+    for pattern, *peaks in GPU_PEAK_TFLOPS:
+        if re.search(pattern, device_name):
+            tflops = peaks[("bfloat16", "float16", "float32").index(dtype)]
+            return None if tflops is None else tflops * 1e12
+    return None
 
 
 def train(cfg, model_args=None):
@@ -313,11 +338,18 @@ def train(cfg, model_args=None):
     ckpt_path, log_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "log.jsonl")
     ckpt = load_checkpoint(ckpt_path, cfg.arch, model_config) if cfg.init_from == "resume" else None
     tokens_per_iter = cfg.batch_size * cfg.grad_accum * block_size
+    bpb_per_nat = meta["val_tokens"] / meta["val_bytes"] / math.log(2)  # loss -> bits per byte of text
     log(f"arch {cfg.arch} | device {device} ({world_size} process{'es' if world_size > 1 else ''}) | "
         f"dtype {cfg.dtype} | compile {cfg.compile} | {tokens_per_iter:,} tokens/iter "
         f"({cfg.batch_size} x {cfg.grad_accum} x {block_size})")
     ctx = nullcontext() if cfg.dtype == "float32" else torch.autocast(device_type, getattr(torch, cfg.dtype))
-    peak_flops = setup_cuda(cfg, log) if device_type == "cuda" else None
+    peak_flops = None
+    if device_type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        peak_flops = gpu_peak_flops(torch.cuda.get_device_name(device), cfg.dtype)
+        if peak_flops is None:
+            log(f"no MFU: {torch.cuda.get_device_name(device)} is not in train.GPU_PEAK_TFLOPS")
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
 
@@ -331,17 +363,30 @@ def train(cfg, model_args=None):
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
                                                (cfg.beta1, cfg.beta2), device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")
-    iter_num, best_val_loss, elapsed = 0, math.inf, 0.0
-    if ckpt is not None:
-        iter_num, best_val_loss, elapsed = resume(ckpt, raw_model, optimizer, scaler, rng, cfg, rank,
-                                                  log, ckpt_path)
+    iter_num, best_val_loss, elapsed, kept_log = 0, math.inf, 0.0, []
+    if ckpt is not None:  # the weights (λ included), optimizer, scaler, this process's random states
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        state = ckpt["rng"][rank % len(ckpt["rng"])]
+        rng.bit_generator.state = state["numpy"]
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and device_type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], device)
+        iter_num, best_val_loss, elapsed = ckpt["iter_num"], ckpt["best_val_loss"], ckpt.get("elapsed_s", 0.0)
+        changed = [f"{k}={v!r} (was {ckpt['train_config'].get(k)!r})" for k, v in asdict(cfg).items()
+                   if k != "init_from" and ckpt["train_config"].get(k) != v]
+        log(f"resuming from {ckpt_path} at iter {iter_num}" + (f"; changed: {', '.join(changed)}" if changed else ""))
+        if master and os.path.isfile(log_path):  # a crash may have come after a log line, before its checkpoint
+            with open(log_path, "rb") as f:
+                kept_log = [line for line in f if line.strip() and json.loads(line)["iter"] <= iter_num]
     if master:
-        keep_log_until(log_path, iter_num if ckpt is not None else -1)
+        replace_file(log_path, lambda f: f.writelines(kept_log))
     start_iter, ckpt_iter = iter_num, iter_num if ckpt is not None else None
     model = eval_model = torch.compile(raw_model) if cfg.compile else raw_model  # eval: no all-reduce
     summary = {"arch": cfg.arch, "params": raw_model.get_num_params(), "out_dir": cfg.out_dir}
     run_start = time.time() - elapsed  # a resumed run's clock continues the checkpoint's
-    train_time, train_tokens, mfu = 0.0, 0, -1.0  # this process's training, for the summary and MFU
+    train_time, mfu = 0.0, -1.0  # this process's time in training steps; MFU's running mean
     t_seg, seg_iters = time.time(), 0  # since the last evaluation, for log.jsonl
     t_log, log_iters, loss_sum = time.time(), 0, 0.0  # since the last progress line
     if ddp:
@@ -365,17 +410,17 @@ def train(cfg, model_args=None):
                     torch.cuda.synchronize()
                 seg_time, t_seg = time.time() - t_seg, time.time()
                 train_time += seg_time
-                states = [rng_states(rng, device)] * world_size  # every process's, to resume its own
+                state = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(),
+                         **({"cuda": torch.cuda.get_rng_state(device)} if device_type == "cuda" else {})}
+                states = [state] * world_size  # every process's, to resume its own
                 if ddp:
-                    torch.distributed.all_gather_object(states, states[0])
+                    torch.distributed.all_gather_object(states, state)
                 if master:
-                    kw = dict(block_size=block_size, batch_size=cfg.batch_size,
-                              eval_iters=cfg.eval_iters, device=device, ctx=ctx)
-                    train_loss = estimate_loss(eval_model, train_data, seed=cfg.seed + 1, **kw)
-                    val_loss = estimate_loss(eval_model, val_data, seed=cfg.seed + 2, **kw)
+                    train_loss = estimate_loss(eval_model, train_data, block_size, cfg, ctx, seed=cfg.seed + 1)
+                    val_loss = estimate_loss(eval_model, val_data, block_size, cfg, ctx, seed=cfg.seed + 2)
                     best_val_loss = min(best_val_loss, val_loss)
                     record = {"iter": iter_num, "train_loss": train_loss, "val_loss": val_loss,
-                              "val_ppl": math.exp(min(val_loss, 700)), "val_bpb": bits_per_byte(val_loss, meta),
+                              "val_ppl": math.exp(min(val_loss, 700)), "val_bpb": val_loss * bpb_per_nat,
                               "lr": lr, "tokens": iter_num * tokens_per_iter,
                               "tokens_per_sec": seg_iters * tokens_per_iter / seg_time if seg_iters else None,
                               "elapsed_s": round(time.time() - run_start, 3), **({"mfu": mfu} if mfu > 0 else {})}
@@ -383,14 +428,14 @@ def train(cfg, model_args=None):
                         f"val ppl {record['val_ppl']:.2f} | val bpb {record['val_bpb']:.4f}"
                         + (" (best)" if val_loss == best_val_loss else ""))
                     summary.update(record, iters=iter_num, best_val_loss=best_val_loss,
-                                   best_val_bpb=bits_per_byte(best_val_loss, meta))
+                                   best_val_bpb=best_val_loss * bpb_per_nat)
                     if not (iter_num == start_iter and ckpt is not None):  # a resumed start is saved
                         with open(log_path, "a", encoding="utf-8") as f:
                             f.write(json.dumps(record) + "\n")
-                        save_checkpoint(ckpt_path, {
+                        replace_file(ckpt_path, lambda f: torch.save({
                             **checkpoint_payload(raw_model), "optimizer": optimizer.state_dict(),
                             "scaler": scaler.state_dict(), "train_config": asdict(cfg), "iter_num": iter_num,
-                            "best_val_loss": best_val_loss, "rng": states, "elapsed_s": time.time() - run_start})
+                            "best_val_loss": best_val_loss, "rng": states, "elapsed_s": time.time() - run_start}, f))
                 ckpt_iter, t_log, seg_iters = iter_num, time.time(), 0
             if iter_num >= cfg.max_iters:
                 break
@@ -415,8 +460,7 @@ def train(cfg, model_args=None):
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            iter_num, seg_iters, log_iters, train_tokens = (iter_num + 1, seg_iters + 1, log_iters + 1,
-                                                            train_tokens + tokens_per_iter)
+            iter_num, seg_iters, log_iters = iter_num + 1, seg_iters + 1, log_iters + 1
 
             # -- progress: the mean loss since the last line (over all processes), speed, time left
             if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
@@ -432,112 +476,25 @@ def train(cfg, model_args=None):
                     f"eta {format_duration((cfg.max_iters - iter_num) * dt)}"
                     + (f" | mfu {mfu * 100:.1f}%" if peak_flops else ""))
                 t_log, log_iters, loss_sum = time.time(), 0, 0.0
-    except KeyboardInterrupt:
-        raise Interrupted(iter_num, ckpt_iter, ckpt_path) from None
+    except KeyboardInterrupt:  # main() prints what to do next
+        raise KeyboardInterrupt(
+            f"interrupted at iter {iter_num}, before the first checkpoint: nothing to resume yet "
+            f"({ckpt_path} not written); run the same command again to start over" if ckpt_iter is None else
+            f"interrupted at iter {iter_num}: continue from iter {ckpt_iter} with --init_from=resume ({ckpt_path})"
+        ) from None
     finally:
         if ddp:  # the wrapper first: its Reducer holds the group; left to a reference cycle, the
             del model  # group's gloo threads die with the interpreter and a rank can abort at exit
             gc.collect()
             torch.distributed.destroy_process_group()
 
-    summary["tokens_per_sec"] = train_tokens / train_time if train_tokens else None  # None: nothing trained
+    trained = (iter_num - start_iter) * tokens_per_iter  # this process's
+    summary["tokens_per_sec"] = trained / train_time if trained else None  # None: nothing trained
     if master:
+        speed = f"{summary['tokens_per_sec']:,.0f} tok/s | " if trained else ""
         print(f"done: {summary['iters']} iters | val loss {summary['val_loss']:.4f} (best {best_val_loss:.4f}) | "
-              f"val bpb {summary['val_bpb']:.4f} | " + (f"{summary['tokens_per_sec']:,.0f} tok/s | "
-                                                        if summary["tokens_per_sec"] else "")
-              + f"{time.time() - run_start:.0f} s | {ckpt_path}")
+              f"val bpb {summary['val_bpb']:.4f} | {speed}{time.time() - run_start:.0f} s | {ckpt_path}")
     return summary
-
-
-def keep_log_until(path, iter_num):
-    """log.jsonl anew, or up to the resumed checkpoint (a crash may come between the two)."""
-    kept = []
-    if iter_num >= 0 and os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["iter"] <= iter_num]
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
-
-
-def format_duration(seconds):
-    """12s, 3m05s, 2h07m: short enough for the progress line."""
-    seconds = round(seconds)
-    if seconds < 3600:
-        return f"{seconds}s" if seconds < 60 else f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
-# Dense peak TFLOP/s for MFU, from the vendors' datasheets (which quote 2:4 sparsity, twice these):
-# (pattern in torch.cuda.get_device_name(), bfloat16, float16, float32 matmuls: TF32 where the GPU
-# has it, else its CUDA cores). None: no such unit. A GPU not listed gets no MFU, not a guess.
-GPU_PEAK_TFLOPS = (
-    (r"H100 80GB HBM3$|H200$", 989.4, 989.4, 494.7),  # SXM
-    (r"H100 PCIe$", 756.5, 756.5, 378.0),
-    (r"H100 NVL$|H200 NVL$", 835.5, 835.5, 417.5),
-    (r"A100[- ]", 312.0, 312.0, 156.0),
-    (r"NVIDIA L40S$", 362.05, 362.05, 183.0),
-    (r"NVIDIA A10$", 125.0, 125.0, 62.5),
-    (r"NVIDIA L4$", 121.0, 121.0, 60.0),
-    (r"GeForce RTX 4090$", 165.2, 165.2, 82.6),  # float32 accumulation: half rate on GeForce
-    (r"GeForce RTX 3090$", 71.0, 71.0, 35.6),
-    (r"V100-SXM2", None, 125.0, 15.7),
-    (r"Tesla T4$", None, 65.0, 8.1),
-)
-
-
-def gpu_peak_flops(device_name, dtype):
-    """Dense peak FLOP/s of the GPU called `device_name` for matmuls in `dtype` (bfloat16, float16
-    or float32), or None."""
-    for pattern, *peaks in GPU_PEAK_TFLOPS:
-        if re.search(pattern, device_name):
-            tflops = peaks[("bfloat16", "float16", "float32").index(dtype)]
-            return None if tflops is None else tflops * 1e12
-    return None
-
-
-def setup_cuda(cfg, log):
-    """TF32 for float32 matmuls; -> the GPU's peak FLOP/s for MFU, or None."""
-    torch.cuda.set_device(cfg.device)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    peak = gpu_peak_flops(torch.cuda.get_device_name(cfg.device), cfg.dtype)
-    if peak is None:
-        log(f"no MFU: {torch.cuda.get_device_name(cfg.device)} is not in train.GPU_PEAK_TFLOPS")
-    return peak
-
-
-# -----------------------------------------------------------------------------
-# Command line
-
-
-def default_config():
-    """The config that fits this machine: the paper's PRISM on a GPU, the small one on a CPU."""
-    return os.path.join(HERE, "config", "prism_50m.py" if torch.cuda.is_available() else "cpu_small.py")
-
-
-def field_help(cls):
-    """{field name: the comment on its line}: each setting is described once, where it is defined."""
-    lines = inspect.getsource(cls).splitlines()
-    return {m[1]: m[2].strip() for m in (re.match(r"\s+(\w+)\s*:[^#]*#(.*)", x) for x in lines) if m}
-
-
-def usage(argv=()):
-    """The docstring, then every setting: --name=DEFAULT, what it is, and its value in the default
-    config where that differs. The model's settings are those of --arch (PRISM's by default)."""
-    config = os.path.relpath(default_config(), HERE)
-    arch = next((a.split("=", 1)[1] for a in reversed(argv) if a.startswith("--arch=")), "prism")
-    cfg, model_args = parse_args([default_config()]) if arch == "prism" else (TrainConfig(), {})
-    given = {**asdict(cfg), **model_args}
-    lines = [__doc__.strip(), "", f"Settings: --name=DEFAULT  what it is  [{config}: its value there]"]
-    for cls in (TrainConfig, arch_config(arch)):
-        lines += ["", f"{cls.__name__}:" if cls is TrainConfig else
-                  f"{cls.__name__} (arch {arch}; --arch=NAME --help for another's):"]
-        for f, text in ((f, field_help(cls).get(f.name, "")) for f in dataclasses.fields(cls)):
-            shown = "auto" if f.default is None else str(f.default).lower() if isinstance(f.default, bool) else f.default
-            if f.name != "vocab_size":
-                lines.append(f"  {f'--{f.name}={shown}':<28} {text}" + (
-                    f"  [{config}: {given[f.name]}]" if given.get(f.name, f.default) != f.default else ""))
-    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -555,21 +512,10 @@ def main(argv=None):
     except TrainError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    except KeyboardInterrupt as e:
+    except KeyboardInterrupt as e:  # train()'s says which iteration the checkpoint holds
         if master:
-            print(interrupted_message(e), file=sys.stderr)
+            print(e.args[0] if e.args else "interrupted before training started", file=sys.stderr)
         raise SystemExit(130) from None
-
-
-def interrupted_message(e):
-    """What to do after Ctrl-C: continue from the checkpoint, saying which iteration it holds."""
-    if not isinstance(e, Interrupted):
-        return "interrupted before training started"
-    if e.ckpt_iter is None:
-        return (f"interrupted at iter {e.iter_num}, before the first checkpoint: nothing to resume "
-                f"yet ({e.ckpt_path} not written); run the same command again to start over")
-    return (f"interrupted at iter {e.iter_num}: continue from iter {e.ckpt_iter} with "
-            f"--init_from=resume ({e.ckpt_path})")
 
 
 if __name__ == "__main__":
