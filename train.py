@@ -110,22 +110,20 @@ def typed(key, value, source, default):
 
 def parse_args(argv):
     """Config files, then --key=value arguments -> (TrainConfig, the arch's model args)."""
-    settings = {}  # key -> (value, its config file or None for the command line)
-    for arg in sorted(argv, key=lambda a: a.startswith("--")):  # the files first, in their order
+    settings = {}  # key -> (value, the config file it came from, or None: the command line)
+    for path in (a for a in argv if not a.startswith("--")):
+        settings.update({k: (v, path) for k, v in read_config_file(path).items()})
+    for arg in (a for a in argv if a.startswith("--")):
         key, eq, value = arg[2:].partition("=")
-        if not arg.startswith("--"):
-            settings.update({k: (v, arg) for k, v in read_config_file(arg).items()})
-        elif not (key and eq):
+        if not (key and eq):
             raise TrainError(f"expected --key=value, got {arg!r}")
-        else:
-            settings[key] = (value, None)
+        settings[key] = (value, None)
     arch = typed("arch", *settings.get("arch", ("prism", "the defaults")), "prism")
     config_cls = arch_config(arch)
     train_args, model_args = {}, {}
     for key, (value, source) in settings.items():
-        cls, dest = next(((c, d) for c, d in ((TrainConfig, train_args), (config_cls, model_args))
-                          if key in c.__dataclass_fields__ and key != "vocab_size"), (None, None))
-        if cls is None:
+        cls, dest = (TrainConfig, train_args) if key in TrainConfig.__dataclass_fields__ else (config_cls, model_args)
+        if key not in cls.__dataclass_fields__ or key == "vocab_size":
             hint = ("; vocab_size comes from meta.json" if key == "vocab_size" else
                     "; another arch at a PRISM config's size: python -m lab.train" if arch != "prism" else "")
             raise TrainError(f"unknown key {key!r} (from {source or 'the command line'}): neither a "
@@ -215,11 +213,10 @@ def random_offsets(rng, n_tokens, block_size, shape):
 
 
 def get_batch(data, offsets, block_size, device):
-    """Inputs x and next-token targets y (len(offsets), block_size) of the windows at offsets;
-    on CUDA through pinned memory, without blocking."""
+    """Inputs x and next-token targets y, (len(offsets), block_size), of the windows at offsets."""
     windows = torch.from_numpy(np.stack([data[i: i + block_size + 1] for i in offsets]).astype(np.int64))
     x, y = windows[:, :-1], windows[:, 1:]
-    if torch.device(device).type == "cuda":
+    if torch.device(device).type == "cuda":  # through pinned memory, without blocking
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.contiguous().to(device), y.contiguous().to(device)
 
