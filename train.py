@@ -284,8 +284,9 @@ def format_duration(seconds):
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
-# Dense peak TFLOP/s (datasheets quote 2:4 sparsity, twice these) of (a get_device_name() pattern,
-# bfloat16, float16, float32: TF32, else CUDA cores); None: no such unit. Unlisted: no MFU, no guess.
+# Dense peak TFLOP/s for MFU, from the datasheets (which quote 2:4 sparsity, twice these): (pattern in
+# torch.cuda.get_device_name(), bfloat16, float16, float32 matmuls: TF32 where the GPU has it, else its
+# CUDA cores). None: no such unit. A GPU not listed gets no MFU, not a guess.
 GPU_PEAK_TFLOPS = (
     (r"H100 80GB HBM3$|H200$", 989.4, 989.4, 494.7),  # SXM
     (r"H100 PCIe$", 756.5, 756.5, 378.0),
