@@ -273,6 +273,23 @@ def load_checkpoint(path, arch, model_config):
     return ckpt
 
 
+def resume(ckpt, model, optimizer, scaler, rng, cfg, rank, log, path):
+    """Load a checkpoint's weights (λ included), optimizer, scaler and this process's random
+    states; -> (iteration, best val loss, elapsed seconds)."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    state = ckpt["rng"][rank % len(ckpt["rng"])]
+    rng.bit_generator.state = state["numpy"]
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and cfg.device.startswith("cuda"):
+        torch.cuda.set_rng_state(state["cuda"], cfg.device)
+    changed = [f"{k}={v!r} (was {ckpt['train_config'].get(k)!r})" for k, v in asdict(cfg).items()
+               if k != "init_from" and ckpt["train_config"].get(k) != v]
+    log(f"resuming from {path} at iter {ckpt['iter_num']}" + (f"; changed: {', '.join(changed)}" if changed else ""))
+    return ckpt["iter_num"], ckpt["best_val_loss"], ckpt.get("elapsed_s", 0.0)
+
+
 # -----------------------------------------------------------------------------
 # The training loop, and its progress line's time left and MFU
 
@@ -311,6 +328,16 @@ def gpu_peak_flops(device_name, dtype):
     return None
 
 
+def setup_cuda(cfg, log):
+    """TF32 for float32 matmuls; -> the GPU's peak FLOP/s for MFU, or None."""
+    torch.cuda.set_device(cfg.device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    peak = gpu_peak_flops(torch.cuda.get_device_name(cfg.device), cfg.dtype)
+    if peak is None:
+        log(f"no MFU: {torch.cuda.get_device_name(cfg.device)} is not in train.GPU_PEAK_TFLOPS")
+    return peak
+
+
 def train(cfg, model_args=None):
     """Train as cfg and model_args (fields of cfg.arch's config) say; returns rank 0's summary:
     the last evaluation's record, with arch, params, out_dir, iters, best val and tokens/s."""
@@ -341,13 +368,7 @@ def train(cfg, model_args=None):
         f"dtype {cfg.dtype} | compile {cfg.compile} | {tokens_per_iter:,} tokens/iter "
         f"({cfg.batch_size} x {cfg.grad_accum} x {block_size})")
     ctx = nullcontext() if cfg.dtype == "float32" else torch.autocast(device_type, getattr(torch, cfg.dtype))
-    peak_flops = None
-    if device_type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        peak_flops = gpu_peak_flops(torch.cuda.get_device_name(device), cfg.dtype)
-        if peak_flops is None:
-            log(f"no MFU: {torch.cuda.get_device_name(device)} is not in train.GPU_PEAK_TFLOPS")
+    peak_flops = setup_cuda(cfg, log) if device_type == "cuda" else None
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
 
@@ -362,20 +383,10 @@ def train(cfg, model_args=None):
                                                (cfg.beta1, cfg.beta2), device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")
     iter_num, best_val_loss, elapsed, kept_log = 0, math.inf, 0.0, []
-    if ckpt is not None:  # the weights (λ included), optimizer, scaler, this process's random states
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        state = ckpt["rng"][rank % len(ckpt["rng"])]
-        rng.bit_generator.state = state["numpy"]
-        torch.set_rng_state(state["torch"])
-        if "cuda" in state and device_type == "cuda":
-            torch.cuda.set_rng_state(state["cuda"], device)
-        iter_num, best_val_loss, elapsed = ckpt["iter_num"], ckpt["best_val_loss"], ckpt.get("elapsed_s", 0.0)
-        changed = [f"{k}={v!r} (was {ckpt['train_config'].get(k)!r})" for k, v in asdict(cfg).items()
-                   if k != "init_from" and ckpt["train_config"].get(k) != v]
-        log(f"resuming from {ckpt_path} at iter {iter_num}" + (f"; changed: {', '.join(changed)}" if changed else ""))
-        if master and os.path.isfile(log_path):  # a crash may have come after a log line, before its checkpoint
+    if ckpt is not None:
+        iter_num, best_val_loss, elapsed = resume(ckpt, raw_model, optimizer, scaler, rng, cfg, rank,
+                                                  log, ckpt_path)
+        if master and os.path.isfile(log_path):  # a crash may come after a log line, before its checkpoint
             with open(log_path, "rb") as f:
                 kept_log = [line for line in f if line.strip() and json.loads(line)["iter"] <= iter_num]
     if master:
