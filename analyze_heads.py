@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import sys
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -46,19 +47,17 @@ def attention_sums(attn):
     a = attn.double()
     pos = torch.arange(T, dtype=torch.float64, device=a.device)
     # Σ_j A_ij (i − j) = i Σ_j A_ij − Σ_j A_ij j   (A_ij = 0 for j > i)
-    dist = pos * a.sum(-1) - a @ pos                          # (B, H, T)
-    ent = -torch.special.xlogy(a, a).sum(-1)                  # (B, H, T)
-    diag = a.diagonal(dim1=-2, dim2=-1)                       # (B, H, T)
-    return dict(distance=dist[..., 1:].sum(dim=(0, 2)).cpu(),
-                entropy=ent[..., 1:].sum(dim=(0, 2)).cpu(),
-                self_mass=diag[..., 1:].sum(dim=(0, 2)).cpu(), n_queries=B * (T - 1))
+    per_query = dict(distance=pos * a.sum(-1) - a @ pos,  # each (B, H, T)
+                     entropy=-torch.special.xlogy(a, a).sum(-1),
+                     self_mass=a.diagonal(dim1=-2, dim2=-1))
+    sums = {k: v[..., 1:].sum(dim=(0, 2)).cpu() for k, v in per_query.items()}
+    return dict(sums, n_queries=B * (T - 1))
 
 
 def spectrum_sums(q, k, pairs="interleaved"):
     """q (B, H, T, p), k (B, Hk, T, p) -> (E_sum (H, p/2), n_tokens): per head and rotary pair the
-    sum over tokens of ‖q^(i)‖·‖k^(i)‖. A pair is dims (2i, 2i + 1) ("interleaved", as PRISM
-    rotates them) or (i, i + p/2) ("halves", the lab's other models). Grouped keys (Hk < H) are
-    shared by H/Hk query heads."""
+    sum over tokens of ‖q^(i)‖·‖k^(i)‖. A pair is dims (2i, 2i + 1) ("interleaved", PRISM) or
+    (i, i + p/2) ("halves", the lab's other models); grouped keys (Hk < H) serve H/Hk heads each."""
 
     def norms(x):  # (…, p) -> (…, p/2)
         x = x.double()
@@ -159,7 +158,47 @@ def label_permutation_test(heads, contrast, draws=9999, seed=0):
 
 
 # -----------------------------------------------------------------------------
-# Running a model over batches.
+# Running a model over evenly spaced windows of a split.
+
+
+def evenly_spaced_batches(data, batch_size, block_size, num_batches, device="cpu"):
+    """num_batches (x, y) pairs of batch_size windows of block_size tokens (y = x shifted by one)
+    from the 1-D token array `data`, at evenly spaced offsets (deterministic)."""
+    last = len(data) - block_size - 1  # the last start with a target for every token
+    starts = np.linspace(0, last, num_batches * batch_size).round().astype(np.int64)
+    for b in range(num_batches):
+        xy = torch.from_numpy(np.stack([np.asarray(data[s:s + block_size + 1], dtype=np.int64)
+                                        for s in starts[b * batch_size:(b + 1) * batch_size]]))
+        yield xy[:, :-1].to(device), xy[:, 1:].to(device)
+
+
+def open_tokens(data_dir, split, block_size, vocab_size):
+    path = Path(data_dir) / f"{split}.bin"
+    try:
+        data = np.memmap(path, dtype=np.uint16, mode="r")
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read {path} ({getattr(e, 'strerror', None) or e})") from None
+    if len(data) < block_size + 1:
+        raise UsageError(f"{path} has {len(data)} tokens, fewer than block_size + 1 = "
+                         f"{block_size + 1}: pass a smaller --block_size")
+    if int(data.max()) >= vocab_size:
+        raise UsageError(f"{path} holds token {int(data.max())}, outside the model's vocabulary of "
+                         f"{vocab_size} (data prepared with another vocabulary?)")
+    return data
+
+
+def find_word(data, tokenizer, word, block_size):
+    """(tokens, position): the first story of `data` holding `word` as a token of its own (with
+    its leading space, or at a story's start), up to and including it, at most block_size tokens;
+    None if the split has none."""
+    for target in (tokenizer.encode(" " + word), tokenizer.encode(word)):
+        hits = np.flatnonzero(np.asarray(data) == target[0]) if len(target) == 1 else []
+        if len(hits):
+            end = int(hits[0]) + 1
+            eots = np.flatnonzero(np.asarray(data[max(0, end - block_size):end]) == tokenizer.eot)
+            start = max(0, end - block_size) + (int(eots[-1]) + 1 if len(eots) else 0)
+            return torch.from_numpy(np.asarray(data[start:end], dtype=np.int64)), end - start - 1
+    return None
 
 
 @torch.no_grad()
@@ -212,17 +251,15 @@ def analyze_model(model, batches, eps=0.5, max_tokens=4096, num_batches=None, se
 
     heads, layers_out = [], []
     for l, a in enumerate(acc):
-        n = a["n_queries"]
+        n, away = a["n_queries"], a["n_queries"] - a["self_mass"]  # away: the mass not on itself
         E = a["E"] / a["n_tokens"] if rotary else None
-        centroid = spectral_centroid(E, freqs[l]) if rotary else None
-        for h in range(len(a["distance"])):
-            c = float(centroid[h]) if rotary else math.nan
+        centroid = spectral_centroid(E, freqs[l]).tolist() if rotary else [math.nan] * len(away)
+        for h, c in enumerate(centroid):
             c = c if math.isfinite(c) else None  # no q·k energy: no centroid
-            away = n - a["self_mass"][h]  # the mass not on the token itself (0: all on it)
             heads.append(dict(
                 layer=l, head=h, group=groups[h] if groups is not None else None,
                 mean_distance=float(a["distance"][h] / n),
-                mean_distance_no_self=float(a["distance"][h] / away) if away > 1e-12 else None,
+                mean_distance_no_self=float(a["distance"][h] / away[h]) if away[h] > 1e-12 else None,
                 self_attention=float(a["self_mass"][h] / n),
                 entropy=float(a["entropy"][h] / n),
                 spectral_centroid=c,
@@ -246,53 +283,6 @@ def analyze_model(model, batches, eps=0.5, max_tokens=4096, num_batches=None, se
 
 
 # -----------------------------------------------------------------------------
-# Data.
-
-
-def evenly_spaced_batches(data, batch_size, block_size, num_batches, device="cpu"):
-    """num_batches (x, y) pairs of batch_size windows of block_size tokens (y = x shifted by one)
-    from the 1-D token array `data`, at evenly spaced offsets (deterministic)."""
-    n = num_batches * batch_size
-    last = len(data) - block_size - 1
-    starts = np.linspace(0, last, n).round().astype(np.int64)
-    for b in range(num_batches):
-        xy = torch.from_numpy(np.stack([np.asarray(data[s:s + block_size + 1], dtype=np.int64)
-                                        for s in starts[b * batch_size:(b + 1) * batch_size]]))
-        yield xy[:, :-1].to(device), xy[:, 1:].to(device)
-
-
-def open_tokens(data_dir, split, block_size, vocab_size):
-    path = Path(data_dir) / f"{split}.bin"
-    try:
-        data = np.memmap(path, dtype=np.uint16, mode="r")
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read {path} ({getattr(e, 'strerror', None) or e})") from None
-    if len(data) < block_size + 1:
-        raise UsageError(f"{path} has {len(data)} tokens, fewer than block_size + 1 = "
-                         f"{block_size + 1}: pass a smaller --block_size")
-    if int(data.max()) >= vocab_size:
-        raise UsageError(f"{path} holds token {int(data.max())}, outside the model's vocabulary of "
-                         f"{vocab_size} (data prepared with another vocabulary?)")
-    return data
-
-
-def find_word(data, tokenizer, word, block_size):
-    """(tokens, position): the first story of `data` holding `word` as a token of its own (with
-    its leading space, or at a story's start), up to and including it, at most block_size tokens;
-    None if the split has none."""
-    for target in (tokenizer.encode(" " + word), tokenizer.encode(word)):
-        if len(target) != 1:
-            continue
-        hits = np.flatnonzero(np.asarray(data) == target[0])
-        if len(hits):
-            end = int(hits[0]) + 1
-            eots = np.flatnonzero(np.asarray(data[max(0, end - block_size):end]) == tokenizer.eot)
-            start = max(0, end - block_size) + (int(eots[-1]) + 1 if len(eots) else 0)
-            return torch.from_numpy(np.asarray(data[start:end], dtype=np.int64)), end - start - 1
-    return None
-
-
-# -----------------------------------------------------------------------------
 # Output: heads.json and the figures.
 
 
@@ -305,14 +295,21 @@ def write_json(result, path):
     Path(path).write_text(json.dumps(clean, indent=1, allow_nan=False) + "\n", encoding="utf-8")
 
 
-def _title(result):
-    """What was analysed, and how its loss was measured."""
-    data = result.get("data") or {}
-    where = (f"{data['num_batches'] * data['batch_size']} evenly spaced windows of "
-             f"{data['block_size']} {data['split']} tokens" if data else "the analysed windows")
-    loss = result["val_loss"]
-    return (f"{result['arch']}, loss {loss:.3f} as the mean over {where}" if loss is not None
-            else f"{result['arch']} on {where}") + " (training's val loss uses random windows)"
+def headline(result, contrasts=True):
+    """What was analysed and how its loss was measured; then, with designed groups, the claim's
+    contrasts (signal − noise heads, mean over layers) with their label-shuffle p."""
+    d = result.get("data") or {}
+    where = (f"{d['num_batches'] * d['batch_size']} evenly spaced windows of {d['split']} "
+             f"({d['block_size']} tokens each)" if d else "the analysed windows")
+    loss = "" if result["val_loss"] is None else f", loss {result['val_loss']:.4f}: the mean"
+    lines = [f"{result['arch']}, {len(result['heads'])} heads in {len(result['layers'])} layers"
+             f"{loss} over {where}; training's val loss uses random windows"]
+    if contrasts and result.get("contrasts"):
+        overall, tests = result["contrasts"][-1], result["contrast_tests"]
+        lines.append("signal − noise heads, mean over layers: " + ", ".join(
+            f"{c} {overall[c]:+.3f} (label-shuffle p = {tests[c]['p']:.3g})"
+            for c in ("log_distance", "log_centroid_in_band") if overall[c] is not None))
+    return "\n".join(lines)
 
 
 def _figure(path, title, panels, draw, panel_size=(4.0, 3.0), ncols=None, note=None):
@@ -327,7 +324,8 @@ def _figure(path, title, panels, draw, panel_size=(4.0, 3.0), ncols=None, note=N
                              figsize=(panel_size[0] * ncols + 1.0, panel_size[1] * nrows + 1.2))
     for i, ax in enumerate(axes.ravel()):
         draw(ax, i) if i < panels else ax.set_axis_off()
-    fig.suptitle(title, fontsize=9)
+    width = int(fig.get_figwidth() * 14)  # characters of 9-point text a line holds
+    fig.suptitle("\n".join(textwrap.fill(line, width) for line in title.split("\n")), fontsize=9)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return fig
@@ -362,18 +360,16 @@ def plot_head_spectra(result, path):
         if mesh is not None and i == len(layers) - 1:
             ax.figure.colorbar(mesh, ax=ax, label="share of the head's energy")
 
-    note = None if spectra else result["not_applicable"]["spectrum"]
     _figure(path, "Which rotary frequencies each head uses: the share of its query·key energy at "
-                  "each frequency (fast on the right tell\nnearby positions apart, slow on the "
-                  "left far ones; white tick: the head's average; left bar: blue signal, red "
-                  f"noise head)\n{_title(result)}", len(layers), draw, (4.2, 0.22 * n_heads + 1.4),
-            note=note)
+                  "each frequency (fast on the right tell nearby positions apart, slow on the left "
+                  "far ones; white tick: the head's average; left bar: blue signal, red noise "
+                  f"head)\n{headline(result, contrasts=False)}", len(layers), draw,
+            (4.2, 0.22 * n_heads + 1.4), note=None if spectra else result["not_applicable"]["spectrum"])
 
 
 def plot_distance_vs_centroid(result, path):
-    """One point per head, coloured by group and numbered by its layer: how far it looks against
-    its average frequency (left) and against where that sits in its own band (right); without
-    rotary heads, against its layer."""
+    """One point per head, coloured by group and numbered by its layer: how far it looks against its
+    average frequency (left), and where that sits in its band (right); without rotary heads, layer."""
     heads = result["heads"]
     keys = [("spectral_centroid", "the head's average rotary frequency (radians per token)"),
             ("centroid_in_band", "that frequency over its band's fastest (1 = the top)")]
@@ -381,14 +377,6 @@ def plot_distance_vs_centroid(result, path):
         keys = [(None, "layer (no rotary heads, so no frequencies to plot)")]
     elif all(h["centroid_in_band"] == h["spectral_centroid"] for h in heads):
         keys = keys[:1]  # every band tops at 1 rad/token (PRISM's two bases): one panel says it
-    claim = ""
-    if result.get("contrasts"):
-        overall, tests = result["contrasts"][-1], result["contrast_tests"]
-        parts = [f"{what} {overall[c]:+.2f} (p = {tests[c]['p']:.2g})" for c, what in
-                 (("log_distance", "log distance"), ("log_centroid_in_band", "log place in band"))
-                 if overall[c] is not None]
-        claim = ("\nsignal minus noise heads, mean over layers: " + ", ".join(parts)
-                 + "; p: how often shuffled group labels give as large a difference")
     distances = [h["mean_distance"] for h in heads]
 
     def draw(ax, i):
@@ -416,8 +404,9 @@ def plot_distance_vs_centroid(result, path):
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=8)
 
-    _figure(path, f"How far each head looks against the frequencies it uses (number: its layer)"
-                  f"{claim}\n{_title(result)}", len(keys), draw, (6.0, 5.0), ncols=len(keys))
+    _figure(path, "How far each head looks against the frequencies it uses (number: its layer); "
+                  "label-shuffle p: how often shuffled group labels give as large a difference\n"
+                  f"{headline(result)}", len(keys), draw, (6.0, 5.0), ncols=len(keys))
 
 
 def plot_coding_rate(result, path):
@@ -453,7 +442,7 @@ def plot_coding_rate(result, path):
         ax.title.set_fontsize(8)
         ax.grid(True, alpha=0.3)
 
-    _figure(path, _title(result), 2, draw, (6.0, 4.5), ncols=2)
+    _figure(path, headline(result, contrasts=False), 2, draw, (6.0, 4.5), ncols=2)
 
 
 @torch.no_grad()
@@ -466,7 +455,8 @@ def plot_word_attention(model, tokens, position, tokenizer, path, context=24):
     groups = getattr(model, "head_groups", lambda: None)() or ["heads"] * layers[0]["attn"].shape[1]
     names = list(dict.fromkeys(groups))
     start = max(0, position + 1 - context)
-    labels = [tokenizer.decode_bytes([int(t)]).decode("utf-8", "replace") for t in tokens[start:position + 1]]
+    labels = [tokenizer.decode_bytes([int(t)]).decode("utf-8", "replace")
+              for t in tokens[start:position + 1]]
 
     def draw(ax, i):
         layer, group = divmod(i, len(names))
@@ -559,21 +549,6 @@ def run(args):
             figures += 1
     print(headline(result) + f"\nwrote {out / 'heads.json'} and {figures} figures")
     return 0
-
-
-def headline(result):
-    """What was measured (and why its loss is not training's), then the layer-"all" contrasts."""
-    d = result["data"]
-    lines = [f"{len(result['heads'])} heads in {len(result['layers'])} layers; loss "
-             f"{result['val_loss']:.4f}: the mean over {d['num_batches'] * d['batch_size']} evenly "
-             f"spaced windows of {d['split']} (training's val loss is over random windows)"]
-    if result.get("contrasts"):
-        overall = result["contrasts"][-1]
-        for c in ("log_distance", "log_centroid_in_band"):
-            if overall[c] is not None:
-                lines.append(f"signal − noise heads, {c} {overall[c]:+.3f} (label-shuffle p = "
-                             f"{result['contrast_tests'][c]['p']:.3g})")
-    return "\n".join(lines)
 
 
 def main(argv=None):
