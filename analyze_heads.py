@@ -8,10 +8,9 @@ where every signal head and every noise head looks from it (the paper's picture)
     python analyze_heads.py --ckpt=out/prism_50m --num_batches=20 --out_dir=out/analysis_50m
     python analyze_heads.py --word=park                # the picture at another word
 
-Writes heads.json (every number) and four figures to --out_dir: head_spectra.png,
-distance_vs_centroid.png, coding_rate.png and word_attention.png. The text is num_batches ×
-batch_size windows at evenly spaced offsets of data_dir/<split>.bin, the same at every run.
-docs/PRISM.md §5 defines each measure and states the claim the signal − noise contrasts test.
+Writes heads.json (every number) and four figures to --out_dir, from num_batches × batch_size
+windows at evenly spaced offsets of data_dir/<split>.bin (the same at every run). docs/PRISM.md
+§5 defines each measure and states the claim the signal − noise contrasts test.
 """
 
 import argparse
@@ -35,8 +34,7 @@ from sample import UsageError, find_checkpoint, load_checkpoint_model, load_toke
 GROUP_COLORS = {"signal": "#1f77b4", "noise": "#d62728", None: "#7f7f7f"}
 
 # -----------------------------------------------------------------------------
-# Metrics on the analysis records. Each works on plain tensors, so it can be checked on hand-built
-# ones; they return sums (with counts) so that batches accumulate in bounded memory.
+# Metrics on plain tensors (hand-built ones test them), as sums that batches accumulate.
 
 
 def attention_sums(attn):
@@ -60,9 +58,8 @@ def spectrum_sums(q, k, pairs="interleaved"):
     (i, i + p/2) ("halves", the lab's other models); grouped keys (Hk < H) serve H/Hk heads each."""
 
     def norms(x):  # (…, p) -> (…, p/2)
-        x = x.double()
         a, b = (x[..., 0::2], x[..., 1::2]) if pairs == "interleaved" else x.chunk(2, dim=-1)
-        return torch.hypot(a, b)
+        return torch.hypot(a.double(), b.double())
 
     if k.shape[1] != q.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
@@ -89,8 +86,7 @@ def mcr2_diagnostics(Z, subspaces, eps):
         # R^c of the spans alone, whatever U's scale: each U_k replaced by Q of U_k = QR
         Q = torch.linalg.qr(U.transpose(1, 2)).Q.transpose(1, 2)
         Rc_orth = float(compressed_coding_rate(Z, Q, eps))
-        D = U.reshape(-1, U.shape[-1])  # every atom a row
-        bounds = torch.linalg.eigvalsh(D.T @ D)  # a tight frame with bound 1: both are 1
+        bounds = torch.linalg.eigvalsh(torch.einsum("kpd,kpe->de", U, U))  # of DᵀD = Σ U_kᵀU_k
         out.update(Rc=Rc, dR=R - Rc, Rc_orth=Rc_orth, dR_orth=R - Rc_orth,
                    neumann_radius=float(neumann_radius(Z, U, eps)),
                    frame_bounds=[float(bounds[0]), float(bounds[-1])])
@@ -136,13 +132,12 @@ def label_permutation_test(heads, contrast, draws=9999, seed=0):
     """One checkpoint: is the designed signal/noise contrast (mean over layers) larger than label
     shuffles within each layer give? -> {statistic, p} with a two-sided Monte Carlo p-value
     (1 + #{|T*| ≥ |T|}) / (1 + draws); None where the contrast does not apply."""
-    by_layer = {}
+    by_layer = {}  # layer: [(value, is signal), ...]
     for h, v in zip(heads, head_values(heads, contrast)):
         if v is not None:
-            values, signal = by_layer.setdefault(h["layer"], ([], []))
-            values.append(v)
-            signal.append(h["group"] == "signal")
-    layers = [(np.array(v), np.array(s)) for v, s in by_layer.values() if 0 < sum(s) < len(s)]
+            by_layer.setdefault(h["layer"], []).append((v, h["group"] == "signal"))
+    layers = [tuple(map(np.array, zip(*pairs))) for pairs in by_layer.values()]
+    layers = [(v, s) for v, s in layers if 0 < s.sum() < len(s)]
     if not layers:
         return dict(statistic=None, p=None, draws=draws)
 
@@ -188,9 +183,8 @@ def open_tokens(data_dir, split, block_size, vocab_size):
 
 
 def find_word(data, tokenizer, word, block_size):
-    """(tokens, position): the first story of `data` holding `word` as a token of its own (with
-    its leading space, or at a story's start), up to and including it, at most block_size tokens;
-    None if the split has none."""
+    """(tokens, position): the first story of `data` with `word` as a token of its own (after a
+    space, or starting a story), up to and including it, at most block_size tokens; or None."""
     for target in (tokenizer.encode(" " + word), tokenizer.encode(word)):
         hits = np.flatnonzero(np.asarray(data) == target[0]) if len(target) == 1 else []
         if len(hits):
@@ -260,10 +254,8 @@ def analyze_model(model, batches, eps=0.5, max_tokens=4096, num_batches=None, se
                 layer=l, head=h, group=groups[h] if groups is not None else None,
                 mean_distance=float(a["distance"][h] / n),
                 mean_distance_no_self=float(a["distance"][h] / away[h]) if away[h] > 1e-12 else None,
-                self_attention=float(a["self_mass"][h] / n),
-                entropy=float(a["entropy"][h] / n),
-                spectral_centroid=c,
-                centroid_in_band=c / float(freqs[l][h].max()) if c else None,
+                self_attention=float(a["self_mass"][h] / n), entropy=float(a["entropy"][h] / n),
+                spectral_centroid=c, centroid_in_band=c / float(freqs[l][h].max()) if c else None,
                 spectrum=[float(v) for v in E[h]] if rotary else None,
                 frequencies=[float(v) for v in freqs[l][h]] if rotary else None))
         subspaces = ask("subspaces", l)
@@ -284,15 +276,6 @@ def analyze_model(model, batches, eps=0.5, max_tokens=4096, num_batches=None, se
 
 # -----------------------------------------------------------------------------
 # Output: heads.json and the figures.
-
-
-def write_json(result, path):
-    """heads.json: arch, model_config, data, val_loss, tokens_analyzed, eps, max_tokens,
-    contrasts (per layer and "all"), contrast_tests, not_applicable {field: reason}, layers [R, Rc,
-    dR, Rc_orth, dR_orth, neumann_radius, frame_bounds per layer], heads [every measure per head].
-    JSON has no NaN or infinity: a non-finite number (the loss of a diverged model) is null."""
-    clean = json.loads(json.dumps(result), parse_constant=lambda _: None)  # NaN, ±Infinity
-    Path(path).write_text(json.dumps(clean, indent=1, allow_nan=False) + "\n", encoding="utf-8")
 
 
 def headline(result, contrasts=True):
@@ -368,8 +351,8 @@ def plot_head_spectra(result, path):
 
 
 def plot_distance_vs_centroid(result, path):
-    """One point per head, coloured by group and numbered by its layer: how far it looks against its
-    average frequency (left), and where that sits in its band (right); without rotary heads, layer."""
+    """One point per head, coloured by group, numbered by layer: how far it looks against its
+    average frequency (left) and its place in its band (right); without rotary heads, by layer."""
     heads = result["heads"]
     keys = [("spectral_centroid", "the head's average rotary frequency (radians per token)"),
             ("centroid_in_band", "that frequency over its band's fastest (1 = the top)")]
@@ -468,20 +451,25 @@ def plot_word_attention(model, tokens, position, tokenizer, path, context=24):
         ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
         ax.set_title(f"layer {layer}, {names[group]} heads", fontsize=8)
 
-    word = labels[-1].strip()
-    return _figure(path, f"Where each head looks from the word '{word}' (rightmost column): the "
-                         "attention from it to each of the tokens before it, darker = more\n"
-                         f"{model.arch}, one story of the analysed split; every row sums to 1 over "
-                         "the whole story, of which the last tokens are shown",
-                   len(layers) * len(names), draw, (0.25 * len(labels) + 1.5, 0.2 * len(groups) + 1.3),
-                   ncols=len(names))
+    return _figure(path, f"Where each head looks from the word '{labels[-1].strip()}' (rightmost "
+                         "column): the attention from it to each of the tokens before it, darker = "
+                         f"more\n{model.arch}, one story of the analysed split; every row sums to 1 "
+                         "over the whole story, of which the last tokens are shown",
+                   len(layers) * len(names), draw,
+                   (0.25 * len(labels) + 1.5, 0.2 * len(groups) + 1.3), ncols=len(names))
 
 
 def write_outputs(result, out_dir):
-    """heads.json and the three figures of `result` in out_dir."""
+    """heads.json and the three figures of `result` in out_dir. heads.json: arch, model_config,
+    data, val_loss, tokens_analyzed, eps, max_tokens, contrasts (per layer and "all"),
+    contrast_tests, not_applicable {field: reason}, layers [R, Rc, dR, Rc_orth, dR_orth,
+    neumann_radius, frame_bounds per layer], heads [every measure per head]. JSON has no NaN or
+    infinity: a non-finite number (the loss of a diverged model) is null."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(result, out / "heads.json")
+    clean = json.loads(json.dumps(result), parse_constant=lambda _: None)  # NaN, ±Infinity
+    (out / "heads.json").write_text(json.dumps(clean, indent=1, allow_nan=False) + "\n",
+                                    encoding="utf-8")
     plot_head_spectra(result, out / "head_spectra.png")
     plot_distance_vs_centroid(result, out / "distance_vs_centroid.png")
     plot_coding_rate(result, out / "coding_rate.png")
@@ -520,8 +508,7 @@ def parse_args(argv=None):
 
 
 def run(args):
-    path = find_checkpoint(args.ckpt)
-    device = pick_device(args.device)
+    path, device = find_checkpoint(args.ckpt), pick_device(args.device)
     model, facts = load_checkpoint_model(path, device)
     data_dir = args.data_dir or (facts["train_config"] or {}).get("data_dir")
     if data_dir is None:
