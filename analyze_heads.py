@@ -8,16 +8,16 @@ where every signal head and every noise head looks from it (the paper's picture)
     python analyze_heads.py --ckpt=out/prism_50m --num_batches=20 --out_dir=out/analysis_50m
     python analyze_heads.py --word=park                # the picture at another word
 
-Writes heads.json (every number) and four figures to --out_dir: head_spectra.png,
-distance_vs_centroid.png, coding_rate.png and word_attention.png. The text is num_batches ×
-batch_size windows at evenly spaced offsets of data_dir/<split>.bin, the same at every run.
-docs/PRISM.md §6 defines each measure and states the claim the signal − noise contrasts test.
+Writes heads.json (every number) and four figures to --out_dir, from num_batches × batch_size
+windows at evenly spaced offsets of data_dir/<split>.bin (the same at every run). docs/PRISM.md
+§5 defines each measure and states the claim the signal − noise contrasts test.
 """
 
 import argparse
 import json
 import math
 import sys
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -27,9 +27,6 @@ from tqdm import tqdm
 
 matplotlib.use("Agg")  # figures to files, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.colors import Normalize  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
-from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from model import coding_rate, compressed_coding_rate, neumann_radius
 from sample import UsageError, find_checkpoint, load_checkpoint_model, load_tokenizer, pick_device
@@ -37,8 +34,7 @@ from sample import UsageError, find_checkpoint, load_checkpoint_model, load_toke
 GROUP_COLORS = {"signal": "#1f77b4", "noise": "#d62728", None: "#7f7f7f"}
 
 # -----------------------------------------------------------------------------
-# Metrics on the analysis records. Each works on plain tensors, so it can be checked on hand-built
-# ones; they return sums (with counts) so that batches accumulate in bounded memory.
+# Metrics on plain tensors (hand-built ones test them), as sums that batches accumulate.
 
 
 def attention_sums(attn):
@@ -49,31 +45,25 @@ def attention_sums(attn):
     a = attn.double()
     pos = torch.arange(T, dtype=torch.float64, device=a.device)
     # Σ_j A_ij (i − j) = i Σ_j A_ij − Σ_j A_ij j   (A_ij = 0 for j > i)
-    dist = pos * a.sum(-1) - a @ pos                          # (B, H, T)
-    ent = -torch.special.xlogy(a, a).sum(-1)                  # (B, H, T)
-    diag = a.diagonal(dim1=-2, dim2=-1)                       # (B, H, T)
-    return dict(distance=dist[..., 1:].sum(dim=(0, 2)).cpu(),
-                entropy=ent[..., 1:].sum(dim=(0, 2)).cpu(),
-                self_mass=diag[..., 1:].sum(dim=(0, 2)).cpu(), n_queries=B * (T - 1))
-
-
-def pair_norms(x, pairs="interleaved"):
-    """(…, p) -> (…, p/2): the norm of each rotary pair, dims (2i, 2i + 1) ("interleaved", as
-    PRISM rotates them) or (i, i + p/2) ("halves", the lab's other models)."""
-    x = x.double()
-    if pairs == "interleaved":
-        return x.unflatten(-1, (-1, 2)).norm(dim=-1)
-    half = x.shape[-1] // 2
-    return torch.sqrt(x[..., :half] ** 2 + x[..., half:] ** 2)
+    per_query = dict(distance=pos * a.sum(-1) - a @ pos,  # each (B, H, T)
+                     entropy=-torch.special.xlogy(a, a).sum(-1),
+                     self_mass=a.diagonal(dim1=-2, dim2=-1))
+    sums = {k: v[..., 1:].sum(dim=(0, 2)).cpu() for k, v in per_query.items()}
+    return dict(sums, n_queries=B * (T - 1))
 
 
 def spectrum_sums(q, k, pairs="interleaved"):
     """q (B, H, T, p), k (B, Hk, T, p) -> (E_sum (H, p/2), n_tokens): per head and rotary pair the
-    sum over tokens of ‖q^(i)‖·‖k^(i)‖. Grouped keys (Hk < H) are shared by H/Hk query heads."""
+    sum over tokens of ‖q^(i)‖·‖k^(i)‖. A pair is dims (2i, 2i + 1) ("interleaved", PRISM) or
+    (i, i + p/2) ("halves", the lab's other models); grouped keys (Hk < H) serve H/Hk heads each."""
+
+    def norms(x):  # (…, p) -> (…, p/2)
+        a, b = (x[..., 0::2], x[..., 1::2]) if pairs == "interleaved" else x.chunk(2, dim=-1)
+        return torch.hypot(a.double(), b.double())
+
     if k.shape[1] != q.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    e = (pair_norms(q, pairs) * pair_norms(k, pairs)).sum(dim=(0, 2))
-    return e.cpu(), q.shape[0] * q.shape[2]
+    return (norms(q) * norms(k)).sum(dim=(0, 2)).cpu(), q.shape[0] * q.shape[2]
 
 
 def spectral_centroid(energy, freqs):
@@ -93,12 +83,10 @@ def mcr2_diagnostics(Z, subspaces, eps):
     if subspaces is not None:
         U = subspaces.detach().double().to(Z.device)
         Rc = float(compressed_coding_rate(Z, U, eps))
-        # An orthonormal basis of each span (Q of U_k = QR), (K, p, d) like U: R^c of the
-        # subspaces alone, whatever the scale of U.
+        # R^c of the spans alone, whatever U's scale: each U_k replaced by Q of U_k = QR
         Q = torch.linalg.qr(U.transpose(1, 2)).Q.transpose(1, 2)
         Rc_orth = float(compressed_coding_rate(Z, Q, eps))
-        D = U.reshape(-1, U.shape[-1])  # every atom a row
-        bounds = torch.linalg.eigvalsh(D.T @ D)  # a tight frame with bound 1: both are 1
+        bounds = torch.linalg.eigvalsh(torch.einsum("kpd,kpe->de", U, U))  # of DᵀD = Σ U_kᵀU_k
         out.update(Rc=Rc, dR=R - Rc, Rc_orth=Rc_orth, dR_orth=R - Rc_orth,
                    neumann_radius=float(neumann_radius(Z, U, eps)),
                    frame_bounds=[float(bounds[0]), float(bounds[-1])])
@@ -106,9 +94,8 @@ def mcr2_diagnostics(Z, subspaces, eps):
 
 
 # -----------------------------------------------------------------------------
-# Signal vs noise: contrasts on the designed head groups, and the label-shuffle test of one
-# checkpoint. Within one layer a contrast is the signal heads' mean minus the noise heads', so
-# anything shared by a layer's heads cancels exactly.
+# Signal vs noise: per layer, the signal heads' mean minus the noise heads' (what a layer's heads
+# share cancels), and the label-shuffle test of one checkpoint.
 
 CONTRASTS = {  # name: (head field, transform); expected sign for the claim in the comment
     "log_distance": ("mean_distance", math.log),                  # > 0: signal looks further
@@ -125,38 +112,32 @@ def head_values(heads, contrast):
             and (transform is float or h[field] > 0) else None for h in heads]
 
 
-def _contrast(values, groups):
-    sig = [v for v, g in zip(values, groups) if g == "signal" and v is not None]
-    noi = [v for v, g in zip(values, groups) if g == "noise" and v is not None]
-    return float(np.mean(sig) - np.mean(noi)) if sig and noi else None
-
-
 def layer_contrasts(heads):
     """[{layer, <contrast>: signal mean − noise mean, ...}] per layer, and the mean over layers as
     layer "all"; None where a group is missing or the field does not apply."""
-    out = []
+    rows = []
     for l in sorted({h["layer"] for h in heads}):
-        hs = [h for h in heads if h["layer"] == l]
-        out.append(dict(layer=l, **{c: _contrast(head_values(hs, c), [h["group"] for h in hs])
-                                    for c in CONTRASTS}))
-    overall = {}
-    for c in CONTRASTS:
-        vals = [row[c] for row in out]
-        overall[c] = float(np.mean(vals)) if vals and all(v is not None for v in vals) else None
-    return out + [dict(layer="all", **overall)]
+        hs, row = [h for h in heads if h["layer"] == l], dict(layer=l)
+        for c in CONTRASTS:
+            pairs = [(h["group"], v) for h, v in zip(hs, head_values(hs, c)) if v is not None]
+            sig, noi = ([v for g, v in pairs if g == want] for want in ("signal", "noise"))
+            row[c] = float(np.mean(sig) - np.mean(noi)) if sig and noi else None
+        rows.append(row)
+    overall = {c: float(np.mean([r[c] for r in rows]))
+               if rows and all(r[c] is not None for r in rows) else None for c in CONTRASTS}
+    return rows + [dict(layer="all", **overall)]
 
 
 def label_permutation_test(heads, contrast, draws=9999, seed=0):
     """One checkpoint: is the designed signal/noise contrast (mean over layers) larger than label
     shuffles within each layer give? -> {statistic, p} with a two-sided Monte Carlo p-value
     (1 + #{|T*| ≥ |T|}) / (1 + draws); None where the contrast does not apply."""
-    by_layer = {}
+    by_layer = {}  # layer: [(value, is signal), ...]
     for h, v in zip(heads, head_values(heads, contrast)):
         if v is not None:
-            values, signal = by_layer.setdefault(h["layer"], ([], []))
-            values.append(v)
-            signal.append(h["group"] == "signal")
-    layers = [(np.array(v), np.array(s)) for v, s in by_layer.values() if 0 < sum(s) < len(s)]
+            by_layer.setdefault(h["layer"], []).append((v, h["group"] == "signal"))
+    layers = [tuple(map(np.array, zip(*pairs))) for pairs in by_layer.values()]
+    layers = [(v, s) for v, s in layers if 0 < s.sum() < len(s)]
     if not layers:
         return dict(statistic=None, p=None, draws=draws)
 
@@ -171,117 +152,18 @@ def label_permutation_test(heads, contrast, draws=9999, seed=0):
     return dict(statistic=observed, p=float(p), draws=draws)
 
 
-
 # -----------------------------------------------------------------------------
-# Running a model over batches.
-
-
-def _ratio(num, den):
-    return float(num / den) if den > 1e-12 else None  # a head whose mass is all on itself
-
-
-@torch.no_grad()
-def analyze_model(model, batches, eps=0.5, max_tokens=4096, num_batches=None, seed=1337,
-                  progress=True):
-    """Run `model.analyze` over `batches` (an iterable of (x, y) LongTensors) and return the
-    heads.json content. Per layer only per-head sums and a capped pool of Z rows are kept."""
-    model.eval()
-    arch = model.arch
-    n_layer = model.config.n_layer
-
-    def ask(hook, *args):  # what a model without such a thing lacks is None
-        return getattr(model, hook)(*args) if hasattr(model, hook) else None
-
-    freqs_all = [ask("rope_frequencies", l) for l in range(n_layer)]
-    freqs_all = None if any(f is None for f in freqs_all) else [
-        torch.as_tensor(f, dtype=torch.float64).cpu() for f in freqs_all]
-    groups = ask("head_groups")
-    not_applicable = {}
-    if freqs_all is None:
-        for key in ("spectrum", "spectral_centroid", "centroid_in_band"):
-            not_applicable[key] = f"no rotary heads (arch {arch}): no rotary frequencies to measure"
-    if groups is None:
-        not_applicable["group"] = f"no designed signal/noise head groups (arch {arch})"
-    gen = torch.Generator().manual_seed(seed)
-    per_batch = max_tokens if num_batches is None else math.ceil(max_tokens / max(1, num_batches))
-
-    acc = [dict(dist=0, ent=0, self=0, nq=0, E=0, nt=0, Z=[], nz=0) for _ in range(n_layer)]
-    loss_sum, tokens = 0.0, 0
-    for x, y in tqdm(batches, total=num_batches, desc="analyzing", unit="batch",
-                     disable=not progress, file=sys.stderr):
-        _, loss, layers = model.analyze(x, y)
-        loss_sum, tokens = loss_sum + float(loss) * x.numel(), tokens + x.numel()
-        for rec, a in zip(layers, acc):
-            s = attention_sums(rec["attn"])
-            a["dist"], a["ent"] = a["dist"] + s["distance"], a["ent"] + s["entropy"]
-            a["self"], a["nq"] = a["self"] + s["self_mass"], a["nq"] + s["n_queries"]
-            if freqs_all is not None:
-                E, n = spectrum_sums(rec["q"], rec["k"], model.rope_pairs)
-                a["E"], a["nt"] = a["E"] + E, a["nt"] + n
-            if a["nz"] < max_tokens:
-                z = rec["z"].reshape(-1, rec["z"].shape[-1])
-                take = min(per_batch, max_tokens - a["nz"], z.shape[0])
-                pick = torch.randperm(z.shape[0], generator=gen)[:take].to(z.device)
-                a["Z"].append(z[pick].double().cpu())
-                a["nz"] += take
-        del layers
-    if not tokens:
-        raise UsageError("no batches to analyze")
-
-    heads, layers_out = [], []
-    for l, a in enumerate(acc):
-        freqs = freqs_all[l] if freqs_all is not None else None
-        E = a["E"] / a["nt"] if freqs is not None else None
-        centroid = spectral_centroid(E, freqs) if E is not None else None
-        for h in range(a["dist"].shape[0]):
-            c = float(centroid[h]) if centroid is not None else None
-            c = c if c is not None and math.isfinite(c) else None  # no q·k energy: no centroid
-            heads.append(dict(
-                layer=l, head=h, group=groups[h] if groups is not None else None,
-                mean_distance=float(a["dist"][h] / a["nq"]),
-                mean_distance_no_self=_ratio(a["dist"][h], a["nq"] - a["self"][h]),
-                self_attention=float(a["self"][h] / a["nq"]),
-                entropy=float(a["ent"][h] / a["nq"]),
-                spectral_centroid=c,
-                centroid_in_band=(c / float(freqs[h].max())) if c else None,
-                spectrum=[float(v) for v in E[h]] if E is not None else None,
-                frequencies=[float(v) for v in freqs[h]] if E is not None else None))
-        subspaces = ask("subspaces", l)
-        if subspaces is None:
-            why = f"no dictionary of subspaces (arch {arch})"
-            not_applicable["Rc"] = not_applicable["dR"] = why
-        layers_out.append(dict(layer=l, **mcr2_diagnostics(torch.cat(a["Z"]), subspaces, eps)))
-
-    config = {k: v for k, v in vars(model.config).items()
-              if isinstance(v, (int, float, str, bool, type(None)))}
-    result = dict(arch=arch, model_config=config,
-                  val_loss=loss_sum / tokens, tokens_analyzed=tokens, eps=eps,
-                  max_tokens=max_tokens, layers=layers_out, heads=heads)
-    if groups is not None:
-        result["contrasts"] = layer_contrasts(heads)
-        result["contrast_tests"] = {c: label_permutation_test(heads, c) for c in CONTRASTS}
-    else:
-        result["contrasts"] = result["contrast_tests"] = None
-        not_applicable["contrasts"] = not_applicable["group"]
-    result["not_applicable"] = not_applicable
-    return result
-
-
-
-# -----------------------------------------------------------------------------
-# Data.
+# Running a model over evenly spaced windows of a split.
 
 
 def evenly_spaced_batches(data, batch_size, block_size, num_batches, device="cpu"):
     """num_batches (x, y) pairs of batch_size windows of block_size tokens (y = x shifted by one)
     from the 1-D token array `data`, at evenly spaced offsets (deterministic)."""
-    n = num_batches * batch_size
-    last = len(data) - block_size - 1
-    starts = np.linspace(0, last, n).round().astype(np.int64) if n > 1 else np.zeros(1, np.int64)
+    last = len(data) - block_size - 1  # the last start with a target for every token
+    starts = np.linspace(0, last, num_batches * batch_size).round().astype(np.int64)
     for b in range(num_batches):
-        rows = [np.asarray(data[s:s + block_size + 1], dtype=np.int64)
-                for s in starts[b * batch_size:(b + 1) * batch_size]]
-        xy = torch.from_numpy(np.stack(rows))
+        xy = torch.from_numpy(np.stack([np.asarray(data[s:s + block_size + 1], dtype=np.int64)
+                                        for s in starts[b * batch_size:(b + 1) * batch_size]]))
         yield xy[:, :-1].to(device), xy[:, 1:].to(device)
 
 
@@ -301,13 +183,10 @@ def open_tokens(data_dir, split, block_size, vocab_size):
 
 
 def find_word(data, tokenizer, word, block_size):
-    """(tokens, position): the first story of `data` holding `word` as a token of its own (with
-    its leading space, or at a story's start), up to and including it, at most block_size tokens;
-    None if the split has none."""
+    """(tokens, position): the first story of `data` with `word` as a token of its own (after a
+    space, or starting a story), up to and including it, at most block_size tokens; or None."""
     for target in (tokenizer.encode(" " + word), tokenizer.encode(word)):
-        if len(target) != 1:
-            continue
-        hits = np.flatnonzero(np.asarray(data) == target[0])
+        hits = np.flatnonzero(np.asarray(data) == target[0]) if len(target) == 1 else []
         if len(hits):
             end = int(hits[0]) + 1
             eots = np.flatnonzero(np.asarray(data[max(0, end - block_size):end]) == tokenizer.eot)
@@ -316,35 +195,104 @@ def find_word(data, tokenizer, word, block_size):
     return None
 
 
+@torch.no_grad()
+def analyze_model(model, batches, eps=0.5, max_tokens=4096, num_batches=None, seed=1337,
+                  progress=True):
+    """Run `model.analyze` over `batches` (an iterable of (x, y) LongTensors) and return the
+    heads.json content. Per layer only per-head sums and a capped pool of Z rows are kept."""
+    model.eval()
+    arch, n_layer = model.arch, model.config.n_layer
+
+    def ask(hook, *args):  # what a model without such a thing lacks is None
+        return getattr(model, hook)(*args) if hasattr(model, hook) else None
+
+    freqs = [ask("rope_frequencies", l) for l in range(n_layer)]
+    rotary = all(f is not None for f in freqs)
+    freqs = [torch.as_tensor(f, dtype=torch.float64).cpu() for f in freqs] if rotary else None
+    groups = ask("head_groups")
+    not_applicable = {}
+    if not rotary:
+        why = f"no rotary heads (arch {arch}): no rotary frequencies to measure"
+        not_applicable = dict.fromkeys(("spectrum", "spectral_centroid", "centroid_in_band"), why)
+    if groups is None:
+        why = f"no designed signal/noise head groups (arch {arch})"
+        not_applicable["group"] = not_applicable["contrasts"] = why
+    gen = torch.Generator().manual_seed(seed)
+    per_batch = max_tokens if num_batches is None else math.ceil(max_tokens / max(1, num_batches))
+
+    acc = [dict(distance=0, entropy=0, self_mass=0, n_queries=0, E=0, n_tokens=0, Z=[], nz=0)
+           for _ in range(n_layer)]
+    loss_sum, tokens = 0.0, 0
+    for x, y in tqdm(batches, total=num_batches, desc="analyzing", unit="batch",
+                     disable=not progress, file=sys.stderr):
+        _, loss, layers = model.analyze(x, y)
+        loss_sum, tokens = loss_sum + float(loss) * x.numel(), tokens + x.numel()
+        for rec, a in zip(layers, acc):
+            sums = attention_sums(rec["attn"])
+            if rotary:
+                sums["E"], sums["n_tokens"] = spectrum_sums(rec["q"], rec["k"], model.rope_pairs)
+            for key, value in sums.items():
+                a[key] = a[key] + value
+            if a["nz"] < max_tokens:
+                z = rec["z"].reshape(-1, rec["z"].shape[-1])
+                take = min(per_batch, max_tokens - a["nz"], z.shape[0])
+                pick = torch.randperm(z.shape[0], generator=gen)[:take].to(z.device)
+                a["Z"].append(z[pick].double().cpu())
+                a["nz"] += take
+        del layers
+    if not tokens:
+        raise UsageError("no batches to analyze")
+
+    heads, layers_out = [], []
+    for l, a in enumerate(acc):
+        n, away = a["n_queries"], a["n_queries"] - a["self_mass"]  # away: the mass not on itself
+        E = a["E"] / a["n_tokens"] if rotary else None
+        centroid = spectral_centroid(E, freqs[l]).tolist() if rotary else [math.nan] * len(away)
+        for h, c in enumerate(centroid):
+            c = c if math.isfinite(c) else None  # no q·k energy: no centroid
+            heads.append(dict(
+                layer=l, head=h, group=groups[h] if groups is not None else None,
+                mean_distance=float(a["distance"][h] / n),
+                mean_distance_no_self=float(a["distance"][h] / away[h]) if away[h] > 1e-12 else None,
+                self_attention=float(a["self_mass"][h] / n), entropy=float(a["entropy"][h] / n),
+                spectral_centroid=c, centroid_in_band=c / float(freqs[l][h].max()) if c else None,
+                spectrum=[float(v) for v in E[h]] if rotary else None,
+                frequencies=[float(v) for v in freqs[l][h]] if rotary else None))
+        subspaces = ask("subspaces", l)
+        if subspaces is None:
+            not_applicable["Rc"] = not_applicable["dR"] = f"no dictionary of subspaces (arch {arch})"
+        layers_out.append(dict(layer=l, **mcr2_diagnostics(torch.cat(a["Z"]), subspaces, eps)))
+
+    config = {k: v for k, v in vars(model.config).items()
+              if isinstance(v, (int, float, str, bool, type(None)))}
+    contrasts = tests = None
+    if groups is not None:
+        contrasts = layer_contrasts(heads)
+        tests = {c: label_permutation_test(heads, c) for c in CONTRASTS}
+    return dict(arch=arch, model_config=config, val_loss=loss_sum / tokens, tokens_analyzed=tokens,
+                eps=eps, max_tokens=max_tokens, layers=layers_out, heads=heads,
+                contrasts=contrasts, contrast_tests=tests, not_applicable=not_applicable)
+
+
 # -----------------------------------------------------------------------------
 # Output: heads.json and the figures.
 
 
-def write_json(result, path):
-    """heads.json: arch, model_config, data, val_loss, tokens_analyzed, eps, max_tokens,
-    contrasts (per layer and "all"), contrast_tests, not_applicable {field: reason}, layers [R, Rc,
-    dR, Rc_orth, dR_orth, neumann_radius, frame_bounds per layer], heads [every measure per head]."""
-    Path(path).write_text(json.dumps(_clean(result), indent=1, allow_nan=False) + "\n",
-                          encoding="utf-8")
-
-
-def _clean(x):
-    """JSON has no NaN or infinity: a non-finite number (e.g. the loss of a diverged model) -> null."""
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    return None if isinstance(x, float) and not math.isfinite(x) else x
-
-
-def _title(result):
-    """What was analysed, and how its loss was measured."""
-    data = result.get("data") or {}
-    where = (f"{data['num_batches'] * data['batch_size']} evenly spaced windows of "
-             f"{data['block_size']} {data['split']} tokens" if data else "the analysed windows")
-    loss = result["val_loss"]
-    return (f"{result['arch']}, loss {loss:.3f} as the mean over {where}" if loss is not None
-            else f"{result['arch']} on {where}") + " (training's val loss uses random windows)"
+def headline(result, contrasts=True):
+    """What was analysed and how its loss was measured; then, with designed groups, the claim's
+    contrasts (signal − noise heads, mean over layers) with their label-shuffle p."""
+    d = result.get("data") or {}
+    where = (f"{d['num_batches'] * d['batch_size']} evenly spaced windows of {d['split']} "
+             f"({d['block_size']} tokens each)" if d else "the analysed windows")
+    loss = "" if result["val_loss"] is None else f", loss {result['val_loss']:.4f}: the mean"
+    lines = [f"{result['arch']}, {len(result['heads'])} heads in {len(result['layers'])} layers"
+             f"{loss} over {where}; training's val loss uses random windows"]
+    if contrasts and result.get("contrasts"):
+        overall, tests = result["contrasts"][-1], result["contrast_tests"]
+        lines.append("signal − noise heads, mean over layers: " + ", ".join(
+            f"{c} {overall[c]:+.3f} (label-shuffle p = {tests[c]['p']:.3g})"
+            for c in ("log_distance", "log_centroid_in_band") if overall[c] is not None))
+    return "\n".join(lines)
 
 
 def _figure(path, title, panels, draw, panel_size=(4.0, 3.0), ncols=None, note=None):
@@ -359,7 +307,8 @@ def _figure(path, title, panels, draw, panel_size=(4.0, 3.0), ncols=None, note=N
                              figsize=(panel_size[0] * ncols + 1.0, panel_size[1] * nrows + 1.2))
     for i, ax in enumerate(axes.ravel()):
         draw(ax, i) if i < panels else ax.set_axis_off()
-    fig.suptitle(title, fontsize=9)
+    width = int(fig.get_figwidth() * 14)  # characters of 9-point text a line holds
+    fig.suptitle("\n".join(textwrap.fill(line, width) for line in title.split("\n")), fontsize=9)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return fig
@@ -383,53 +332,27 @@ def plot_head_spectra(result, path):
             mid = np.sqrt(f[1:] * f[:-1])  # cell edges halfway (geometrically) between frequencies
             edges = np.concatenate([[f[0] ** 2 / mid[0]], mid, [f[-1] ** 2 / mid[-1]]])
             mesh = ax.pcolormesh(edges, [h["head"] - 0.5, h["head"] + 0.5], share[None, :],
-                                 cmap="viridis", norm=Normalize(0, vmax), shading="flat")
+                                 cmap="viridis", vmin=0, vmax=vmax, shading="flat")
             if h["spectral_centroid"]:
-                ax.plot(h["spectral_centroid"], h["head"], marker="|", color="white", markersize=7,
-                        markeredgewidth=2)
-            ax.add_patch(Rectangle((-0.06, h["head"] - 0.5), 0.04, 1, clip_on=False,
-                                   transform=ax.get_yaxis_transform(), color=GROUP_COLORS[h["group"]]))
+                ax.plot(h["spectral_centroid"], h["head"], "|", color="white", ms=7, mew=2)
+            ax.add_patch(plt.Rectangle((-0.06, h["head"] - 0.5), 0.04, 1, clip_on=False,
+                                       transform=ax.get_yaxis_transform(),
+                                       color=GROUP_COLORS[h["group"]]))
         ax.set(xscale="log", ylim=(n_heads - 0.5, -0.5), title=f"layer {layers[i]}", ylabel="head",
                xlabel="rotary frequency (radians per token)")
         if mesh is not None and i == len(layers) - 1:
             ax.figure.colorbar(mesh, ax=ax, label="share of the head's energy")
 
-    note = None if spectra else result["not_applicable"]["spectrum"]
     _figure(path, "Which rotary frequencies each head uses: the share of its query·key energy at "
-                  "each frequency (fast on the right tell\nnearby positions apart, slow on the "
-                  "left far ones; white tick: the head's average; left bar: blue signal, red "
-                  f"noise head)\n{_title(result)}", len(layers), draw, (4.2, 0.22 * n_heads + 1.4),
-            note=note)
-
-
-def _scatter_heads(ax, heads, xkey):
-    """Mean distance against heads' `xkey` (None: spread by layer), coloured by designed group,
-    each point labelled with its layer."""
-    for group in ("signal", "noise", None):
-        hs = [h for h in heads if h["group"] == group and (xkey is None or h[xkey])]
-        if not hs:
-            continue
-        n_heads = max(h["head"] for h in hs) + 1
-        xs = [h[xkey] if xkey else h["layer"] + 0.8 * (h["head"] + 0.5) / n_heads - 0.4 for h in hs]
-        ys = [max(h["mean_distance"], 1e-2) for h in hs]
-        ax.scatter(xs, ys, s=28, alpha=0.8, color=GROUP_COLORS[group], edgecolor="black",
-                   linewidth=0.4, label=f"{group} heads" if group else "heads (no groups)")
-        for x, y, h in zip(xs, ys, hs):
-            ax.annotate(str(h["layer"]), (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
-    if max(h["mean_distance"] for h in heads) > 20 * max(min(h["mean_distance"] for h in heads), 1e-2):
-        ax.set_yscale("log")
-        ax.yaxis.set_minor_formatter(NullFormatter())
-    if xkey:
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_ylabel("how far back the head looks\n(mean attention distance, tokens)")
-    ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8)
+                  "each frequency (fast on the right tell nearby positions apart, slow on the left "
+                  "far ones; white tick: the head's average; left bar: blue signal, red noise "
+                  f"head)\n{headline(result, contrasts=False)}", len(layers), draw,
+            (4.2, 0.22 * n_heads + 1.4), note=None if spectra else result["not_applicable"]["spectrum"])
 
 
 def plot_distance_vs_centroid(result, path):
-    """One point per head: how far it looks against its average frequency (left) and against
-    where that sits in its own band (right); without rotary heads, by layer."""
+    """One point per head, coloured by group, numbered by layer: how far it looks against its
+    average frequency (left) and its place in its band (right); without rotary heads, by layer."""
     heads = result["heads"]
     keys = [("spectral_centroid", "the head's average rotary frequency (radians per token)"),
             ("centroid_in_band", "that frequency over its band's fastest (1 = the top)")]
@@ -437,21 +360,36 @@ def plot_distance_vs_centroid(result, path):
         keys = [(None, "layer (no rotary heads, so no frequencies to plot)")]
     elif all(h["centroid_in_band"] == h["spectral_centroid"] for h in heads):
         keys = keys[:1]  # every band tops at 1 rad/token (PRISM's two bases): one panel says it
-    claim = ""
-    if result.get("contrasts"):
-        overall, tests = result["contrasts"][-1], result["contrast_tests"]
-        parts = [f"{what} {overall[c]:+.2f} (p = {tests[c]['p']:.2g})" for c, what in
-                 (("log_distance", "log distance"), ("log_centroid_in_band", "log place in band"))
-                 if overall[c] is not None]
-        claim = ("\nsignal minus noise heads, mean over layers: " + ", ".join(parts)
-                 + "; p: how often shuffled group labels give as large a difference")
+    distances = [h["mean_distance"] for h in heads]
 
     def draw(ax, i):
-        _scatter_heads(ax, heads, keys[i][0])
-        ax.set_xlabel(keys[i][1])
+        xkey, xlabel = keys[i]
+        for group in ("signal", "noise", None):
+            hs = [h for h in heads if h["group"] == group and (xkey is None or h[xkey])]
+            if not hs:
+                continue
+            n_heads = max(h["head"] for h in hs) + 1  # without a key, spread each layer's heads
+            xs = [h[xkey] if xkey else h["layer"] + 0.8 * (h["head"] + 0.5) / n_heads - 0.4
+                  for h in hs]
+            ys = [max(h["mean_distance"], 1e-2) for h in hs]
+            ax.scatter(xs, ys, s=28, alpha=0.8, color=GROUP_COLORS[group], edgecolor="black",
+                       linewidth=0.4, label=f"{group} heads" if group else "heads (no groups)")
+            for x, y, h in zip(xs, ys, hs):
+                ax.annotate(str(h["layer"]), (x, y), fontsize=6, xytext=(3, 2),
+                            textcoords="offset points")
+        if max(distances) > 20 * max(min(distances), 1e-2):
+            ax.set_yscale("log")
+            ax.yaxis.set_minor_formatter(plt.NullFormatter())
+        if xkey:
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(plt.NullFormatter())
+        ax.set(xlabel=xlabel, ylabel="how far back the head looks\n(mean attention distance, tokens)")
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=8)
 
-    _figure(path, f"How far each head looks against the frequencies it uses (number: its layer)"
-                  f"{claim}\n{_title(result)}", len(keys), draw, (6.0, 5.0), ncols=len(keys))
+    _figure(path, "How far each head looks against the frequencies it uses (number: its layer); "
+                  "label-shuffle p: how often shuffled group labels give as large a difference\n"
+                  f"{headline(result)}", len(keys), draw, (6.0, 5.0), ncols=len(keys))
 
 
 def plot_coding_rate(result, path):
@@ -487,7 +425,7 @@ def plot_coding_rate(result, path):
         ax.title.set_fontsize(8)
         ax.grid(True, alpha=0.3)
 
-    _figure(path, _title(result), 2, draw, (6.0, 4.5), ncols=2)
+    _figure(path, headline(result, contrasts=False), 2, draw, (6.0, 4.5), ncols=2)
 
 
 @torch.no_grad()
@@ -500,7 +438,8 @@ def plot_word_attention(model, tokens, position, tokenizer, path, context=24):
     groups = getattr(model, "head_groups", lambda: None)() or ["heads"] * layers[0]["attn"].shape[1]
     names = list(dict.fromkeys(groups))
     start = max(0, position + 1 - context)
-    labels = [tokenizer.decode_bytes([int(t)]).decode("utf-8", "replace") for t in tokens[start:position + 1]]
+    labels = [tokenizer.decode_bytes([int(t)]).decode("utf-8", "replace")
+              for t in tokens[start:position + 1]]
 
     def draw(ax, i):
         layer, group = divmod(i, len(names))
@@ -512,20 +451,25 @@ def plot_word_attention(model, tokens, position, tokenizer, path, context=24):
         ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
         ax.set_title(f"layer {layer}, {names[group]} heads", fontsize=8)
 
-    word = labels[-1].strip()
-    return _figure(path, f"Where each head looks from the word '{word}' (rightmost column): the "
-                         "attention from it to each of the tokens before it, darker = more\n"
-                         f"{model.arch}, one story of the analysed split; every row sums to 1 over "
-                         "the whole story, of which the last tokens are shown",
-                   len(layers) * len(names), draw, (0.25 * len(labels) + 1.5, 0.2 * len(groups) + 1.3),
-                   ncols=len(names))
+    return _figure(path, f"Where each head looks from the word '{labels[-1].strip()}' (rightmost "
+                         "column): the attention from it to each of the tokens before it, darker = "
+                         f"more\n{model.arch}, one story of the analysed split; every row sums to 1 "
+                         "over the whole story, of which the last tokens are shown",
+                   len(layers) * len(names), draw,
+                   (0.25 * len(labels) + 1.5, 0.2 * len(groups) + 1.3), ncols=len(names))
 
 
 def write_outputs(result, out_dir):
-    """heads.json and the three figures of `result` in out_dir."""
+    """heads.json and the three figures of `result` in out_dir. heads.json: arch, model_config,
+    data, val_loss, tokens_analyzed, eps, max_tokens, contrasts (per layer and "all"),
+    contrast_tests, not_applicable {field: reason}, layers [R, Rc, dR, Rc_orth, dR_orth,
+    neumann_radius, frame_bounds per layer], heads [every measure per head]. JSON has no NaN or
+    infinity: a non-finite number (the loss of a diverged model) is null."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(result, out / "heads.json")
+    clean = json.loads(json.dumps(result), parse_constant=lambda _: None)  # NaN, ±Infinity
+    (out / "heads.json").write_text(json.dumps(clean, indent=1, allow_nan=False) + "\n",
+                                    encoding="utf-8")
     plot_head_spectra(result, out / "head_spectra.png")
     plot_distance_vs_centroid(result, out / "distance_vs_centroid.png")
     plot_coding_rate(result, out / "coding_rate.png")
@@ -564,8 +508,7 @@ def parse_args(argv=None):
 
 
 def run(args):
-    path = find_checkpoint(args.ckpt)
-    device = pick_device(args.device)
+    path, device = find_checkpoint(args.ckpt), pick_device(args.device)
     model, facts = load_checkpoint_model(path, device)
     data_dir = args.data_dir or (facts["train_config"] or {}).get("data_dir")
     if data_dir is None:
@@ -593,21 +536,6 @@ def run(args):
             figures += 1
     print(headline(result) + f"\nwrote {out / 'heads.json'} and {figures} figures")
     return 0
-
-
-def headline(result):
-    """What was measured (and why its loss is not training's), then the layer-"all" contrasts."""
-    d = result["data"]
-    lines = [f"{len(result['heads'])} heads in {len(result['layers'])} layers; loss "
-             f"{result['val_loss']:.4f}: the mean over {d['num_batches'] * d['batch_size']} evenly "
-             f"spaced windows of {d['split']} (training's val loss is over random windows)"]
-    if result.get("contrasts"):
-        overall = result["contrasts"][-1]
-        for c in ("log_distance", "log_centroid_in_band"):
-            if overall[c] is not None:
-                lines.append(f"signal − noise heads, {c} {overall[c]:+.3f} (label-shuffle p = "
-                             f"{result['contrast_tests'][c]['p']:.3g})")
-    return "\n".join(lines)
 
 
 def main(argv=None):
