@@ -1,5 +1,5 @@
 """
-The baselines PRISM is compared against (docs/PRISM.md §7). Each shares everything but its blocks
+The baselines PRISM is compared against (docs/PRISM.md §6). Each shares everything but its blocks
 with PRISM (model.LanguageModel): the loss, generation, the optimizer, MFU, checkpoints and the
 analysis path.
   - gpt2:   learned absolute positions, LayerNorm, GELU MLP, separate q, k, v (nanoGPT's shape).

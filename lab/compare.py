@@ -1,5 +1,5 @@
 """
-The comparison (docs/PRISM.md §7): PRISM against GPT-2, Gemma 3 and plain RoPE attention of the
+The comparison (docs/PRISM.md §6): PRISM against GPT-2, Gemma 3 and plain RoPE attention of the
 same parameter count, and PRISM's white-box variants, under a protocol whose answer can decide.
 
     python -m lab.data                                          # data/study (lab/data.py)
@@ -692,7 +692,7 @@ def head_pair(variants):
     return next((pair for pair in HEAD_PAIRS if pair[0] in variants), None)
 
 
-# The claim, fixed before the numbers (PRISM.md §6): signal heads look further back and sit lower
+# The claim, fixed before the numbers (docs/PRISM.md §5): signal heads look further back and sit lower
 # in their band than noise heads, in the trained PRISM more than at its initialisation and more
 # than without π-RoPE. Six tests, Holm-corrected together; every other contrast is exploratory.
 CLAIM_CONTRASTS = ("log_distance", "log_distance_no_self", "log_centroid_in_band")
@@ -890,7 +890,7 @@ def report(args, plan, study, figure):
     pair = head_pair(study)
     claim = claim_tests(contrasts, pair) if pair and all(v in study for v in pair) else []
     if claim:
-        lines += ["", f"Head specialisation, the claim (PRISM.md §6; analyze_heads.py on the "
+        lines += ["", f"Head specialisation, the claim (docs/PRISM.md §5; analyze_heads.py on the "
                       f"report split): the signal-heads mean minus the noise-heads mean, averaged "
                       f"over layers, paired by seed; mean over the {n} report seeds with its 95% "
                       f"interval, exact sign-flip p, and p Holm-corrected over these "
