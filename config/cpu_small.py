@@ -17,8 +17,8 @@ batch_size = 16
 grad_accum = 1
 
 max_iters = 543
-learning_rate = 4e-3
-min_lr = 4e-4
+learning_rate = 5.66e-3  # the rate the lab's grid chose for this model, data and budget
+min_lr = 5.66e-4
 warmup_iters = 27
 weight_decay = 0.1
 grad_clip = 1.0
