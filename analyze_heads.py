@@ -459,9 +459,9 @@ def plot_word_attention(model, tokens, position, tokenizer, path, context=24):
                    (0.25 * len(labels) + 1.5, 0.2 * len(groups) + 1.3), ncols=len(names))
 
 
-def write_outputs(result, out_dir):
-    """heads.json and the three figures of `result` in out_dir. heads.json: arch, model_config,
-    data, val_loss, tokens_analyzed, eps, max_tokens, contrasts (per layer and "all"),
+def write_outputs(result, out_dir, figures=True):
+    """heads.json and, with figures, the three figures of `result` in out_dir. heads.json: arch,
+    model_config, data, val_loss, tokens_analyzed, eps, max_tokens, contrasts (per layer and "all"),
     contrast_tests, not_applicable {field: reason}, layers [R, Rc, dR, Rc_orth, dR_orth,
     neumann_radius, frame_bounds per layer], heads [every measure per head]. JSON has no NaN or
     infinity: a non-finite number (the loss of a diverged model) is null."""
@@ -470,9 +470,10 @@ def write_outputs(result, out_dir):
     clean = json.loads(json.dumps(result), parse_constant=lambda _: None)  # NaN, ±Infinity
     (out / "heads.json").write_text(json.dumps(clean, indent=1, allow_nan=False) + "\n",
                                     encoding="utf-8")
-    plot_head_spectra(result, out / "head_spectra.png")
-    plot_distance_vs_centroid(result, out / "distance_vs_centroid.png")
-    plot_coding_rate(result, out / "coding_rate.png")
+    if figures:
+        plot_head_spectra(result, out / "head_spectra.png")
+        plot_distance_vs_centroid(result, out / "distance_vs_centroid.png")
+        plot_coding_rate(result, out / "coding_rate.png")
     return out
 
 
@@ -498,6 +499,7 @@ def parse_args(argv=None):
                    help="the word of word_attention.png: its first use in the split; '': no figure")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--no_figures", action="store_true", help="write heads.json only")
     args = p.parse_args(argv)
     for name in ("num_batches", "batch_size", "max_tokens"):
         if getattr(args, name) < 1:
@@ -524,9 +526,9 @@ def run(args):
     result["data"] = dict(ckpt=str(path), data_dir=str(data_dir), split=args.split,
                           num_batches=args.num_batches, batch_size=args.batch_size,
                           block_size=block, seed=args.seed)
-    out = write_outputs(result, args.out_dir)
-    figures = 3
-    if args.word:
+    out = write_outputs(result, args.out_dir, figures=not args.no_figures)
+    figures = 0 if args.no_figures else 3
+    if args.word and not args.no_figures:
         tokenizer = load_tokenizer(model.vocabulary)
         found = find_word(data, tokenizer, args.word, model.config.block_size)
         if found is None:

@@ -504,11 +504,11 @@ def init_heads(args, plan, variant, seed):
 
 
 def analyze(args, ckpt, out):
-    """analyze_heads.py on a checkpoint, on the report split; its heads.json."""
-
+    """analyze_heads.py on a checkpoint, on the report split; its heads.json (a record keeps no
+    figure, so none is drawn)."""
     status = analyze_heads.main([f"--ckpt={ckpt}", f"--data_dir={args.data_dir}", "--split=test",
                                  f"--out_dir={out}", f"--num_batches={args.analysis_batches}",
-                                 f"--device={args.device}", "--no_progress"])
+                                 f"--device={args.device}", "--no_progress", "--no_figures"])
     if status:
         raise CompareError(f"analyze_heads.py failed on {ckpt} (see above)")
     return json.loads((out / "heads.json").read_text())

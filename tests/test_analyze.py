@@ -300,6 +300,13 @@ def test_cli_end_to_end(gpt2_ckpt, gpt2_data, tmp_path, capsys):
              "--num_batches=1", "--block_size=24", "--word=zebra", "--no_progress"])
     assert "no 'zebra' of its own in val.bin" in capsys.readouterr().out
     assert not (tmp_path / "b" / "word_attention.png").exists()
+    # --no_figures (what the lab's records use): heads.json, the same numbers, no figure
+    ah.main([f"--ckpt={gpt2_ckpt}", f"--data_dir={gpt2_data}", f"--out_dir={tmp_path / 'c'}",
+             "--num_batches=1", "--block_size=24", "--no_progress", "--no_figures"])
+    assert "0 figures" in capsys.readouterr().out
+    assert [p.name for p in (tmp_path / "c").iterdir()] == ["heads.json"]
+    assert json.loads((tmp_path / "c" / "heads.json").read_text())["heads"] == \
+        json.loads((tmp_path / "b" / "heads.json").read_text())["heads"]
 
 
 def test_cli_defaults_to_the_newest_checkpoint_on_its_own_data(compact_data, tmp_path,
