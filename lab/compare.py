@@ -783,6 +783,12 @@ def against(ref_arm):
     return "" if ref_arm in (None, REFERENCE) else f", against {ref_arm}"
 
 
+def named(args):
+    """A section heading's last tail: the name given by --section, so two sections of one preset
+    and reference (another budget, another pair of arms) have headings of their own."""
+    return f" — {args.section}" if args.section else ""
+
+
 def screen_report(args, plan, study):
     """Issue 12's screening: each arm's best selection-split loss over its grid at one seed. A
     lead for which arms to take to the full protocol, not a comparison (one seed, and the
@@ -791,7 +797,7 @@ def screen_report(args, plan, study):
     best = {v: s["grid"][s["lr"]] for v, s in study.items()}
     ref_arm = plan["reference"]
     ref = best.get(ref_arm)
-    lines = [f"## Screening at preset `{args.preset}`{against(ref_arm)}", "",
+    lines = [f"## Screening at preset `{args.preset}`{against(ref_arm)}{named(args)}", "",
              f"Screen: `{study_command(args)} --screen` (records in `{plan['records']}`). One "
              f"seed ({plan['grid_seed']}), {b['iters']} iterations of {plan['tokens_per_iter']:,} "
              f"tokens per run ({plan['epochs']:.2f} epochs); the loss is the best of each arm's "
@@ -840,7 +846,7 @@ def report(args, plan, study, figure):
     ranks = rankings(plan, study)
     same = all(r == ranks[-1][1] for _, r in ranks)
     lines = [
-        f"## Comparison at preset `{args.preset}`{against(ref_arm)}", "",
+        f"## Comparison at preset `{args.preset}`{against(ref_arm)}{named(args)}", "",
         f"Study: `{study_command(args)}` (records in `{plan['records']}`; `--report_only` "
         f"re-makes this section from them).", "",
         f"Data: {d['train_tokens']:,} train tokens; selection split (val.bin) "

@@ -525,7 +525,7 @@ def test_a_tiny_study_leaves_records_resumes_and_reports_from_records_alone(
     assert text.startswith(section.rstrip()) and "<!-- compare.py against gpt2 -->" in text
     own = text.split("against gpt2 -->")[1]
     assert "Δ vs gpt2 [95% CI]" in own
-    assert "## Comparison at preset `cpu-small`, against gpt2" in own
+    assert "## Comparison at preset `cpu-small`, against gpt2 — against gpt2\n" in own  # --section
     assert "the claim" not in own  # prism-pi-off is not an arm: no pre-registered family here
     assert (tmp_path / "docs" / "compare_against_gpt2.png").is_file()
     assert "--reference=gpt2 --section='against gpt2'" in text  # its own command re-makes it
