@@ -417,7 +417,7 @@ def train(cfg, model_args=None):
             if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
                 if device_type == "cuda":
                     torch.cuda.synchronize()
-                seg_time, t_seg = time.time() - t_seg, time.time()
+                seg_time = time.time() - t_seg
                 train_time += seg_time
                 state = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(),
                          **({"cuda": torch.cuda.get_rng_state(device)} if device_type == "cuda" else {})}
@@ -445,7 +445,8 @@ def train(cfg, model_args=None):
                             **checkpoint_payload(raw_model), "optimizer": optimizer.state_dict(),
                             "scaler": scaler.state_dict(), "train_config": asdict(cfg), "iter_num": iter_num,
                             "best_val_loss": best_val_loss, "rng": states, "elapsed_s": time.time() - run_start}, f))
-                ckpt_iter, t_log, seg_iters = iter_num, time.time(), 0
+                ckpt_iter, seg_iters = iter_num, 0
+                t_seg = t_log = time.time()  # the evaluation's own time counts in neither
             if iter_num >= cfg.max_iters:
                 break
 

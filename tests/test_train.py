@@ -45,6 +45,27 @@ def tiny_run(data_dir, out_dir, **overrides):
     return summary, read_log(out_dir)
 
 
+
+def test_tokens_per_sec_leaves_out_the_evaluations(data_dir, tmp_path, monkeypatch):
+    """On a clock that only the evaluations move, 30 training steps take next to no time: the
+    speeds train() reports are huge, unless evaluation time leaks into them."""
+    clock = [0.0]
+    real_estimate = T.estimate_loss
+
+    def slow_estimate(*args, **kwargs):
+        clock[0] += 100.0
+        return real_estimate(*args, **kwargs)
+
+    def fake_time():
+        clock[0] += 1e-6  # strictly increasing, so no speed divides by zero
+        return clock[0]
+
+    monkeypatch.setattr(T, "estimate_loss", slow_estimate)
+    monkeypatch.setattr(T.time, "time", fake_time)
+    summary, log = tiny_run(data_dir, tmp_path)
+    assert summary["tokens_per_sec"] > 1e6
+    assert all(r["tokens_per_sec"] > 1e6 for r in log[1:])
+
 def read_log(out_dir):
     with open(os.path.join(out_dir, "log.jsonl"), encoding="utf-8") as f:
         return [json.loads(line) for line in f]
