@@ -8,9 +8,9 @@ where every signal head and every noise head looks from it (the paper's picture)
     python analyze_heads.py --ckpt=out/prism_50m --num_batches=20 --out_dir=out/analysis_50m
     python analyze_heads.py --word=park                # the picture at another word
 
-Writes heads.json (every number) and four figures to --out_dir, from num_batches × batch_size
-windows at evenly spaced offsets of data_dir/<split>.bin (the same at every run). docs/PRISM.md
-§5 defines each measure and states the claim the signal − noise contrasts test.
+Writes heads.json (every number) and three figures, four with the word figure, to --out_dir,
+from num_batches × batch_size windows at evenly spaced offsets of data_dir/<split>.bin (the same
+at every run). docs/PRISM.md §5 defines each measure and states the claim the contrasts test.
 """
 
 import argparse

@@ -122,7 +122,7 @@ class PrismConfig:
     signal_base: float = 1e4 * math.pi   # RoPE base of the signal heads (slower)
     noise_base: float = 1e4 / math.pi    # RoPE base of the noise heads (faster)
     lambda_start: float = 0.01   # λ, the noise stream's read-out weight, at the first iteration
-    lambda_end: float = 0.1      # λ at the last iteration (a cosine ramp between; §5)
+    lambda_end: float = 0.1      # λ at the last iteration, after a cosine ramp (model.py §5)
     dropout: float = 0.0         # on the embedding, the attention probabilities and the outputs
     bias: bool = False           # biases in the LayerNorms and the MLP (never in the dictionary)
     mlp_hidden: int = 0          # MLP width; 0 = 4·d (nanoGPT's)
@@ -207,16 +207,18 @@ def rotate_pairs(x, cos, sin):
 # 5. The differential, tied read-out S − λN. The layer adds
 #         Δ = c·(Σ_{k∈S} A_k W_k U_kᵀ − λ Σ_{k∈N} A_k W_k U_kᵀ),      c = 1/√(2HR),
 # §2's step with η = c for the signal heads and −λc for the noise heads, read out through the
-# dictionary itself. Tied, Δ lies in the span of the atoms, as §2's step does (exact).
+# dictionary itself. Tied, head k's term lies in span(U_k), the subspace it read, as in §2's step
+# (exact; an untied read-out B_k would put it in span(B_k) instead).
 # What the signs mean in MCR² terms. Exact, for the linear similarity G_k in place of A_k: head
 # k's term moves its own subspace's rate R(Z U_k) at first order by η_k β tr(W_kᵀ G_k (I +
 # βG_k)⁻¹ W_k · U_kᵀU_k), which has the sign of η_k: a signal head's term raises the rate of its own
 # subspace (expands it), a noise head's lowers it (compresses it: the paper's "denoising"). Exact
-# for the causal softmax too where β → 0 and U_kᵀU_k = I: then the change is η_k β Σ_t Σ_s A_ts
-# ⟨w_t, w_s⟩, each row's softmax mean of its scores is at least their plain mean (the weights
-# grow with the score: Chebyshev's sum inequality), and Σ_t ⟨w_t, mean_{s≤t} w_s⟩ ≥ 0 (Abel
+# for the causal softmax too where β → 0, U_kᵀU_k = I and the scores are not rotated (no RoPE):
+# then the change is η_k β Σ_t Σ_s A_ts ⟨w_t, w_s⟩, each row's softmax mean of its scores is at
+# least their plain mean (the weights grow with the score: Chebyshev's sum inequality), and Σ_t ⟨w_t, mean_{s≤t} w_s⟩ ≥ 0 (Abel
 # summation of ‖prefix sums‖²). At finite β with other U_k it can have the wrong sign (the tests
-# hold such draws). What is read into it: each term also moves the other subspaces'
+# hold such draws); with RoPE the weights grow with the rotated score, not with ⟨w_t, w_s⟩, and
+# the argument does not go through. What is read into it: each term also moves the other subspaces'
 # rates, with no sign for overlapping subspaces (§2's counterexample), and ΔR's expansion term
 # R(Z) does not enter. λ is not learned: a buffer of every layer, set by train.py before each
 # iteration from a cosine ramp (noise_weight_at) from 0.01 to 0.1 over the run, and saved with the
@@ -225,8 +227,9 @@ def rotate_pairs(x, cos, sin):
 # on a gradient, so a small λ quiets the noise stream's output rather than its learning
 # (heuristic for a slowly moving λ).
 # The "iso-energy" factor c. Exact: it is no reparametrisation of D, which enters the scores
-# quadratically and the values and read-out linearly: scaling D by a multiplies Δ by a³ and the
-# scores by a², so c is D's scale only together with a softmax temperature. What it does, measured
+# quadratically and the values and read-out linearly: scaling D by a multiplies the scores by a²
+# and, at fixed attention, Δ by a², so c is D's scale (a = √c) only together with a softmax
+# temperature. What it does, measured
 # at the start (paper's config, random tokens; tested): the update's RMS is about 2% of its
 # input's, where it would be about 11% without c; the name's "energy" is not conserved by it.
 

@@ -4,7 +4,7 @@ Train PRISM (model.py) on the tokens prepare_tinystories.py wrote, on a CPU, a G
     python train.py                                   # config/prism_50m.py with CUDA, else config/cpu_small.py
     python train.py config/cpu_small.py --max_iters=100 --learning_rate=8e-3
     python train.py config/cpu_small.py --init_from=resume          # continue out_dir/ckpt.pt exactly
-    torchrun --standalone --nproc_per_node=8 train.py config/prism_50m.py   # one process per GPU
+    torchrun --standalone --nproc_per_node=8 train.py config/prism_50m.py --batch_size=8 --grad_accum=8
 
 A config file is a Python file that assigns settings; --key=value arguments override it. The
 settings are TrainConfig's fields below and the model's (model.py's PrismConfig, or another

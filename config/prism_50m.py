@@ -1,7 +1,8 @@
 # The paper's PRISM as its author trained it (config/train_prism_tiny.py and train.py's defaults
 # in HuangDongchen/PRISM-Transformer at b7a0024), for one GPU or several:
 #   python train.py config/prism_50m.py          (what `python train.py` picks with CUDA)
-#   torchrun --standalone --nproc_per_node=8 train.py config/prism_50m.py
+#   torchrun --standalone --nproc_per_node=8 train.py config/prism_50m.py --batch_size=8 --grad_accum=8
+#   (the same 32,768 tokens per iteration: grad_accum splits across the processes)
 # d = 512, 8 layers, 8 signal + 8 noise heads of p = 128, context 512, GPT-2 BPE: 51.19M parameters
 # (51,192,320). bfloat16 and torch.compile on CUDA (train.py's dtype/compile = auto).
 data_dir = "data/tinystories"

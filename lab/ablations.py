@@ -9,8 +9,8 @@ Each starts from the weights PRISM draws at the same seed and size (exact), with
     so the dictionary's coordinates W_k mix what a token is with where it is.
   - tied_readout = False: the heads' outputs go back to R^d through a learned matrix B of D's
     shape, which starts equal to D (so the two models start as the same function, exact) and then
-    trains on its own. MCR² reading: tied, the update lies in the span of the dictionary's atoms
-    (model.py §5); untied it is CRATE's decoupled output projection, which can leave it.
+    trains on its own. MCR² reading: tied, head k's update lies in span(U_k), the subspace it read
+    (model.py §5); untied it is CRATE's decoupled output projection, in span(B_k).
   - iso_energy = False: no factor c = 1/√(2HR) on the update. Not a reparametrisation (model.py
     §5: D's scale moves the scores too), so this is a different model, not a different start.
 """

@@ -860,7 +860,8 @@ def report(args, plan, study, figure):
         f"window of the report split, mean ± sample sd over the report seeds.", "",
         f"Δ vs {ref_arm}: the mean over seeds of (arm − {ref_arm}) report loss, paired by "
         f"seed, with its Student-t 95% interval; p: exact two-sided sign-flip test over the "
-        f"{n} seeds, Holm-corrected over the {len(arms)} arms. With {n} seeds no p can be below "
+        f"{n} seeds, Holm-corrected over the {len(arms)} arm{'s' * (len(arms) > 1)}. "
+        f"With {n} seeds no p can be below "
         f"{stats.min_sign_flip_pvalue(n):.4g} and no Holm-adjusted p below "
         f"{smallest_adjusted_p(n, len(arms)):.4g}. FLOPs/token: training FLOPs per token, 6 per "
         f"weight use plus the attention scores and mixing (12·L·H·p·T); in brackets what goes "

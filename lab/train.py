@@ -53,7 +53,9 @@ def main(argv=None):
     if any(a in ("-h", "--help") for a in argv):
         return print(__doc__.strip())
     try:
-        return train.train(*parse_args(argv or [train.default_config()]))
+        if all(a.startswith("--") for a in argv):  # no config file: train.py's default one
+            argv = [train.default_config(), *argv]
+        return train.train(*parse_args(argv))
     except train.TrainError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -17,8 +17,8 @@ from model import build_model, load_model
 def test_a_lab_arch_trains_at_the_size_matched_to_the_default_config(compact_data, tmp_path,
                                                                      monkeypatch):
     monkeypatch.chdir(tmp_path)
-    summary = lab_train.main([T.default_config(), "--arch=gpt2", f"--data_dir={compact_data}",
-                              "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--device=cpu"])
+    summary = lab_train.main(["--arch=gpt2", f"--data_dir={compact_data}", "--max_iters=2",  # flags
+                              "--eval_interval=2", "--eval_iters=1", "--device=cpu"])  # only
     assert summary["arch"] == "gpt2" and summary["iters"] == 2 and math.isfinite(summary["val_loss"])
     prism_args = T.parse_args([T.default_config()])[1]
     vocab_size = json.loads((compact_data / "meta.json").read_text())["vocab_size"]
