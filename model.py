@@ -1,16 +1,15 @@
 """
 PRISM (D. Huang, arXiv 2601.15540): attention modelled on a step of Maximal Coding Rate Reduction
-(MCR²), with one overcomplete dictionary for query, key, value and output, two RoPE bases (π-RoPE)
-and a differential read-out: the function the author's code computes (github
-HuangDongchen/PRISM-Transformer, commit b7a0024; docs/PRISM.md says where each fact comes from);
-everything else is nanoGPT's GPT-2.
+(MCR²), with one overcomplete dictionary for query, key, value and output, two RoPE bases (π-RoPE) and
+a differential read-out: the function the author's code computes (github HuangDongchen/PRISM-Transformer,
+commit b7a0024; docs/PRISM.md says where each fact comes from); everything else is nanoGPT's GPT-2.
 
 Read it top to bottom, like the derivation: 1 the rates; 2 attention from a step on the compressed
 rate; 3 the dictionary; 4 π-RoPE; 5 the read-out S − λN; 6 the layer; 7 the block and the language
 model; 8 checkpoints. A statement is marked exact (an identity or a theorem, tested in
 tests/test_model.py where it can be) or heuristic (a choice, a reading, or a measurement).
-Notation: tokens are rows. Z ∈ R^{n×d} holds n tokens. The dictionary D ∈ R^{2Hp×d} (the weight of
-one Linear) holds one atom per row; head k owns p consecutive rows, U_kᵀ ∈ R^{p×d}, and reads the
+Notation: tokens are rows; Z ∈ R^{n×d} holds n tokens. The dictionary D ∈ R^{2Hp×d} (one Linear's
+weight) holds one atom per row; head k owns p consecutive rows, U_kᵀ ∈ R^{p×d}, and reads the
 coordinates W_k = Z U_k ∈ R^{n×p}. Heads 0 … H−1 are the signal stream, H … 2H−1 the noise stream.
 """
 
@@ -27,8 +26,8 @@ from torch.nn import functional as F
 # -----------------------------------------------------------------------------
 # 1. The rates (exact definitions). The coding rate of n tokens up to precision ε,
 #     R(Z) = ½ log det(I_d + d/(n ε²) ZᵀZ),
-# is a rate per token (MCR², Yu et al. 2020): coding all n tokens takes ((n + d)/2) log det(…)
-# nats, so R is the n ≫ d limit of the nats per token. The compressed rate codes each subspace's
+# is a rate per token (MCR², Yu et al. 2020): coding all n tokens takes ((n + d)/2) log det(…) nats,
+# so R is the n ≫ d limit of the nats per token. The compressed rate codes each subspace's
 # coordinates on their own (CRATE, Yu et al. 2023),
 #     R^c(Z; U) = Σ_k R(Z U_k) = Σ_k ½ log det(I_p + β W_kᵀW_k),    β = p/(n ε²).
 # A good representation has a large rate reduction ΔR = R(Z) − R^c: diverse as a whole, compact
@@ -51,27 +50,27 @@ def compressed_coding_rate(Z, subspaces, eps=0.5):
 
 
 # -----------------------------------------------------------------------------
-# 2. From a step on R^c to attention (CRATE's construction). G_k = W_k W_kᵀ ∈ R^{n×n} says how
-# alike every two tokens are inside subspace k.
+# 2. From a step on R^c to attention (CRATE's construction). G_k = W_k W_kᵀ ∈ R^{n×n}: how alike
+# every two tokens are inside subspace k.
 # (a) Exact: ∇_Z R^c = Σ_k β (I_n + β G_k)⁻¹ W_k U_kᵀ.                 (compressed_rate_gradient)
 # (b) Heuristic: the Neumann series (I + βG)⁻¹ = I − βG + β²G² − … cut after two terms,
 #         −∇_Z R^c ≈ Σ_k (−β W_k + β² G_k W_k) U_kᵀ,                (neumann_descent_direction)
-#     accurate to O(β³) only where β·λ_max(G_k) < 1 (neumann_radius). Where the model runs it is
-#     far above 1 (about 370 at the paper's initial dictionary on isotropic tokens; tested), and
-#     there even the two-term series can point uphill.
-# (c) A construction choice (CRATE): keep the second-order term, put a causal softmax A_k =
-#     softmax_causal(W_k W_kᵀ/√p) in place of the similarity G_k, and drop the first-order term
-#     −β W_k U_kᵀ. Summed over k that dropped term is −βZ Σ_k U_kU_kᵀ: exactly the uniform shrink
-#     −βZ when the atoms form a tight frame, Σ_k U_kU_kᵀ = DᵀD = I_d, as at PRISM's start (§3).
+#     accurate to O(β³) only where β·λ_max(G_k) < 1 (neumann_radius). Where the model runs it is far
+#     above 1 (about 370 at the paper's initial dictionary on isotropic tokens; tested), and there
+#     even the two-term series can point uphill.
+# (c) A construction choice (CRATE): keep the second-order term with a causal softmax
+#     A_k = softmax_causal(W_k W_kᵀ/√p) in place of G_k, and drop the first-order term −β W_k U_kᵀ,
+#     which summed over k is −βZ Σ_k U_kU_kᵀ: exactly the uniform shrink −βZ when the atoms form a
+#     tight frame, Σ_k U_kU_kᵀ = DᵀD = I_d, as at PRISM's start (§3).
 # What is left is one attention head per subspace with query = key = value = W_k:
 #         Z ← Z + η Σ_k A_k W_k U_kᵀ.
-# This is not a descent step on R^c (exact): for one subspace the kept linear term cannot lower
-# its rate at first order, ⟨G_k W_k U_kᵀ, ∇_Z R(Z U_k)⟩ = β tr(W_kᵀ G_k (I + βG_k)⁻¹ W_k ·
-# U_kᵀU_k) ≥ 0 (the trace of a product of two positive semi-definite matrices), and for
-# overlapping subspaces, as in every overcomplete dictionary, the cross terms have no sign (the
-# tests hold a case where the sum is −69100/559). With the softmax the tests measure a rise of R^c
-# along the step on random tokens (measured, not proven). So the layer is CRATE's attention form,
-# motivated by the series, not implied by it. §5 says what PRISM's signs make of it.
+# It is no descent step on R^c (exact): for one subspace the kept linear term cannot lower its rate
+# at first order, ⟨G_k W_k U_kᵀ, ∇_Z R(Z U_k)⟩ = β tr(W_kᵀ G_k (I + βG_k)⁻¹ W_k · U_kᵀU_k) ≥ 0 (the
+# trace of a product of two positive semi-definite matrices); for overlapping subspaces, as in every
+# overcomplete dictionary, the cross terms have no sign (the tests hold a case summing to
+# −69100/559). With the softmax the tests measure a rise of R^c along the step on random tokens
+# (measured, not proven). So the layer is CRATE's attention form, motivated by the series, not
+# implied by it; §5 says what PRISM's signs make of it.
 
 
 def compressed_rate_gradient(Z, subspaces, eps=0.5):
@@ -149,32 +148,30 @@ def _check(config, name, ok, why):
 
 
 # -----------------------------------------------------------------------------
-# 3. The dictionary: 2·H·p = 2R·d atoms in R^d, overcomplete R times per stream (4× in all at
-# R = 2), and no other attention weight: D gives the queries, keys and values (W = Z Dᵀ) and,
-# tied, the read-out back to R^d (§5). At R = 2 it holds 4d² weights, what GPT-2 spends on its
-# q, k, v and output projections, so PRISM has exactly GPT-2's parameter count (exact, tested).
-# It starts as a tight frame: orthonormal columns, DᵀD = I_d (torch's orthogonal init, after the
-# usual N(0, 0.02) one). Exact consequences at the start: ‖W‖ = ‖Z‖ (no direction of a token is
-# lost or amplified in coordinates); Σ_k U_kU_kᵀ = I_d, so §2's dropped term is the uniform shrink
-# −βZ; and reading out what a head reads in gives the token back, (Z Dᵀ) D = Z. Training moves D
-# off the frame (analyze_heads.py reports its frame bounds, the extreme eigenvalues of DᵀD).
-#
+# 3. The dictionary: 2·H·p = 2R·d atoms in R^d, overcomplete R times per stream (4× in all at R = 2),
+# and no other attention weight: D gives the queries, keys and values (W = Z Dᵀ) and, tied, the
+# read-out back to R^d (§5). At R = 2 its 4d² weights are what GPT-2 spends on its q, k, v and
+# output projections: PRISM has exactly GPT-2's parameter count (exact, tested). It starts as a
+# tight frame, DᵀD = I_d (orthonormal columns: torch's orthogonal init, after the usual N(0, 0.02)
+# one), with exact consequences: ‖W‖ = ‖Z‖ (no direction of a token is lost or amplified in
+# coordinates); Σ_k U_kU_kᵀ = I_d, so §2's dropped term is the uniform shrink −βZ; and reading out
+# what a head reads in gives the token back, (Z Dᵀ) D = Z. Training moves D off the frame
+# (analyze_heads.py reports its frame bounds, the extreme eigenvalues of DᵀD).
 # A consequence of q = k (exact): a token's score with itself is ‖w_t‖², and w_tᵀw_s ≤ ‖w_t‖‖w_s‖
 # (Cauchy–Schwarz; RoPE keeps norms), so the diagonal tops every key no longer than w_t (not the
-# longer ones). analyze_heads.py reports the attention on itself and the distance without it.
+# longer ones); analyze_heads.py reports the attention on itself and the distance without it.
 #
-# 4. π-RoPE: two RoPE bases. Every head rotates the interleaved pairs (w_2i, w_2i+1) of its q = k
-# by t·ω_i at position t, ω_i = b^(−2i/p), i = 0 … p/2 − 1, with b = 10⁴·π in the signal heads
-# and 10⁴/π in the noise heads; the value is not rotated. Scores depend on positions only through
-# their difference (exact). What the two bases do (computed in tests/test_model.py):
-# both ladders start at ω_0 = 1 rad/token, so pair 0 turns alike in every head, whatever the
-# ratio of the bases; below it noise pair i turns π^(4i/p) times faster than signal pair i (up to
-# almost π² at the slow end), so the noise band lies inside the signal band and only signal heads
-# reach the slowest frequencies. At p = 128 and T = 512, 36 of 64 signal pairs and 29 of 64 noise
-# pairs turn less than once over the context. A rotation acts inside a head's p coordinates, so
-# neither base changes span(U_k): the streams differ in the frequencies they can use, not in the
-# subspaces they read (exact). Which of its frequencies a head relies on is learned (heuristic:
-# analyze_heads.py measures it).
+# 4. π-RoPE: two RoPE bases. Every head rotates the interleaved pairs (w_2i, w_2i+1) of its q = k by
+# t·ω_i at position t, ω_i = b^(−2i/p), i = 0 … p/2 − 1, b = 10⁴·π in the signal heads and 10⁴/π in
+# the noise heads; the value is not rotated. Scores depend on positions only through their
+# difference (exact). What the two bases do (computed in tests/test_model.py): both ladders start
+# at ω_0 = 1 rad/token, so pair 0 turns alike in every head, whatever the ratio of the bases; below
+# it noise pair i turns π^(4i/p) times faster than signal pair i (up to almost π² at the slow end),
+# so the noise band lies inside the signal band and only signal heads reach the slowest frequencies.
+# At p = 128 and T = 512, 36 of 64 signal and 29 of 64 noise pairs turn less than once over the
+# context. A rotation acts inside a head's p coordinates, so neither base changes span(U_k): the
+# streams differ in the frequencies they can use, not in the subspaces they read (exact). Which of
+# its frequencies a head relies on is learned (heuristic: analyze_heads.py measures it).
 
 
 def rotary_frequencies(head_dim, base):
@@ -207,31 +204,29 @@ def rotate_pairs(x, cos, sin):
 # 5. The differential, tied read-out S − λN. The layer adds
 #         Δ = c·(Σ_{k∈S} A_k W_k U_kᵀ − λ Σ_{k∈N} A_k W_k U_kᵀ),      c = 1/√(2HR),
 # §2's step with η = c for the signal heads and −λc for the noise heads, read out through the
-# dictionary itself. Tied, head k's term lies in span(U_k), the subspace it read, as in §2's step
-# (exact; an untied read-out B_k would put it in span(B_k) instead).
-# What the signs mean in MCR² terms. Exact, for the linear similarity G_k in place of A_k: head
-# k's term moves its own subspace's rate R(Z U_k) at first order by η_k β tr(W_kᵀ G_k (I +
-# βG_k)⁻¹ W_k · U_kᵀU_k), which has the sign of η_k: a signal head's term raises the rate of its own
-# subspace (expands it), a noise head's lowers it (compresses it: the paper's "denoising"). Exact
-# for the causal softmax too where β → 0, U_kᵀU_k = I and the scores are not rotated (no RoPE):
-# then the change is η_k β Σ_t Σ_s A_ts ⟨w_t, w_s⟩, each row's softmax mean of its scores is at
-# least their plain mean (the weights grow with the score: Chebyshev's sum inequality), and Σ_t ⟨w_t, mean_{s≤t} w_s⟩ ≥ 0 (Abel
-# summation of ‖prefix sums‖²). At finite β with other U_k it can have the wrong sign (the tests
-# hold such draws); with RoPE the weights grow with the rotated score, not with ⟨w_t, w_s⟩, and
-# the argument does not go through. What is read into it: each term also moves the other subspaces'
-# rates, with no sign for overlapping subspaces (§2's counterexample), and ΔR's expansion term
-# R(Z) does not enter. λ is not learned: a buffer of every layer, set by train.py before each
-# iteration from a cosine ramp (noise_weight_at) from 0.01 to 0.1 over the run, and saved with the
-# model. Every path from a noise atom to the output carries the factor λ (exact), so λ = 0 would
-# leave the noise atoms to weight decay alone; AdamW's step does not grow with a constant factor
-# on a gradient, so a small λ quiets the noise stream's output rather than its learning
-# (heuristic for a slowly moving λ).
-# The "iso-energy" factor c. Exact: it is no reparametrisation of D, which enters the scores
-# quadratically and the values and read-out linearly: scaling D by a multiplies the scores by a²
-# and, at fixed attention, Δ by a², so c is D's scale (a = √c) only together with a softmax
-# temperature. What it does, measured
-# at the start (paper's config, random tokens; tested): the update's RMS is about 2% of its
-# input's, where it would be about 11% without c; the name's "energy" is not conserved by it.
+# dictionary itself: head k's term lies in span(U_k), the subspace it read, as in §2's step (exact;
+# an untied read-out B_k would put it in span(B_k) instead).
+# The signs in MCR² terms. Exact with the linear similarity G_k in place of A_k: head k's term moves
+# its own subspace's rate R(Z U_k) at first order by η_k β tr(W_kᵀ G_k (I + βG_k)⁻¹ W_k · U_kᵀU_k),
+# of the sign of η_k: a signal head's term raises the rate of its own subspace (expands it), a noise
+# head's lowers it (compresses it: the paper's "denoising"). Exact with the causal softmax too where
+# β → 0, U_kᵀU_k = I and the scores are not rotated (no RoPE): the change is then
+# η_k β Σ_t Σ_s A_ts ⟨w_t, w_s⟩, each row's softmax mean of its scores is at least their plain mean
+# (the weights grow with the score: Chebyshev's sum inequality), and Σ_t ⟨w_t, mean_{s≤t} w_s⟩ ≥ 0
+# (Abel summation of ‖prefix sums‖²). At finite β with other U_k it can have the wrong sign (the
+# tests hold such draws); with RoPE the weights grow with the rotated score, not with ⟨w_t, w_s⟩,
+# and the argument does not go through. Not implied either: each term also moves the other
+# subspaces' rates, with no sign when they overlap (§2), and ΔR's expansion term R(Z) does not enter.
+# λ is not learned: a buffer of every layer, saved with the model, that train.py sets before each
+# iteration from a cosine ramp over the run (noise_weight_at; from 0.01 to 0.1). Every path from a
+# noise atom to the output carries the factor λ (exact), so λ = 0 would leave the noise atoms to
+# weight decay alone; AdamW's step does not grow with a constant factor on a gradient, so a small λ
+# quiets the noise stream's output rather than its learning (heuristic for a slowly moving λ).
+# The "iso-energy" factor c is no reparametrisation of D (exact): D enters the scores quadratically
+# and the values and read-out linearly, so scaling D by a multiplies the scores by a² and, at fixed
+# attention, Δ by a²; c is D's scale (a = √c) only together with a softmax temperature. Measured at
+# the start (paper's config, random tokens; tested): the update's RMS is about 2% of its input's,
+# where it would be about 11% without c; the name's "energy" is not conserved by it.
 
 
 def noise_weight_at(progress, start, end):
