@@ -14,7 +14,6 @@ coordinates W_k = Z U_k ∈ R^{n×p}. Heads 0 … H−1 are the signal stream, H
 """
 
 import importlib
-import inspect
 import math
 import pickle
 from dataclasses import asdict, dataclass, fields
@@ -486,20 +485,14 @@ class LanguageModel(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas,
-                                 **({"fused": True} if fused else {}))
-
-    @property
-    def attention_width(self):
-        """Σ over heads of the head width: the size of the score and value matmuls."""
-        return self.config.n_head * self.config.head_dim
+        fused = True if device_type == "cuda" else None  # None: torch's default (foreach on CPU)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
     def flops_per_token(self):
         """Training FLOPs per token: 6 per weight (PaLM, appendix B) plus the attention matmuls,
-        12·L·(Σ head widths)·T."""
+        12·L·(Σ head widths)·T, with n_head heads of head_dim."""
         c = self.config
-        return 6 * self.get_num_params() + 12 * c.n_layer * self.attention_width * c.block_size
+        return 6 * self.get_num_params() + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops):
         """Model FLOPs utilisation of `fwdbwd_per_iter` sequences in `dt` seconds against the
@@ -532,14 +525,13 @@ class Prism(LanguageModel):
         for block in self.transformer.h:
             block.attn.noise_weight.fill_(lam)
 
-    @property
-    def attention_width(self):
-        return 2 * self.config.n_head * self.config.head_dim
-
     def flops_per_token(self):
-        """The shared count plus the tied read-out's second use of each dictionary, 6 per weight."""
-        return super().flops_per_token() + 6 * sum(b.attn.dictionary.weight.numel()
-                                                    for b in self.transformer.h)
+        """The shared count for the signal heads, the same again for the noise heads' matmuls, and
+        the tied read-out's second use of each dictionary, 6 per weight."""
+        c = self.config
+        noise_heads = 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
+        return super().flops_per_token() + noise_heads + 6 * sum(
+            b.attn.dictionary.weight.numel() for b in self.transformer.h)
 
     # What analyze_heads.py asks of a model.
     def rope_frequencies(self, layer=0):
