@@ -376,6 +376,7 @@ class LanguageModel(nn.Module):
     implements `embed(idx, start)`, the residual stream entering the first block."""
 
     arch = None  # the name train.py and the checkpoints use
+    residual_outputs = ("proj.weight",)  # names of the layers that write into the residual stream
 
     def _build(self, config, blocks, final_norm, **extra_modules):
         self.config = config
@@ -388,7 +389,7 @@ class LanguageModel(nn.Module):
         self.apply(self._init_weights)
         # GPT-2's residual scaling: the layers that write into the residual stream start smaller.
         for name, p in self.named_parameters():
-            if name.endswith(("back_projection.weight", "proj.weight")):
+            if name.endswith(self.residual_outputs):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     @staticmethod

@@ -285,6 +285,7 @@ class RopeSelfAttention(nn.Module):
 class RopeAttention(LanguageModel):
     arch = "rope-attention"
     rope_pairs = "halves"  # for analyze_heads.py
+    residual_outputs = ("back_projection.weight", "proj.weight")  # GPT-2's residual scaling
 
     def __init__(self, config):
         super().__init__()

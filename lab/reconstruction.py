@@ -103,6 +103,7 @@ class Reconstruction(LanguageModel):
 
     arch = "recon"
     rope_pairs = "halves"
+    residual_outputs = ("back_projection.weight", "proj.weight")  # GPT-2's residual scaling
     attention_class = ReconstructionAttention
     mlp_class = MLP
 
