@@ -214,8 +214,9 @@ def rotate_pairs(x, cos, sin):
 # (the weights grow with the score: Chebyshev's sum inequality), and Σ_t ⟨w_t, mean_{s≤t} w_s⟩ ≥ 0
 # (Abel summation of ‖prefix sums‖²). At finite β with other U_k it can have the wrong sign (the
 # tests hold such draws); with RoPE the weights grow with the rotated score, not with ⟨w_t, w_s⟩,
-# and the argument does not go through. Not implied either: each term also moves the other
-# subspaces' rates, with no sign when they overlap (§2), and ΔR's expansion term R(Z) does not enter.
+# and the argument does not go through. What is read into it: each term also moves the other
+# subspaces' rates, with no sign for overlapping subspaces (§2's counterexample), and ΔR's expansion
+# term R(Z) does not enter.
 # λ is not learned: a buffer of every layer, saved with the model, that train.py sets before each
 # iteration from a cosine ramp over the run (noise_weight_at; from 0.01 to 0.1). Every path from a
 # noise atom to the output carries the factor λ (exact), so λ = 0 would leave the noise atoms to
@@ -280,7 +281,8 @@ class PrismAttention(nn.Module):
 
 def explicit_attention(q, k, v, record):
     """softmax_causal(q kᵀ/√p) v spelled out, so that the probabilities can be kept in `record`;
-    equal to the fused kernel up to float rounding (tested). The analysis path of every model."""
+    equal to the fused kernel up to float rounding (tested). PRISM's analysis path (the lab's
+    models use lab/attention.py's)."""
     T, S = q.shape[-2], k.shape[-2]
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
     future = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(S - T + 1)
