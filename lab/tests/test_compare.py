@@ -634,7 +634,8 @@ def test_the_committed_sections_re_make_from_the_records_alone(tmp_path, capsys)
         body = committed.split(start)[1].split(end)[0]
         command = re.search(r"(?:Study|Screen): `python -m lab.compare --data_dir=DATA (.*?)`",
                             body)[1]
-        argv = [a.replace("--records=", f"--records={REPO}/") for a in command.split()]
+        argv = [a.replace("--records=", f"--records={REPO}/").replace("--speeds=", f"--speeds={REPO}/")
+                for a in command.split()]  # the repository's paths, from this test's own folder
         code, out = run_compare(capsys, *argv, "--report_only", f"--results={results}",
                                 f"--out_dir={tmp_path / 'runs'}")
         assert code == 0, out.err
