@@ -108,9 +108,10 @@ def typed(key, value, source, default):
         raise TrainError(f"--{key} expects {expected}, got {value!r}") from None
 
 
-def parse_args(argv):
-    """Config files, then --key=value arguments -> (TrainConfig, the arch's model args)."""
-    settings = {}  # key -> (value, the config file it came from, or None: the command line)
+def read_settings(argv):
+    """Config files, then --key=value arguments -> {key: (value, the config file it came from, or
+    None: the command line)}; a later one wins."""
+    settings = {}
     for path in (a for a in argv if not a.startswith("--")):
         settings.update({k: (v, path) for k, v in read_config_file(path).items()})
     for arg in (a for a in argv if a.startswith("--")):
@@ -118,17 +119,29 @@ def parse_args(argv):
         if not (key and eq):
             raise TrainError(f"expected --key=value, got {arg!r}")
         settings[key] = (value, None)
-    arch = typed("arch", *settings.get("arch", ("prism", "the defaults")), "prism")
-    config_cls = arch_config(arch)
+    return settings
+
+
+def split_settings(settings, config_cls, hint=""):
+    """(TrainConfig's fields, config_cls's fields) of read_settings' {key: (value, source)}, each
+    typed as its field's default; a key of neither (or vocab_size, which meta.json gives) stops."""
     train_args, model_args = {}, {}
     for key, (value, source) in settings.items():
         cls, dest = (TrainConfig, train_args) if key in TrainConfig.__dataclass_fields__ else (config_cls, model_args)
         if key not in cls.__dataclass_fields__ or key == "vocab_size":
-            hint = ("; vocab_size comes from meta.json" if key == "vocab_size" else
-                    "; another arch at a PRISM config's size: python -m lab.train" if arch != "prism" else "")
+            why = "; vocab_size comes from meta.json" if key == "vocab_size" else hint
             raise TrainError(f"unknown key {key!r} (from {source or 'the command line'}): neither a "
-                             f"TrainConfig field nor a {config_cls.__name__} field{hint}")
+                             f"TrainConfig field nor a {config_cls.__name__} field{why}")
         dest[key] = typed(key, value, source, cls.__dataclass_fields__[key].default)
+    return train_args, model_args
+
+
+def parse_args(argv):
+    """Config files, then --key=value arguments -> (TrainConfig, the arch's model args)."""
+    settings = read_settings(argv)
+    arch = typed("arch", *settings.get("arch", ("prism", "the defaults")), "prism")
+    hint = "; another arch at a PRISM config's size: python -m lab.train" if arch != "prism" else ""
+    train_args, model_args = split_settings(settings, arch_config(arch), hint)
     return TrainConfig(**train_args), model_args
 
 

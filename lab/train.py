@@ -19,27 +19,12 @@ from lab.variants import sizes_like_prism
 
 def parse_args(argv):
     """(TrainConfig, model args of --arch) from PRISM config files and --key=value flags."""
-    files = [a for a in argv if not a.startswith("--")]
-    flags = [a for a in argv if a.startswith("--")]
-    cfg, prism_args = train.parse_args(files)
-    given = {}
-    for arg in flags:
-        key, eq, value = arg[2:].partition("=")
-        if not (key and eq):
-            raise train.TrainError(f"expected --key=value, got {arg!r}")
-        given[key] = value
-    arch = given.pop("arch", None)
+    cfg, prism_args = train.parse_args([a for a in argv if not a.startswith("--")])
+    given = train.read_settings([a for a in argv if a.startswith("--")])
+    arch = given.pop("arch", (None,))[0]
     if arch is None:
         raise train.TrainError("--arch=NAME is required (python train.py trains PRISM itself)")
-    config_cls = train.arch_config(arch)
-    train_args, arch_args = {}, {}
-    for key, value in given.items():
-        cls, dest = next(((c, d) for c, d in ((train.TrainConfig, train_args), (config_cls, arch_args))
-                          if key in c.__dataclass_fields__ and key != "vocab_size"), (None, None))
-        if cls is None:
-            raise train.TrainError(f"unknown key {key!r}: neither a TrainConfig field nor a "
-                                   f"{config_cls.__name__} field")
-        dest[key] = train.typed(key, value, None, cls.__dataclass_fields__[key].default)
+    train_args, arch_args = train.split_settings(given, train.arch_config(arch))
     try:
         model_args = {**sizes_like_prism(arch, prism_args), **arch_args}
     except ValueError as e:
