@@ -93,10 +93,9 @@ def read_config_file(path):
 
 
 def typed(key, value, source, default):
-    """A setting as the type of its field's default: parsed from a command-line string (source
-    None) or checked (a config file's value; an int is a fine float). A default None is auto."""
-    kind = bool if default is None else type(default)
-    if source is not None:
+    """A command-line string (source None) parsed, or a config file's value checked, as its field's type."""
+    kind = bool if default is None else type(default)  # a default None is auto
+    if source is not None:  # an int is a fine float
         if value is None and default is None or type(value) is kind or kind is float and type(value) is int:
             return value if value is None else kind(value)
         raise TrainError(f"{key} = {value!r} in {source} should be of type {kind.__name__}")
@@ -109,8 +108,7 @@ def typed(key, value, source, default):
 
 
 def read_settings(argv):
-    """Config files, then --key=value arguments -> {key: (value, the config file it came from, or
-    None: the command line)}; a later one wins."""
+    """Config files, then --key=value arguments -> {key: (value, its config file or None)}; the last wins."""
     settings = {}
     for path in (a for a in argv if not a.startswith("--")):
         settings.update({k: (v, path) for k, v in read_config_file(path).items()})
@@ -123,8 +121,7 @@ def read_settings(argv):
 
 
 def split_settings(settings, config_cls, hint=""):
-    """(TrainConfig's fields, config_cls's fields) of read_settings' {key: (value, source)}, each
-    typed as its field's default; a key of neither (or vocab_size, which meta.json gives) stops."""
+    """read_settings' {key: (value, source)} -> (TrainConfig's fields, config_cls's fields), typed."""
     train_args, model_args = {}, {}
     for key, (value, source) in settings.items():
         cls, dest = (TrainConfig, train_args) if key in TrainConfig.__dataclass_fields__ else (config_cls, model_args)
@@ -176,8 +173,7 @@ def field_help(cls):
 
 
 def usage(argv=()):
-    """The docstring, then every setting of TrainConfig and of --arch's config (PRISM's by
-    default): --name=DEFAULT, what it is, and its value in the default config where that differs."""
+    """The docstring, then every setting of TrainConfig and of --arch's config (PRISM's by default)."""
     config = os.path.relpath(default_config(), HERE)
     arch = next((a.split("=", 1)[1] for a in reversed(argv) if a.startswith("--arch=")), "prism")
     cfg, model_args = parse_args([default_config()]) if arch == "prism" else (TrainConfig(), {})
@@ -206,16 +202,14 @@ def load_data(data_dir):
         raise TrainError(f"data_dir {data_dir} does not exist; make it with "
                          f"`python prepare_tinystories.py{sample}` (see README.md)")
     *bins, meta_path = [os.path.join(data_dir, name) for name in ("train.bin", "val.bin", "meta.json")]
-    for path in (*bins, meta_path):
-        if not os.path.isfile(path):
-            raise TrainError(f"{path} is missing; run prepare_tinystories.py to write it")
+    if missing := [path for path in (*bins, meta_path) if not os.path.isfile(path)]:
+        raise TrainError(f"{missing[0]} is missing; run prepare_tinystories.py to write it")
     try:
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
     except json.JSONDecodeError as e:
         raise TrainError(f"{meta_path} is not valid JSON ({e})") from None
-    missing = [k for k in ("vocab_size", "val_tokens", "val_bytes") if k not in meta]
-    if missing:
+    if missing := [k for k in ("vocab_size", "val_tokens", "val_bytes") if k not in meta]:
         raise TrainError(f"{meta_path} lacks {', '.join(missing)}")
     return *(np.memmap(path, dtype=np.uint16, mode="r") for path in bins), meta
 
@@ -244,8 +238,7 @@ def get_lr(it, cfg):
 
 @torch.no_grad()
 def estimate_loss(model, data, block_size, cfg, ctx, seed):
-    """Mean loss over cfg.eval_iters batches of `data`: the same windows at every call with the
-    same seed, so evaluations along a run (and across runs) see the same text."""
+    """Mean loss over cfg.eval_iters batches of `data`: the same windows for the same seed."""
     offsets = random_offsets(np.random.default_rng(seed), len(data), block_size, (cfg.eval_iters, cfg.batch_size))
     model.eval()
     total = 0.0
@@ -279,16 +272,14 @@ def load_checkpoint(path, arch, model_config):
         raise TrainError(f"{path} is not a checkpoint written by train.py")
     if ckpt["arch"] != arch:
         raise TrainError(f"{path} holds a {ckpt['arch']!r} model, but arch = {arch!r}")
-    differ = [f"{k} = {v!r} (checkpoint: {ckpt['model_config'].get(k, '<absent>')!r})"
-              for k, v in model_config.items() if ckpt["model_config"].get(k, object()) != v]
-    if differ:
+    if differ := [f"{k} = {v!r} (checkpoint: {ckpt['model_config'].get(k, '<absent>')!r})"
+                  for k, v in model_config.items() if ckpt["model_config"].get(k, object()) != v]:
         raise TrainError(f"{path} holds a model of another size: {'; '.join(differ)}")
     return ckpt
 
 
 def resume(ckpt, model, optimizer, scaler, rng, cfg, rank, log, path):
-    """Load a checkpoint's weights (λ included), optimizer, scaler and this process's random
-    states; -> (iteration, best val loss, elapsed seconds)."""
+    """Weights (λ included), optimizer, scaler, this process's RNGs -> (iter, best val loss, elapsed s)."""
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
@@ -337,8 +328,7 @@ def gpu_peak_flops(device_name, dtype):
     for pattern, *peaks in GPU_PEAK_TFLOPS:
         if re.search(pattern, device_name):
             tflops = peaks[("bfloat16", "float16", "float32").index(dtype)]
-            return None if tflops is None else tflops * 1e12
-    return None
+            return tflops and tflops * 1e12
 
 
 def setup_cuda(cfg, log):
@@ -352,8 +342,7 @@ def setup_cuda(cfg, log):
 
 
 def train(cfg, model_args=None):
-    """Train as cfg and model_args (fields of cfg.arch's config) say; returns rank 0's summary:
-    the last evaluation's record, with arch, params, out_dir, iters, best val and tokens/s."""
+    """Train as cfg and model_args (cfg.arch's config) say; -> rank 0's summary: the last eval, best val, tok/s."""
     ddp = "RANK" in os.environ  # torchrun sets RANK, WORLD_SIZE and LOCAL_RANK
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     master, log = rank == 0, print if rank == 0 else (lambda *a, **k: None)
