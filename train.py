@@ -241,11 +241,8 @@ def estimate_loss(model, data, block_size, cfg, ctx, seed):
     """Mean loss over cfg.eval_iters batches of `data`: the same windows for the same seed."""
     offsets = random_offsets(np.random.default_rng(seed), len(data), block_size, (cfg.eval_iters, cfg.batch_size))
     model.eval()
-    total = 0.0
-    for batch in offsets:
-        x, y = get_batch(data, batch, block_size, cfg.device)
-        with ctx:
-            total += model(x, y)[1].item()
+    with ctx:
+        total = sum(model(*get_batch(data, batch, block_size, cfg.device))[1].item() for batch in offsets)
     model.train()
     return total / cfg.eval_iters
 
@@ -371,8 +368,6 @@ def train(cfg, model_args=None):
         f"({cfg.batch_size} x {cfg.grad_accum} x {block_size})")
     ctx = nullcontext() if cfg.dtype == "float32" else torch.autocast(device_type, getattr(torch, cfg.dtype))
     peak_flops = setup_cuda(cfg, log) if device_type == "cuda" else None
-    if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
 
     # -- model and optimizer; every process draws the whole iteration's batch and takes its share
     torch.manual_seed(cfg.seed + rank)  # the init (DDP broadcasts rank 0's), dropout
@@ -392,6 +387,7 @@ def train(cfg, model_args=None):
             with open(log_path, "rb") as f:
                 kept_log = [line for line in f if line.strip() and json.loads(line)["iter"] <= iter_num]
     if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
         replace_file(log_path, lambda f: f.writelines(kept_log))
     start_iter, ckpt_iter = iter_num, iter_num if ckpt is not None else None
     model = eval_model = torch.compile(raw_model) if cfg.compile else raw_model  # eval: no all-reduce
