@@ -325,7 +325,8 @@ def gpu_peak_flops(device_name, dtype):
     for pattern, *peaks in GPU_PEAK_TFLOPS:
         if re.search(pattern, device_name):
             tflops = peaks[("bfloat16", "float16", "float32").index(dtype)]
-            return tflops and tflops * 1e12
+            return None if tflops is None else tflops * 1e12
+    return None  # not in the table: no MFU rather than a guess
 
 
 def setup_cuda(cfg, log):
@@ -339,7 +340,7 @@ def setup_cuda(cfg, log):
 
 
 def train(cfg, model_args=None):
-    """Train as cfg and model_args (cfg.arch's config) say; -> rank 0's summary: the last eval, best val, tok/s."""
+    """Train as cfg and model_args (cfg.arch's config) say; -> rank 0's summary (the last evaluation's record)."""
     ddp = "RANK" in os.environ  # torchrun sets RANK, WORLD_SIZE and LOCAL_RANK
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     master, log = rank == 0, print if rank == 0 else (lambda *a, **k: None)
