@@ -309,16 +309,22 @@ def choose_lr(grid, score, max_extensions, refine=False, recorded=(), canonical=
     is added and scored, at most max_extensions times; a one-rate grid is a fixed rate and never
     grows. With `refine`, an interior best then gets its two neighbours ×√2 away scored too (in
     the scores, not in `added`), and the best of all is chosen. `canonical` maps a computed rate
-    to the recorded one of the same name (4e-3·√2 and 8e-3/√2 differ in the last bit)."""
+    to the recorded one of the same name (4e-3·√2 and 8e-3/√2 differ in the last bit); a rate
+    within 1e-5 of one scored in this call is that one (a record's name keeps 6 digits, so
+    0.00565685·√2 is the grid's 8e-3 up to 8e-7)."""
     lrs = sorted({canonical(lr) for lr in (*grid, *recorded)})
     scores = {lr: score(lr) for lr in lrs}
+
+    def known(lr):  # a computed rate as one already scored that it equals but for rounding
+        lr = canonical(lr)
+        return next((s for s in scores if math.isclose(s, lr, rel_tol=1e-5)), lr)
 
     def best():
         return min(scores, key=lambda lr: math.inf if math.isnan(scores[lr]) else scores[lr])
 
     added = []
     while len(grid) > 1 and best() in (lrs[0], lrs[-1]) and len(added) < max_extensions:
-        lr = canonical(lrs[0] / 2 if best() == lrs[0] else lrs[-1] * 2)
+        lr = known(lrs[0] / 2 if best() == lrs[0] else lrs[-1] * 2)
         scores[lr] = score(lr)
         lrs = sorted(scores)
         added.append(lr)
@@ -326,7 +332,7 @@ def choose_lr(grid, score, max_extensions, refine=False, recorded=(), canonical=
     if refine and len(grid) > 1 and not at_edge:
         centre = best()
         for lr in (centre / math.sqrt(2), centre * math.sqrt(2)):
-            lr = canonical(lr)
+            lr = known(lr)
             if lr not in scores:
                 scores[lr] = score(lr)
     return best(), scores, added, at_edge

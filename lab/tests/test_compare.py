@@ -252,10 +252,26 @@ def test_a_computed_rate_maps_to_the_recorded_one_of_the_same_name():
         assert up in scores and down not in scores and len(scores) == 6
         assert len(calls) == len(set(calls)) == 6 and down not in calls, rec
         assert sorted(calls) == sorted([*grid, up, 8e-3 * math.sqrt(2)])
-    # without the mapping the same refinement would train the record's rate a second time
+    # a rate scored in the same call is matched by name too, canonical or not
     calls = []
     compare.choose_lr(grid, stub_loss(8e-3 * 2 ** 0.1, calls), 3, refine=True, recorded=[up])
-    assert up in calls and down in calls and len({f"{lr:g}" for lr in calls}) == len(calls) - 1
+    assert up in calls and down not in calls and len({f"{lr:g}" for lr in calls}) == len(calls)
+
+
+def test_refining_around_a_recorded_rate_reuses_the_grid_rate_of_the_same_name():
+    """The best is a record between grid rates (5.66e-3, its name rounded to 6 digits) and the
+    grid's own 4e-3 and 8e-3 were scored in this call, after `canonical` was built: the refined
+    neighbours 0.00565685/√2 and ·√2, off 4e-3 and 8e-3 by under 1e-6, are those runs, not a
+    clash with the record lr0.004 (a study stopped on exactly this) or a near-copy lr0.00799999."""
+    record = 0.00565685
+    down, up = record / math.sqrt(2), record * math.sqrt(2)
+    assert (f"{down:g}", f"{up:g}") == ("0.004", "0.00799999") and down != 4e-3
+    calls = []
+    best, scores, added, at_edge = compare.choose_lr(
+        [1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2], stub_loss(record, calls), 3, refine=True,
+        recorded=[record], canonical=lambda lr: {"0.00565685": record}.get(f"{lr:g}", lr))
+    assert (best, added, at_edge) == (record, [], False)
+    assert sorted(calls) == sorted(scores) == [1e-3, 2e-3, 4e-3, record, 8e-3, 1.6e-2]
 
 
 # -----------------------------------------------------------------------------
