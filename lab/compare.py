@@ -310,8 +310,8 @@ def choose_lr(grid, score, max_extensions, refine=False, recorded=(), canonical=
     grows. With `refine`, an interior best then gets its two neighbours ×√2 away scored too (in
     the scores, not in `added`), and the best of all is chosen. `canonical` maps a computed rate
     to the recorded one of the same name (4e-3·√2 and 8e-3/√2 differ in the last bit); a rate
-    within 1e-5 of one scored in this call is that one (a record's name keeps 6 digits, so
-    0.00565685·√2 is the grid's 8e-3 up to 8e-7)."""
+    within 1e-5 (relative) of one scored in this call is that one: a record's name keeps 6
+    digits, off by at most 5e-6, so 0.00565685·√2 is the grid's 8e-3 (off by 8e-7)."""
     lrs = sorted({canonical(lr) for lr in (*grid, *recorded)})
     scores = {lr: score(lr) for lr in lrs}
 

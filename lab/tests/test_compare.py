@@ -272,6 +272,11 @@ def test_refining_around_a_recorded_rate_reuses_the_grid_rate_of_the_same_name()
         recorded=[record], canonical=lambda lr: {"0.00565685": record}.get(f"{lr:g}", lr))
     assert (best, added, at_edge) == (record, [], False)
     assert sorted(calls) == sorted(scores) == [1e-3, 2e-3, 4e-3, record, 8e-3, 1.6e-2]
+    calls = []  # a recorded rate 1e-4 (relative) off a refined one is another rate: both run
+    near = 4e-3 * math.sqrt(2) * (1 + 1e-4)
+    compare.choose_lr([1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2], stub_loss(4e-3, calls), 3, refine=True,
+                      recorded=[near])
+    assert near in calls and 4e-3 * math.sqrt(2) in calls and len(calls) == 8
 
 
 # -----------------------------------------------------------------------------
