@@ -45,7 +45,6 @@ def tiny_run(data_dir, out_dir, **overrides):
     return summary, read_log(out_dir)
 
 
-
 def test_tokens_per_sec_leaves_out_the_evaluations(data_dir, tmp_path, monkeypatch):
     """On a clock that only the evaluations move, 30 training steps take next to no time: the
     speeds train() reports are huge, unless evaluation time leaks into them."""
@@ -65,6 +64,7 @@ def test_tokens_per_sec_leaves_out_the_evaluations(data_dir, tmp_path, monkeypat
     summary, log = tiny_run(data_dir, tmp_path)
     assert summary["tokens_per_sec"] > 1e6
     assert all(r["tokens_per_sec"] > 1e6 for r in log[1:])
+
 
 def read_log(out_dir):
     with open(os.path.join(out_dir, "log.jsonl"), encoding="utf-8") as f:
