@@ -6,7 +6,7 @@ commit b7a0024; docs/PRISM.md says where each fact comes from); everything else 
 
 Read it top to bottom, like the derivation: 1 the rates; 2 attention from a step on the compressed
 rate; 3 the dictionary; 4 π-RoPE; 5 the read-out S − λN; 6 the layer; 7 the block and the language
-model; 8 checkpoints. A statement is marked exact (an identity or a theorem, tested in
+model; 8 architectures by name. A statement is marked exact (an identity or a theorem, tested in
 tests/test_model.py where it can be) or heuristic (a choice, a reading, or a measurement).
 Notation: tokens are rows; Z ∈ R^{n×d} holds n tokens. The dictionary D ∈ R^{2Hp×d} (one Linear's
 weight) holds one atom per row; head k owns p consecutive rows, U_kᵀ ∈ R^{p×d}, and reads the
@@ -15,8 +15,7 @@ coordinates W_k = Z U_k ∈ R^{n×p}. Heads 0 … H−1 are the signal stream, H
 
 import importlib
 import math
-import pickle
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -31,8 +30,6 @@ from torch.nn import functional as F
 #     R^c(Z; U) = Σ_k R(Z U_k) = Σ_k ½ log det(I_p + β W_kᵀW_k),    β = p/(n ε²).
 # A good representation has a large rate reduction ΔR = R(Z) − R^c: diverse as a whole, compact
 # inside each subspace. The model never evaluates a rate; analyze_heads.py measures them.
-
-
 def coding_rate(Z, eps=0.5):
     """R(Z) for Z (n, d), nats per token, in float64 through the smaller Gram matrix
     (det(I_d + a ZᵀZ) = det(I_n + a ZZᵀ), exact)."""
@@ -70,8 +67,6 @@ def compressed_coding_rate(Z, subspaces, eps=0.5):
 # −69100/559). With the softmax the tests measure a rise of R^c along the step on random tokens
 # (measured, not proven). So the layer is CRATE's attention form, motivated by the series, not
 # implied by it; §5 says what PRISM's signs make of it.
-
-
 def compressed_rate_gradient(Z, subspaces, eps=0.5):
     """(a) ∇_Z R^c(Z; U) in closed form (exact; tested against autograd); float64."""
     Z, n = Z.detach().double(), Z.shape[0]
@@ -107,8 +102,6 @@ def neumann_radius(Z, subspaces, eps=0.5):
 # The model's settings. The defaults are the paper's PRISM (config/prism_50m.py): d = 512, 8
 # layers, 8 signal + 8 noise heads of p = 128, context 512, GPT-2's vocabulary: 51,192,320
 # parameters, 50,930,176 without the position embedding.
-
-
 @dataclass
 class PrismConfig:
     vocab_size: int = 50257      # GPT-2 BPE; the embedding is padded to a multiple of 64 (50304)
@@ -128,8 +121,7 @@ class PrismConfig:
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_embd", "n_head", "expansion"):
             _check(self, name, getattr(self, name) > 0, "must be positive")
-        _check(self, "n_head", self.expansion * self.n_embd % self.n_head == 0,
-               "must divide expansion·n_embd (p = R·d/H)")
+        _check(self, "n_head", self.expansion * self.n_embd % self.n_head == 0, "must divide expansion·n_embd")
         _check(self, "expansion", self.head_dim % 2 == 0, "must make p = R·d/H even (RoPE pairs)")
         for name in ("signal_base", "noise_base"):
             _check(self, name, getattr(self, name) > 1, "must be > 1")
@@ -171,8 +163,6 @@ def _check(config, name, ok, why):
 # context. A rotation acts inside a head's p coordinates, so neither base changes span(U_k): the
 # streams differ in the frequencies they can use, not in the subspaces they read (exact). Which of
 # its frequencies a head relies on is learned (heuristic: analyze_heads.py measures it).
-
-
 def rotary_frequencies(head_dim, base):
     """The RoPE ladder base^(−2i/p), i = 0 … p/2 − 1, float64."""
     return base ** (-2 * torch.arange(head_dim // 2, dtype=torch.float64) / head_dim)
@@ -227,8 +217,6 @@ def rotate_pairs(x, cos, sin):
 # attention, Δ by a²; c is D's scale (a = √c) only together with a softmax temperature. Measured at
 # the start (paper's config, random tokens; tested): the update's RMS is about 2% of its input's,
 # where it would be about 11% without c; the name's "energy" is not conserved by it.
-
-
 def noise_weight_at(progress, start, end):
     """λ after `progress` (0 … 1, clipped) of the run: start + (end − start)·½(1 − cos(π·progress))."""
     progress = min(1.0, max(0.0, progress))
@@ -237,8 +225,6 @@ def noise_weight_at(progress, start, end):
 
 # -----------------------------------------------------------------------------
 # 6. The layer: one projection, one fused attention call for all 2H heads, one read-out.
-
-
 class PrismAttention(nn.Module):
     """Δ = c·Σ_k η_k softmax_causal(q_k q_kᵀ/√p) W_k U_kᵀ with W_k = Z U_k, q_k = RoPE(W_k) and
     η_k = 1 for signal heads, −λ for noise heads (§2-5)."""
@@ -295,8 +281,6 @@ def explicit_attention(q, k, v, record):
 # 7. The rest is nanoGPT's GPT-2: learned absolute positions added to the token embeddings (as
 # well as RoPE), pre-LayerNorm residual blocks, a GELU MLP of width 4d, a final LayerNorm and the
 # output layer tied to the token embedding.
-
-
 def mlp_width(config):
     """The MLP's hidden width (any arch's config): mlp_hidden, or 4·n_embd."""
     return config.mlp_hidden or 4 * config.n_embd
@@ -334,13 +318,9 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-def padded_vocab_size(vocab_size):
-    return 64 * math.ceil(vocab_size / 64)  # matmuls on multiples of 64 run faster
-
-
 class KVCache:
-    """What one attention layer keeps of the tokens it has seen while generating: the tensors
-    (B, heads, T, p) later queries read, in the order the layer passes them."""
+    """What one attention layer keeps of the tokens seen while generating: the (B, heads, T, p)
+    tensors later queries read."""
 
     def __init__(self):
         self.length = 0  # positions seen so far = the position of the next token
@@ -382,7 +362,7 @@ class LanguageModel(nn.Module):
 
     def _build(self, config, blocks, final_norm, **extra_modules):
         self.config = config
-        vocab = padded_vocab_size(config.vocab_size)
+        vocab = 64 * math.ceil(config.vocab_size / 64)  # padded: matmuls on multiples of 64 run faster
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(vocab, config.n_embd), **extra_modules,
             drop=nn.Dropout(config.dropout), h=nn.ModuleList(blocks), ln_f=final_norm))
@@ -408,11 +388,10 @@ class LanguageModel(nn.Module):
         """One line for the log: the arch and its parameter counts by part."""
         parts = dict(embedding=0, attention=0, mlp=0, norm=0)
         for name, p in self.named_parameters():
-            parts["attention" if ".attn." in name else "mlp" if ".mlp." in name
-                  else "embedding" if name.startswith(("transformer.wte", "transformer.wpe"))
-                  else "norm"] += p.numel()
-        return (f"{self.arch}: {self.get_num_params() / 1e6:.2f}M parameters ("
-                + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in parts.items()) + ")")
+            parts["attention" if ".attn." in name else "mlp" if ".mlp." in name else "embedding"
+                  if name.startswith(("transformer.wte", "transformer.wpe")) else "norm"] += p.numel()
+        return f"{self.arch}: {self.get_num_params() / 1e6:.2f}M parameters (" + ", ".join(
+            f"{k} {v / 1e6:.2f}M" for k, v in parts.items()) + ")"
 
     def set_progress(self, progress):
         """Called by train.py before every iteration with the fraction of the run done; a model
@@ -548,7 +527,7 @@ class Prism(LanguageModel):
 
 
 # -----------------------------------------------------------------------------
-# 8. Architectures by name, and the checkpoints train.py writes. THE ONE HOOK from the tutorial
+# 8. Architectures by name (checkpoint.py rebuilds a model from its arch's name). THE ONE HOOK from the tutorial
 # into the lab: get_arch imports the `lab` package on the first name ARCHS lacks, and the lab
 # registers its models (GPT-2, Gemma 3, our earlier reconstruction, ...) there. Without a lab/
 # folder the tutorial runs on its own.
@@ -576,48 +555,3 @@ def build_model(arch, **model_args):
     if unknown:
         raise ValueError(f"{config_cls.__name__} has no field {unknown[0]!r}")
     return model_cls(config_cls(**model_args))
-
-
-def checkpoint_payload(model):
-    """A model in a checkpoint: its arch, config, weights (λ included) and the vocabulary its
-    token ids belong to (set by train.py from meta.json)."""
-    return {"arch": model.arch, "model_config": asdict(model.config), "model": model.state_dict(),
-            "vocabulary": getattr(model, "vocabulary", None)}
-
-
-class CheckpointError(ValueError):
-    """A file that cannot be loaded as a checkpoint; the message is one line for the user."""
-
-
-def read_checkpoint(path, device="cpu"):
-    """torch.load with weights_only=True: tensors and plain data only. A pickle can carry code
-    that runs while it loads; this refuses it before anything runs, as it does a file that is no
-    checkpoint (CheckpointError)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no checkpoint at {path}") from None
-    if not (head == b"PK\x03\x04" or head[:1] == b"\x80"):  # a zip archive, or a legacy pickle
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint file")
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(f"{path} is not a safe checkpoint: it contains code/objects other "
-                              "than tensors and plain data; refusing to load") from None
-    except Exception:  # a truncated or damaged archive; torch's own message is not for the user
-        raise CheckpointError(f"{path} is damaged or truncated (not a complete PyTorch "
-                              "checkpoint)") from None
-
-
-def load_model(path, device="cpu"):
-    """The model of a checkpoint written by train.py, in eval mode, on `device`."""
-    ckpt = read_checkpoint(path, device)
-    if not isinstance(ckpt, dict) or not {"arch", "model_config", "model"} <= ckpt.keys():
-        raise CheckpointError(f"{path} is not a prism-nano checkpoint (no arch/model_config/model)")
-    model = build_model(ckpt["arch"], **ckpt["model_config"])
-    model.load_state_dict(ckpt["model"])
-    model.vocabulary = ckpt.get("vocabulary")
-    # what the checkpoint says of its run, for the scripts' "loaded ..." line (None: absent)
-    model.training_run = {k: ckpt.get(k) for k in ("iter_num", "best_val_loss", "train_config")}
-    return model.to(device).eval()

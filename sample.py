@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from model import CheckpointError, load_model
+from checkpoint import CheckpointError, load_model
 
 EOT_TEXT = "<|endoftext|>"
 GPT2_VOCAB = 50257

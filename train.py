@@ -20,14 +20,16 @@ import os
 import re
 import sys
 import time
-import types
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import CheckpointError, build_model, checkpoint_payload, get_arch, read_checkpoint
+from checkpoint import CheckpointError, checkpoint_payload, read_training_checkpoint, replace_file
+from configurator import SettingsError, describe, read_settings, split_settings, typed
+from model import build_model, get_arch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -61,76 +63,23 @@ class TrainConfig:
     seed: int = 1337                    # fixes the initialisation and the data order
 
     def __post_init__(self):
-        checks = [(self.init_from in ("scratch", "resume"), "init_from", "must be scratch or resume"),
-                  (self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
-                   "must be auto, float32, bfloat16 or float16"),
-                  (self.learning_rate > 0, "learning_rate", "must be positive"),
-                  (0 <= self.min_lr <= self.learning_rate, "min_lr", "must be in [0, learning_rate]")]
-        checks += [(getattr(self, k) > 0, k, "must be positive") for k in
-                   ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval")]
+        positive = ("learning_rate", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval")
+        checks = [(getattr(self, k) > 0, k, "must be positive") for k in positive]
         checks += [(getattr(self, k) >= 0, k, "must not be negative") for k in
                    ("max_iters", "warmup_iters", "grad_clip", "weight_decay")]
+        checks += [(self.init_from in ("scratch", "resume"), "init_from", "must be scratch or resume"),
+                   (self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
+                    "must be auto, float32, bfloat16 or float16"),
+                   (0 <= self.min_lr <= self.learning_rate, "min_lr", "must be in [0, learning_rate]")]
         for ok, name, why in checks:
             if not ok:
                 raise TrainError(f"{name} = {getattr(self, name)!r} {why}")
 
 
 # -----------------------------------------------------------------------------
-# Settings: config files, then --key=value arguments; --help
-
-
-def read_config_file(path):
-    """The settings a config file assigns: its top-level names, but _private ones and modules."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            source = f.read()
-    except OSError:
-        raise TrainError(f"no config file {path}") from None
-    namespace = {}
-    exec(compile(source, path, "exec"), namespace)  # noqa: S102 — config files are Python by design
-    return {k: v for k, v in namespace.items()
-            if not k.startswith("_") and not isinstance(v, (types.ModuleType, types.FunctionType, type))}
-
-
-def typed(key, value, source, default):
-    """A command-line string (source None) parsed, or a config file's value checked, as its field's type."""
-    kind = bool if default is None else type(default)  # a default None is auto
-    if source is not None:  # an int is a fine float
-        if value is None and default is None or type(value) is kind or kind is float and type(value) is int:
-            return value if value is None else kind(value)
-        raise TrainError(f"{key} = {value!r} in {source} should be of type {kind.__name__}")
-    words = {"true": True, "false": False, **({"auto": None} if default is None else {})}
-    try:
-        return words[value.lower()] if kind is bool else kind(value)
-    except (KeyError, ValueError):
-        expected = " or ".join(words) if kind is bool else kind.__name__
-        raise TrainError(f"--{key} expects {expected}, got {value!r}") from None
-
-
-def read_settings(argv):
-    """Config files, then --key=value arguments -> {key: (value, its config file or None)}; the last wins."""
-    settings = {}
-    for path in (a for a in argv if not a.startswith("--")):
-        settings.update({k: (v, path) for k, v in read_config_file(path).items()})
-    for arg in (a for a in argv if a.startswith("--")):
-        key, eq, value = arg[2:].partition("=")
-        if not (key and eq):
-            raise TrainError(f"expected --key=value, got {arg!r}")
-        settings[key] = (value, None)
-    return settings
-
-
-def split_settings(settings, config_cls, hint=""):
-    """read_settings' {key: (value, source)} -> (TrainConfig's fields, config_cls's fields), typed."""
-    train_args, model_args = {}, {}
-    for key, (value, source) in settings.items():
-        cls, dest = (TrainConfig, train_args) if key in TrainConfig.__dataclass_fields__ else (config_cls, model_args)
-        if key not in cls.__dataclass_fields__ or key == "vocab_size":
-            why = "; vocab_size comes from meta.json" if key == "vocab_size" else hint
-            raise TrainError(f"unknown key {key!r} (from {source or 'the command line'}): neither a "
-                             f"TrainConfig field nor a {config_cls.__name__} field{why}")
-        dest[key] = typed(key, value, source, cls.__dataclass_fields__[key].default)
-    return train_args, model_args
+# Settings: config files, then --key=value arguments (configurator.py), checked against the fields
+# above and the arch's config; --help from the comments beside them
+USER_ERRORS = (TrainError, SettingsError, CheckpointError)  # main() prints these as one line
 
 
 def parse_args(argv):
@@ -138,7 +87,8 @@ def parse_args(argv):
     settings = read_settings(argv)
     arch = typed("arch", *settings.get("arch", ("prism", "the defaults")), "prism")
     hint = "; another arch at a PRISM config's size: python -m lab.train" if arch != "prism" else ""
-    train_args, model_args = split_settings(settings, arch_config(arch), hint)
+    train_args, model_args = split_settings(settings, TrainConfig, arch_config(arch), hint=hint,
+                                            refused={"vocab_size": "it comes from the data's meta.json"})
     return TrainConfig(**train_args), model_args
 
 
@@ -149,27 +99,9 @@ def arch_config(name):
         raise TrainError(str(e)) from None
 
 
-def resolve_system(cfg, local_rank=None):
-    """The TrainConfig with device, dtype and compile made concrete for this machine."""
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    cuda = device.startswith("cuda")
-    if cuda and not torch.cuda.is_available():
-        raise TrainError(f"device = {cfg.device!r} but this machine has no CUDA")
-    device = f"cuda:{local_rank}" if cuda and local_rank is not None else device  # one GPU per process
-    dtype = cfg.dtype if cfg.dtype != "auto" else (
-        "float32" if not cuda else "bfloat16" if torch.cuda.is_bf16_supported() else "float16")
-    return replace(cfg, device=device, dtype=dtype, compile=cuda if cfg.compile is None else cfg.compile)
-
-
 def default_config():
     """The config that fits this machine: the paper's PRISM on a GPU, the small one on a CPU."""
     return os.path.join(HERE, "config", "prism_50m.py" if torch.cuda.is_available() else "cpu_small.py")
-
-
-def field_help(cls):
-    """{field name: the comment on its line}: each setting is described once, where it is defined."""
-    lines = inspect.getsource(cls).splitlines()
-    return {m[1]: m[2].strip() for m in (re.match(r"\s+(\w+)\s*:[^#]*#(.*)", x) for x in lines) if m}
 
 
 def usage(argv=()):
@@ -178,23 +110,15 @@ def usage(argv=()):
     arch = next((a.split("=", 1)[1] for a in reversed(argv) if a.startswith("--arch=")), "prism")
     cfg, model_args = parse_args([default_config()]) if arch == "prism" else (TrainConfig(), {})
     given = {**asdict(cfg), **model_args}
-    lines = [__doc__.strip(), "", f"Settings: --name=DEFAULT  what it is  [{config}: its value there]"]
-    for cls in (TrainConfig, arch_config(arch)):
-        lines += ["", f"{cls.__name__}:" if cls is TrainConfig else
-                  f"{cls.__name__} (arch {arch}; --arch=NAME --help for another's):"]
-        text = field_help(cls)
-        for f in (f for f in fields(cls) if f.name != "vocab_size"):
-            shown = "auto" if f.default is None else str(f.default).lower() if isinstance(f.default, bool) else f.default
-            lines.append(f"  {f'--{f.name}={shown}':<28} {text.get(f.name, '')}" + (
-                f"  [{config}: {given[f.name]}]" if given.get(f.name, f.default) != f.default else ""))
-    return "\n".join(lines)
+    return "\n".join([__doc__.strip(), "", f"Settings: --name=DEFAULT  what it is  [{config}: its value there]",
+                      "", "TrainConfig:", *describe(TrainConfig, given, config),
+                      "", f"{arch_config(arch).__name__} (arch {arch}; --arch=NAME --help for another's):",
+                      *describe(arch_config(arch), given, config, skip={"vocab_size"})])
 
 
 # -----------------------------------------------------------------------------
 # Data (train.bin / val.bin: raw uint16 token ids; a batch is random windows of them), the learning
 # rate, evaluation, and the checkpoint that makes a resumed run the run it continues
-
-
 def load_data(data_dir):
     """(train, val, meta): memmap views of the token files and the parsed meta.json."""
     if not os.path.isdir(data_dir):
@@ -247,34 +171,6 @@ def estimate_loss(model, data, block_size, cfg, ctx, seed):
     return total / cfg.eval_iters
 
 
-def replace_file(path, write):
-    """write(f) into path + ".tmp", then os.replace: a reader never sees half a file."""
-    with open(path + ".tmp", "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
-
-
-def load_checkpoint(path, arch, model_config):
-    """The checkpoint at `path`, checked to hold a model of this arch and config."""
-    if not os.path.isfile(path):
-        raise TrainError(f"init_from = 'resume' but there is no checkpoint at {path}: nothing to "
-                         "resume yet (train from scratch first: --init_from=scratch)")
-    try:
-        ckpt = read_checkpoint(path)
-    except CheckpointError as e:
-        raise TrainError(str(e)) from None
-    if not isinstance(ckpt, dict) or not {"arch", "model_config", "model", "iter_num"} <= ckpt.keys():
-        raise TrainError(f"{path} is not a checkpoint written by train.py")
-    if ckpt["arch"] != arch:
-        raise TrainError(f"{path} holds a {ckpt['arch']!r} model, but arch = {arch!r}")
-    if differ := [f"{k} = {v!r} (checkpoint: {ckpt['model_config'].get(k, '<absent>')!r})"
-                  for k, v in model_config.items() if ckpt["model_config"].get(k, object()) != v]:
-        raise TrainError(f"{path} holds a model of another size: {'; '.join(differ)}")
-    return ckpt
-
-
 def resume(ckpt, model, optimizer, scaler, rng, cfg, rank, log, path):
     """Weights (λ included), optimizer, scaler, this process's RNGs -> (iter, best val loss, elapsed s)."""
     model.load_state_dict(ckpt["model"])
@@ -293,8 +189,6 @@ def resume(ckpt, model, optimizer, scaler, rng, cfg, rank, log, path):
 
 # -----------------------------------------------------------------------------
 # The training loop, and its progress line's time left and MFU
-
-
 def format_duration(seconds):
     """12s, 3m05s, 2h07m: short enough for the progress line."""
     minutes, seconds = divmod(round(seconds), 60)
@@ -329,6 +223,18 @@ def gpu_peak_flops(device_name, dtype):
     return None  # not in the table: no MFU rather than a guess
 
 
+def resolve_system(cfg, local_rank=None):
+    """The TrainConfig with device, dtype and compile made concrete for this machine."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    cuda = device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise TrainError(f"device = {cfg.device!r} but this machine has no CUDA")
+    device = f"cuda:{local_rank}" if cuda and local_rank is not None else device  # one GPU per process
+    dtype = cfg.dtype if cfg.dtype != "auto" else (
+        "float32" if not cuda else "bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+    return replace(cfg, device=device, dtype=dtype, compile=cuda if cfg.compile is None else cfg.compile)
+
+
 def setup_cuda(cfg, log):
     """TF32 for float32 matmuls; -> the GPU's peak FLOP/s for MFU, or None."""
     torch.cuda.set_device(cfg.device)
@@ -361,7 +267,7 @@ def train(cfg, model_args=None):
         if len(data) <= block_size + 1:
             raise TrainError(f"{name}.bin has {len(data)} tokens, too few for block_size = {block_size}")
     ckpt_path, log_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "log.jsonl")
-    ckpt = load_checkpoint(ckpt_path, cfg.arch, model_config) if cfg.init_from == "resume" else None
+    ckpt = read_training_checkpoint(ckpt_path, cfg.arch, model_config) if cfg.init_from == "resume" else None
     tokens_per_iter = cfg.batch_size * cfg.grad_accum * block_size
     bpb_per_nat = meta["val_tokens"] / meta["val_bytes"] / math.log(2)  # loss -> bits per byte of text
     log(f"arch {cfg.arch} | device {device} ({world_size} process{'es' if world_size > 1 else ''}) | "
@@ -400,9 +306,7 @@ def train(cfg, model_args=None):
     if ddp:
         torch.distributed.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     try:
-        if ddp:
-            from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: PLC0415
-            # The buffers (RoPE tables, λ) agree on every process: no need to send them each step.
+        if ddp:  # the buffers (RoPE tables, λ) agree on every process: no need to send them each step
             no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
                        inspect.signature(DDP).parameters else {"broadcast_buffers": False})  # torch < 2.13
             model = DDP(model, device_ids=[device] if device_type == "cuda" else None, **no_sync)
@@ -518,7 +422,7 @@ def main(argv=None):
                 print(f"no config file given: using {os.path.relpath(argv[0])} "
                       f"({'CUDA is available' if torch.cuda.is_available() else 'no CUDA: CPU'})")
         return train(*parse_args(argv))
-    except TrainError as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt as e:  # train()'s says which iteration the checkpoint holds

@@ -64,10 +64,11 @@ import torch
 
 import analyze_heads
 import train
+from checkpoint import CheckpointError, load_model, read_checkpoint
 from lab import stats
 from lab.heads import contrast_test
 from lab.variants import PRESETS, RETIRED, VARIANTS, check_preset, model_size, variant_args
-from model import CheckpointError, build_model, load_model, read_checkpoint
+from model import build_model
 
 STUDY_ARMS = ("prism", "gpt2", "gemma3", "rope-attention", "prism-white-sandwich-gated", "recon")
 # (model, its π-RoPE-off control): the claim is head regimes with π-RoPE, weaker without. The

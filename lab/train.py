@@ -14,17 +14,18 @@ import dataclasses
 import sys
 
 import train
+from configurator import read_settings, split_settings
 from lab.variants import sizes_like_prism
 
 
 def parse_args(argv):
     """(TrainConfig, model args of --arch) from PRISM config files and --key=value flags."""
     cfg, prism_args = train.parse_args([a for a in argv if not a.startswith("--")])
-    given = train.read_settings([a for a in argv if a.startswith("--")])
+    given = read_settings([a for a in argv if a.startswith("--")])
     arch = given.pop("arch", (None,))[0]
     if arch is None:
         raise train.TrainError("--arch=NAME is required (python train.py trains PRISM itself)")
-    train_args, arch_args = train.split_settings(given, train.arch_config(arch))
+    train_args, arch_args = split_settings(given, train.TrainConfig, train.arch_config(arch))
     try:
         model_args = {**sizes_like_prism(arch, prism_args), **arch_args}
     except ValueError as e:
@@ -41,7 +42,7 @@ def main(argv=None):
         if all(a.startswith("--") for a in argv):  # no config file: train.py's default one
             argv = [train.default_config(), *argv]
         return train.train(*parse_args(argv))
-    except train.TrainError as e:
+    except train.USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-import train
+from configurator import read_config_file
 from lab.reconstruction import Reconstruction
 from model import Prism, PrismConfig, build_model, get_arch, mlp_width
 
@@ -21,7 +21,7 @@ PRISM_SIZES = ("n_layer", "n_embd", "n_head", "expansion")
 def _prism_of(config_file):
     """block_size and PRISM's sizes as a shipped config file states them (where they live)."""
     path = ROOT / "config" / config_file
-    settings = train.read_config_file(str(path))
+    settings = read_config_file(str(path))
     missing = [k for k in ("block_size", *PRISM_SIZES) if k not in settings]
     if missing:
         raise ValueError(f"{path} does not state {', '.join(missing)}")

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import analyze_heads as ah
-from model import build_model, checkpoint_payload
+from checkpoint import checkpoint_payload
+from model import build_model
 from conftest import unsafe_message
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from checkpoint import CheckpointError, checkpoint_payload, load_model
 from conftest import unsafe_message
-from model import (CheckpointError, Prism, PrismConfig, build_model, checkpoint_payload, filter_logits,
-                   load_model, noise_weight_at, rope_frequencies, rotary_frequencies, rotate_pairs)
+from model import (Prism, PrismConfig, build_model, filter_logits, noise_weight_at, rope_frequencies,
+                   rotary_frequencies, rotate_pairs)
 
 
 def tiny(**overrides):

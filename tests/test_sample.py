@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import sample
+from checkpoint import checkpoint_payload, load_model
 from conftest import unsafe_message
-from model import build_model, checkpoint_payload, load_model
+from model import build_model
 
 REPO = Path(sample.__file__).resolve().parent
 TINY = dict(vocab_size=50257, block_size=32, n_layer=1, n_embd=32, n_head=2)

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-import model as M
 import train as T
+from checkpoint import load_model
+from configurator import field_help, read_config_file
 from conftest import REPO, unsafe_message
-from model import build_model, load_model
+from model import build_model
 
 TEST_COMMAND = "pip install torch==2.13.0 -r requirements.txt pytest && python -m pytest -q"
 
@@ -379,7 +380,7 @@ def test_sample_and_analysis_find_what_python_train_py_wrote(data_dir, tmp_path,
     err = sample.main(["--max_new_tokens=2"]) and capsys.readouterr().err
     assert err.startswith("error: no checkpoint") and "`python train.py`" in err
     T.main([f"--data_dir={data_dir}", "--max_iters=0", "--eval_iters=1", "--device=cpu"])
-    out_dir = T.read_config_file(T.default_config())["out_dir"]
+    out_dir = read_config_file(T.default_config())["out_dir"]
     assert (tmp_path / out_dir / "ckpt.pt").is_file()
     capsys.readouterr()
     assert sample.main(["--max_new_tokens=2", "--num_samples=1", "--device=cpu"]) == 0
@@ -400,7 +401,7 @@ def test_help_describes_every_setting_with_its_default_and_the_default_configs_v
     cfg, model_args = T.parse_args([T.default_config()] if arch == "prism" else [f"--arch={arch}"])
     used = {**dataclasses.asdict(cfg), **model_args} if arch == "prism" else {}
     for cls in (T.TrainConfig, get_arch(arch)[0]):
-        descriptions = T.field_help(cls)
+        descriptions = field_help(cls)
         for field in dataclasses.fields(cls):
             if field.name == "vocab_size":
                 continue

@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
+from checkpoint import checkpoint_payload, load_model
 from lab.ablations import AblationAttention, AblationConfig, PrismAblation
-from model import Prism, PrismConfig, build_model, checkpoint_payload, load_model
+from model import Prism, PrismConfig, build_model
 
 SIZES = dict(vocab_size=97, block_size=24, n_layer=2, n_embd=32, n_head=2, expansion=2)  # p = 32
 ABLATIONS = {"no-wpe": {"position_embedding": False}, "untied": {"tied_readout": False},

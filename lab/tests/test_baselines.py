@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from analyze_heads import analyze_model
-from model import build_model, checkpoint_payload, get_arch, load_model
+from checkpoint import checkpoint_payload, load_model
+from configurator import read_config_file
+from model import build_model, get_arch
 from lab.baselines import Gemma3Config, GPT2Config, RopeAttentionConfig
 from lab.variants import (PRESETS, RETIRED, VARIANTS, check_preset, count_params, family_base,
                           model_size, preset_sizes, sizes_like_prism, variant_args)
@@ -228,11 +230,9 @@ def test_variants_are_config_values():
 
 
 def test_presets_take_prism_sizes_from_the_config_files():
-    import train  # noqa: PLC0415
-
     root = Path(__file__).resolve().parents[2]
     for preset, name in (("cpu-small", "cpu_small.py"), ("paper-50m", "prism_50m.py")):
-        settings = train.read_config_file(str(root / "config" / name))
+        settings = read_config_file(str(root / "config" / name))
         sizes = preset_sizes(preset, "prism")
         assert sizes == {k: settings[k] for k in ("n_layer", "n_embd", "n_head", "expansion",
                                                   "block_size")}

@@ -8,10 +8,12 @@ import pytest
 import torch
 
 import train as T
+from checkpoint import load_model
+from configurator import read_config_file
 from lab import compare
 from lab import train as lab_train
 from lab.variants import sizes_like_prism
-from model import build_model, load_model
+from model import build_model
 
 
 def test_a_lab_arch_trains_at_the_size_matched_to_the_default_config(compact_data, tmp_path,
@@ -24,7 +26,7 @@ def test_a_lab_arch_trains_at_the_size_matched_to_the_default_config(compact_dat
     vocab_size = json.loads((compact_data / "meta.json").read_text())["vocab_size"]
     prism = build_model("prism", **prism_args, vocab_size=vocab_size).get_num_params()
     assert abs(summary["params"] / prism - 1) <= 0.05
-    out_dir = T.read_config_file(T.default_config())["out_dir"] + "_gpt2"  # PRISM's stays free
+    out_dir = read_config_file(T.default_config())["out_dir"] + "_gpt2"  # PRISM's stays free
     assert summary["out_dir"] == out_dir and load_model(tmp_path / out_dir / "ckpt.pt").arch == "gpt2"
 
 

@@ -1,0 +1,83 @@
+"""
+The checkpoint file: what train.py writes (a model, the vocabulary its token ids belong to and,
+for an exact resume, the optimizer, the RNG states and the settings) and what sample.py and
+analyze_heads.py read back. Written whole or not at all; read without running any code it holds.
+"""
+
+import os
+import pickle
+from dataclasses import asdict
+
+import torch
+
+from model import build_model
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be loaded as a checkpoint; the message is one line for the user."""
+
+
+def checkpoint_payload(model):
+    """A model in a checkpoint: its arch, config, weights (λ included) and the vocabulary its token
+    ids belong to (train.py sets it from the data's meta.json)."""
+    return {"arch": model.arch, "model_config": asdict(model.config), "model": model.state_dict(),
+            "vocabulary": getattr(model, "vocabulary", None)}
+
+
+def replace_file(path, write):
+    """write(f) into path + ".tmp", then os.replace: a reader never sees half a file."""
+    with open(path + ".tmp", "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def read_checkpoint(path, device="cpu"):
+    """torch.load with weights_only=True: tensors and plain data only. A pickle can carry code
+    that runs while it loads; this refuses it before anything runs, as it does a file that is no
+    checkpoint (CheckpointError)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no checkpoint at {path}") from None
+    if not (head == b"PK\x03\x04" or head[:1] == b"\x80"):  # a zip archive, or a legacy pickle
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint file")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path} is not a safe checkpoint: it contains code/objects other "
+                              "than tensors and plain data; refusing to load") from None
+    except Exception:  # a truncated or damaged archive; torch's own message is not for the user
+        raise CheckpointError(f"{path} is damaged or truncated (not a complete PyTorch "
+                              "checkpoint)") from None
+
+
+def load_model(path, device="cpu"):
+    """The model of a checkpoint written by train.py, in eval mode, on `device`."""
+    ckpt = read_checkpoint(path, device)
+    if not isinstance(ckpt, dict) or not {"arch", "model_config", "model"} <= ckpt.keys():
+        raise CheckpointError(f"{path} is not a prism-nano checkpoint (no arch/model_config/model)")
+    model = build_model(ckpt["arch"], **ckpt["model_config"])
+    model.load_state_dict(ckpt["model"])
+    model.vocabulary = ckpt.get("vocabulary")
+    # what the checkpoint says of its run, for the scripts' "loaded ..." line (None: absent)
+    model.training_run = {k: ckpt.get(k) for k in ("iter_num", "best_val_loss", "train_config")}
+    return model.to(device).eval()
+
+
+def read_training_checkpoint(path, arch, model_config):
+    """The checkpoint train.py resumes from, checked to hold a model of this arch and config."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"init_from = 'resume' but there is no checkpoint at {path}: nothing "
+                              "to resume yet (train from scratch first: --init_from=scratch)")
+    ckpt = read_checkpoint(path)
+    if not isinstance(ckpt, dict) or not {"arch", "model_config", "model", "iter_num"} <= ckpt.keys():
+        raise CheckpointError(f"{path} is not a checkpoint written by train.py")
+    if ckpt["arch"] != arch:
+        raise CheckpointError(f"{path} holds a {ckpt['arch']!r} model, but arch = {arch!r}")
+    if differ := [f"{k} = {v!r} (checkpoint: {ckpt['model_config'].get(k, '<absent>')!r})"
+                  for k, v in model_config.items() if ckpt["model_config"].get(k, object()) != v]:
+        raise CheckpointError(f"{path} holds a model of another size: {'; '.join(differ)}")
+    return ckpt
