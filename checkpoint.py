@@ -1,7 +1,8 @@
 """
-The checkpoint file: what train.py writes (a model, the vocabulary its token ids belong to and,
-for an exact resume, the optimizer, the RNG states and the settings) and what sample.py and
-analyze_heads.py read back. Written whole or not at all; read without running any code it holds.
+The checkpoint file: checkpoint_payload is a model in it (arch, config, weights, the vocabulary its
+token ids belong to), to which train.py adds the optimizer, RNG states and settings of an exact
+resume; sample.py and analyze_heads.py read it back with load_model. Written whole or not at all
+(replace_file, which train.py uses for log.jsonl too); read without running any code it holds.
 """
 
 import os

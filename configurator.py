@@ -18,7 +18,8 @@ class SettingsError(Exception):
 
 
 def read_config_file(path):
-    """The settings a config file assigns: its top-level names, but _private ones and modules."""
+    """The settings a config file assigns: its top-level names, except _private names, modules,
+    functions and classes."""
     try:
         with open(path, encoding="utf-8") as f:
             source = f.read()
@@ -47,8 +48,8 @@ def typed(key, value, source, default):
     """A command-line string (source None) parsed, or a config file's value checked, as the type of
     the field's default; a default None means auto (true, false or auto)."""
     kind = bool if default is None else type(default)
-    if source is not None:  # an int is a fine float
-        if value is None and default is None or type(value) is kind or kind is float and type(value) is int:
+    if source is not None:
+        if (value is None and default is None) or type(value) is kind or (kind is float and type(value) is int):
             return value if value is None else kind(value)
         raise SettingsError(f"{key} = {value!r} in {source} should be of type {kind.__name__}")
     words = {"true": True, "false": False, **({"auto": None} if default is None else {})}

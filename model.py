@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+
 # -----------------------------------------------------------------------------
 # 1. The rates (exact definitions). The coding rate of n tokens up to precision ε,
 #     R(Z) = ½ log det(I_d + d/(n ε²) ZᵀZ),
@@ -121,7 +122,8 @@ class PrismConfig:
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_embd", "n_head", "expansion"):
             _check(self, name, getattr(self, name) > 0, "must be positive")
-        _check(self, "n_head", self.expansion * self.n_embd % self.n_head == 0, "must divide expansion·n_embd")
+        _check(self, "n_head", self.expansion * self.n_embd % self.n_head == 0,
+               "must divide expansion·n_embd (p = R·d/H)")
         _check(self, "expansion", self.head_dim % 2 == 0, "must make p = R·d/H even (RoPE pairs)")
         for name in ("signal_base", "noise_base"):
             _check(self, name, getattr(self, name) > 1, "must be > 1")
@@ -320,7 +322,7 @@ class Block(nn.Module):
 
 class KVCache:
     """What one attention layer keeps of the tokens seen while generating: the (B, heads, T, p)
-    tensors later queries read."""
+    tensors later queries read, in the order the layer passes them."""
 
     def __init__(self):
         self.length = 0  # positions seen so far = the position of the next token
@@ -388,10 +390,11 @@ class LanguageModel(nn.Module):
         """One line for the log: the arch and its parameter counts by part."""
         parts = dict(embedding=0, attention=0, mlp=0, norm=0)
         for name, p in self.named_parameters():
-            parts["attention" if ".attn." in name else "mlp" if ".mlp." in name else "embedding"
-                  if name.startswith(("transformer.wte", "transformer.wpe")) else "norm"] += p.numel()
-        return f"{self.arch}: {self.get_num_params() / 1e6:.2f}M parameters (" + ", ".join(
-            f"{k} {v / 1e6:.2f}M" for k, v in parts.items()) + ")"
+            parts["attention" if ".attn." in name else "mlp" if ".mlp." in name
+                  else "embedding" if name.startswith(("transformer.wte", "transformer.wpe"))
+                  else "norm"] += p.numel()
+        return (f"{self.arch}: {self.get_num_params() / 1e6:.2f}M parameters ("
+                + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in parts.items()) + ")")
 
     def set_progress(self, progress):
         """Called by train.py before every iteration with the fraction of the run done; a model
@@ -527,8 +530,8 @@ class Prism(LanguageModel):
 
 
 # -----------------------------------------------------------------------------
-# 8. Architectures by name (checkpoint.py rebuilds a model from its arch's name). THE ONE HOOK from the tutorial
-# into the lab: get_arch imports the `lab` package on the first name ARCHS lacks, and the lab
+# 8. Architectures by name (checkpoint.py rebuilds a model from its arch's name). THE ONE HOOK
+# from the tutorial into the lab: get_arch imports the `lab` package on the first name ARCHS lacks, and the lab
 # registers its models (GPT-2, Gemma 3, our earlier reconstruction, ...) there. Without a lab/
 # folder the tutorial runs on its own.
 ARCHS = {"prism": (PrismConfig, Prism)}

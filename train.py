@@ -35,7 +35,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class TrainError(Exception):
-    """A mistake in the settings, the data or the checkpoint: main() prints it as one line."""
+    """A bad setting value (configurator.py checks the types), the data or the machine."""
+
+
+# What main() prints as one line `error: ...`, exit status 2: the user's mistake, not a bug.
+USER_ERRORS = (TrainError, SettingsError, CheckpointError)
+REFUSED = {"vocab_size": "it comes from the data's meta.json"}  # settings no one may set
 
 
 @dataclass
@@ -63,14 +68,15 @@ class TrainConfig:
     seed: int = 1337                    # fixes the initialisation and the data order
 
     def __post_init__(self):
-        positive = ("learning_rate", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval")
-        checks = [(getattr(self, k) > 0, k, "must be positive") for k in positive]
+        checks = [(self.init_from in ("scratch", "resume"), "init_from", "must be scratch or resume"),
+                  (self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
+                   "must be auto, float32, bfloat16 or float16"),
+                  (self.learning_rate > 0, "learning_rate", "must be positive"),
+                  (0 <= self.min_lr <= self.learning_rate, "min_lr", "must be in [0, learning_rate]")]
+        checks += [(getattr(self, k) > 0, k, "must be positive") for k in
+                   ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval")]
         checks += [(getattr(self, k) >= 0, k, "must not be negative") for k in
                    ("max_iters", "warmup_iters", "grad_clip", "weight_decay")]
-        checks += [(self.init_from in ("scratch", "resume"), "init_from", "must be scratch or resume"),
-                   (self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
-                    "must be auto, float32, bfloat16 or float16"),
-                   (0 <= self.min_lr <= self.learning_rate, "min_lr", "must be in [0, learning_rate]")]
         for ok, name, why in checks:
             if not ok:
                 raise TrainError(f"{name} = {getattr(self, name)!r} {why}")
@@ -79,7 +85,6 @@ class TrainConfig:
 # -----------------------------------------------------------------------------
 # Settings: config files, then --key=value arguments (configurator.py), checked against the fields
 # above and the arch's config; --help from the comments beside them
-USER_ERRORS = (TrainError, SettingsError, CheckpointError)  # main() prints these as one line
 
 
 def parse_args(argv):
@@ -88,7 +93,7 @@ def parse_args(argv):
     arch = typed("arch", *settings.get("arch", ("prism", "the defaults")), "prism")
     hint = "; another arch at a PRISM config's size: python -m lab.train" if arch != "prism" else ""
     train_args, model_args = split_settings(settings, TrainConfig, arch_config(arch), hint=hint,
-                                            refused={"vocab_size": "it comes from the data's meta.json"})
+                                            refused=REFUSED)
     return TrainConfig(**train_args), model_args
 
 
@@ -109,11 +114,11 @@ def usage(argv=()):
     config = os.path.relpath(default_config(), HERE)
     arch = next((a.split("=", 1)[1] for a in reversed(argv) if a.startswith("--arch=")), "prism")
     cfg, model_args = parse_args([default_config()]) if arch == "prism" else (TrainConfig(), {})
-    given = {**asdict(cfg), **model_args}
+    given, model_cls = {**asdict(cfg), **model_args}, arch_config(arch)
     return "\n".join([__doc__.strip(), "", f"Settings: --name=DEFAULT  what it is  [{config}: its value there]",
                       "", "TrainConfig:", *describe(TrainConfig, given, config),
-                      "", f"{arch_config(arch).__name__} (arch {arch}; --arch=NAME --help for another's):",
-                      *describe(arch_config(arch), given, config, skip={"vocab_size"})])
+                      "", f"{model_cls.__name__} (arch {arch}; --arch=NAME --help for another's):",
+                      *describe(model_cls, given, config, skip=REFUSED)])
 
 
 # -----------------------------------------------------------------------------

@@ -25,7 +25,8 @@ def parse_args(argv):
     arch = given.pop("arch", (None,))[0]
     if arch is None:
         raise train.TrainError("--arch=NAME is required (python train.py trains PRISM itself)")
-    train_args, arch_args = split_settings(given, train.TrainConfig, train.arch_config(arch))
+    train_args, arch_args = split_settings(given, train.TrainConfig, train.arch_config(arch),
+                                           refused=train.REFUSED)
     try:
         model_args = {**sizes_like_prism(arch, prism_args), **arch_args}
     except ValueError as e:

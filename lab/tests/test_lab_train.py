@@ -37,7 +37,8 @@ def test_the_config_gives_the_sizes_and_the_flags_the_rest(tmp_path, capsys):
     assert model_args == {**sizes_like_prism("gemma3", prism_args), "n_head": 8}
     assert (cfg.arch, cfg.max_iters, cfg.out_dir) == ("gemma3", 7, "mine")
     for argv, words in (([T.default_config()], "--arch=NAME is required"),
-                        ([T.default_config(), "--arch=gpt2", "--expansion=1"], "unknown key 'expansion'")):
+                        ([T.default_config(), "--arch=gpt2", "--expansion=1"], "unknown key 'expansion'"),
+                        ([T.default_config(), "--arch=gpt2", "--vocab_size=3"], "meta.json")):
         with pytest.raises(SystemExit) as exit_info:
             lab_train.main(argv)
         assert exit_info.value.code == 2 and words in capsys.readouterr().err
