@@ -4,10 +4,9 @@ PRISM (D. Huang, arXiv 2601.15540): attention modelled on a step of Maximal Codi
 a differential read-out: the function the author's code computes (github HuangDongchen/PRISM-Transformer,
 commit b7a0024; docs/PRISM.md says where each fact comes from); everything else is nanoGPT's GPT-2.
 
-Read it top to bottom, like the derivation: 1 the rates; 2 attention from a step on the compressed
-rate; 3 the dictionary; 4 π-RoPE; 5 the read-out S − λN; 6 the layer; 7 the block and the language
-model; 8 architectures by name. A statement is marked exact (an identity or a theorem, tested in
-tests/test_model.py where it can be) or heuristic (a choice, a reading, or a measurement).
+Read it top to bottom, like the derivation (§1–§8). A statement is marked exact (an identity or a
+theorem, tested in tests/test_model.py where it can be) or heuristic (a choice, a reading, or a
+measurement).
 Notation: tokens are rows; Z ∈ R^{n×d} holds n tokens. The dictionary D ∈ R^{2Hp×d} (one Linear's
 weight) holds one atom per row; head k owns p consecutive rows, U_kᵀ ∈ R^{p×d}, and reads the
 coordinates W_k = Z U_k ∈ R^{n×p}. Heads 0 … H−1 are the signal stream, H … 2H−1 the noise stream.
@@ -32,8 +31,7 @@ from torch.nn import functional as F
 # A good representation has a large rate reduction ΔR = R(Z) − R^c: diverse as a whole, compact
 # inside each subspace. The model never evaluates a rate; analyze_heads.py measures them.
 def coding_rate(Z, eps=0.5):
-    """R(Z) for Z (n, d), nats per token, in float64 through the smaller Gram matrix
-    (det(I_d + a ZᵀZ) = det(I_n + a ZZᵀ), exact)."""
+    """R(Z), Z (n, d), float64, via the smaller Gram (det(I_d + aZᵀZ) = det(I_n + aZZᵀ), exact)."""
     Z = Z.double()
     n, d = Z.shape
     gram = Z.T @ Z if d <= n else Z @ Z.T
@@ -68,41 +66,34 @@ def compressed_coding_rate(Z, subspaces, eps=0.5):
 # −69100/559). With the softmax the tests measure a rise of R^c along the step on random tokens
 # (measured, not proven). So the layer is CRATE's attention form, motivated by the series, not
 # implied by it; §5 says what PRISM's signs make of it.
+def coordinates(Z, subspaces, eps):
+    """Z in float64, β = p/(n ε²) and each subspace's (U_kᵀ, W_k = Z U_k)."""
+    Z, subspaces = Z.detach().double(), subspaces.detach().double()
+    return Z, subspaces.shape[1] / (len(Z) * eps**2), [(U_kT, Z @ U_kT.T) for U_kT in subspaces]
+
+
 def compressed_rate_gradient(Z, subspaces, eps=0.5):
     """(a) ∇_Z R^c(Z; U) in closed form (exact; tested against autograd); float64."""
-    Z, n = Z.detach().double(), Z.shape[0]
-    beta = subspaces.shape[1] / (n * eps**2)
-    eye = torch.eye(n, dtype=Z.dtype, device=Z.device)
-    grad = torch.zeros_like(Z)
-    for U_kT in subspaces.detach().double():
-        W = Z @ U_kT.T
-        grad += beta * torch.linalg.solve(eye + beta * (W @ W.T), W) @ U_kT
-    return grad
+    Z, beta, coords = coordinates(Z, subspaces, eps)
+    eye = torch.eye(len(Z), dtype=Z.dtype, device=Z.device)
+    return sum(beta * torch.linalg.solve(eye + beta * (W @ W.T), W) @ U_kT for U_kT, W in coords)
 
 
 def neumann_descent_direction(Z, subspaces, eps=0.5):
     """(b) −∇_Z R^c to second order in β: Σ_k (−β W_k + β² G_k W_k) U_kᵀ (error O(β³), tested)."""
-    Z = Z.detach().double()
-    beta = subspaces.shape[1] / (Z.shape[0] * eps**2)
-    out = torch.zeros_like(Z)
-    for U_kT in subspaces.detach().double():
-        W = Z @ U_kT.T
-        out += (-beta * W + beta**2 * (W @ W.T) @ W) @ U_kT
-    return out
+    _, beta, coords = coordinates(Z, subspaces, eps)
+    return sum((-beta * W + beta**2 * (W @ W.T) @ W) @ U_kT for U_kT, W in coords)
 
 
 def neumann_radius(Z, subspaces, eps=0.5):
     """max_k β·λ_max(W_kᵀW_k): the series of (b) converges only where this is < 1."""
-    Z = Z.detach().double()
-    beta = subspaces.shape[1] / (Z.shape[0] * eps**2)
-    return max(float(beta * torch.linalg.eigvalsh((Z @ U.T).T @ (Z @ U.T))[-1])
-               for U in subspaces.detach().double())
+    _, beta, coords = coordinates(Z, subspaces, eps)
+    return max(float(beta * torch.linalg.eigvalsh(W.T @ W)[-1]) for _, W in coords)
 
 
 # -----------------------------------------------------------------------------
-# The model's settings. The defaults are the paper's PRISM (config/prism_50m.py): d = 512, 8
-# layers, 8 signal + 8 noise heads of p = 128, context 512, GPT-2's vocabulary: 51,192,320
-# parameters, 50,930,176 without the position embedding.
+# The model's settings. The defaults are the paper's PRISM (config/prism_50m.py; heads of p = 128):
+# 51,192,320 parameters, 50,930,176 without the position embedding.
 @dataclass
 class PrismConfig:
     vocab_size: int = 50257      # GPT-2 BPE; the embedding is padded to a multiple of 64 (50304)
@@ -166,7 +157,6 @@ def _check(config, name, ok, why):
 # streams differ in the frequencies they can use, not in the subspaces they read (exact). Which of
 # its frequencies a head relies on is learned (heuristic: analyze_heads.py measures it).
 def rotary_frequencies(head_dim, base):
-    """The RoPE ladder base^(−2i/p), i = 0 … p/2 − 1, float64."""
     return base ** (-2 * torch.arange(head_dim // 2, dtype=torch.float64) / head_dim)
 
 
@@ -184,8 +174,7 @@ def rotary_tables(freqs, length):
 
 
 def rotate_pairs(x, cos, sin):
-    """RoPE on interleaved pairs: x (B, heads, T, p), pair i = (x_2i, x_2i+1) turned by the
-    angle whose cos, sin (heads, T, p/2) are given."""
+    """RoPE on interleaved pairs (x_2i, x_2i+1) of x (B, heads, T, p); cos, sin (heads, T, p/2)."""
     x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
@@ -198,17 +187,16 @@ def rotate_pairs(x, cos, sin):
 # dictionary itself: head k's term lies in span(U_k), the subspace it read, as in §2's step (exact;
 # an untied read-out B_k would put it in span(B_k) instead).
 # The signs in MCR² terms. Exact with the linear similarity G_k in place of A_k: head k's term moves
-# its own subspace's rate R(Z U_k) at first order by η_k β tr(W_kᵀ G_k (I + βG_k)⁻¹ W_k · U_kᵀU_k),
-# of the sign of η_k: a signal head's term raises the rate of its own subspace (expands it), a noise
-# head's lowers it (compresses it: the paper's "denoising"). Exact with the causal softmax too where
-# β → 0, U_kᵀU_k = I and the scores are not rotated (no RoPE): the change is then
-# η_k β Σ_t Σ_s A_ts ⟨w_t, w_s⟩, each row's softmax mean of its scores is at least their plain mean
-# (the weights grow with the score: Chebyshev's sum inequality), and Σ_t ⟨w_t, mean_{s≤t} w_s⟩ ≥ 0
-# (Abel summation of ‖prefix sums‖²). At finite β with other U_k it can have the wrong sign (the
-# tests hold such draws); with RoPE the weights grow with the rotated score, not with ⟨w_t, w_s⟩,
-# and the argument does not go through. What is read into it: each term also moves the other
-# subspaces' rates, with no sign for overlapping subspaces (§2's counterexample), and ΔR's expansion
-# term R(Z) does not enter.
+# its own subspace's rate R(Z U_k) at first order by η_k times §2's trace (≥ 0): a signal head's
+# term raises the rate of its own subspace (expands it), a noise head's lowers it (compresses it:
+# the paper's "denoising"). Exact with the causal softmax too where β → 0, U_kᵀU_k = I and the
+# scores are not rotated (no RoPE): the change is then η_k β Σ_t Σ_s A_ts ⟨w_t, w_s⟩, each row's
+# softmax mean of its scores is at least their plain mean (the weights grow with the score:
+# Chebyshev's sum inequality), and Σ_t ⟨w_t, mean_{s≤t} w_s⟩ ≥ 0 (Abel summation of ‖prefix sums‖²).
+# At finite β with other U_k it can have the wrong sign (the tests hold such draws); with RoPE the
+# weights grow with the rotated score, not with ⟨w_t, w_s⟩, and the argument does not go through.
+# What is read into it: each term also moves the other subspaces' rates, with no sign for
+# overlapping subspaces (§2's counterexample), and ΔR's expansion term R(Z) does not enter.
 # λ is not learned: a buffer of every layer, saved with the model, that train.py sets before each
 # iteration from a cosine ramp over the run (noise_weight_at; from 0.01 to 0.1). Every path from a
 # noise atom to the output carries the factor λ (exact), so λ = 0 would leave the noise atoms to
@@ -228,8 +216,7 @@ def noise_weight_at(progress, start, end):
 # -----------------------------------------------------------------------------
 # 6. The layer: one projection, one fused attention call for all 2H heads, one read-out.
 class PrismAttention(nn.Module):
-    """Δ = c·Σ_k η_k softmax_causal(q_k q_kᵀ/√p) W_k U_kᵀ with W_k = Z U_k, q_k = RoPE(W_k) and
-    η_k = 1 for signal heads, −λ for noise heads (§2-5)."""
+    """Δ = c·Σ_k η_k softmax_causal(q_k q_kᵀ/√p) W_k U_kᵀ, q_k = RoPE(W_k), η_S = 1, η_N = −λ."""
 
     def __init__(self, config):
         super().__init__()
@@ -242,8 +229,7 @@ class PrismAttention(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def subspaces(self):
-        """(2H, p, d): each head's U_kᵀ, the atoms its queries, keys and values come from."""
+    def subspaces(self):  # (2H, p, d): each head's U_kᵀ, the atoms its q, k and v come from
         return self.dictionary.weight.view(self.n_head, self.head_dim, -1)
 
     def forward(self, z, record=None, cache=None):
@@ -262,15 +248,13 @@ class PrismAttention(nn.Module):
         y = (y * eta[:, None, None]).transpose(1, 2).reshape(B, T, -1)  # [Y_S, −λY_N]
         return self.resid_dropout(self.read_out(y))
 
-    def read_out(self, y):
-        """Back to R^d through the dictionary itself (tied), times c: c·[Y_S, −λY_N] D."""
+    def read_out(self, y):  # back to R^d through the dictionary itself (tied): c·[Y_S, −λY_N] D
         return self.iso_energy * (y @ self.dictionary.weight)
 
 
 def explicit_attention(q, k, v, record):
     """softmax_causal(q kᵀ/√p) v spelled out, so that the probabilities can be kept in `record`;
-    equal to the fused kernel up to float rounding (tested). PRISM's analysis path (the lab's
-    models use lab/attention.py's)."""
+    equal to the fused kernel up to float rounding (tested)."""
     T, S = q.shape[-2], k.shape[-2]
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
     future = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(S - T + 1)
@@ -311,12 +295,9 @@ class Block(nn.Module):
 
     def forward(self, x, record=None, cache=None):
         z = self.ln_1(x)
-        if record is not None:
-            before = len(record)
-            x = x + self.attn(z, record)
-            record[before]["z"] = z  # the tokens Z this layer's step acts on
-        else:
-            x = x + self.attn(z, cache=cache)
+        x = x + self.attn(z, record, cache)
+        if record is not None:  # the attention appended this layer's record
+            record[-1]["z"] = z  # the tokens Z this layer's step acts on
         return x + self.mlp(self.ln_2(x))
 
 
@@ -397,8 +378,7 @@ class LanguageModel(nn.Module):
                 + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in parts.items()) + ")")
 
     def set_progress(self, progress):
-        """Called by train.py before every iteration with the fraction of the run done; a model
-        with a schedule of its own (PRISM's λ) follows it here."""
+        """train.py calls it before every iteration with the fraction of the run done (PRISM: λ)."""
 
     def forward_hidden(self, idx, record=None, cache=None):
         """The final hidden states (B, T, d); `record` collects each layer's analysis; with
@@ -446,10 +426,8 @@ class LanguageModel(nn.Module):
         for _ in range(max_new_tokens):
             if cache is not None and idx.shape[1] > self.config.block_size:
                 cache = None  # cropping moves every position: recompute, as without a cache
-            if cache is None:
-                hidden = self.forward_hidden(idx[:, -self.config.block_size:])
-            else:
-                hidden = self.forward_hidden(idx[:, cache[0].length:], cache=cache)
+            window = idx[:, -self.config.block_size:] if cache is None else idx[:, cache[0].length:]
+            hidden = self.forward_hidden(window, cache=cache)
             logits = self._head(hidden[:, -1:], None)[0][:, -1, :].float()
             if temperature == 0:
                 next_token = logits.argmax(dim=-1, keepdim=True)
@@ -482,9 +460,8 @@ class LanguageModel(nn.Module):
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops):
         """Model FLOPs utilisation of `fwdbwd_per_iter` sequences in `dt` seconds against the
         device's dense `peak_flops`; NaN without one."""
-        if peak_flops is None:
-            return math.nan
-        return self.flops_per_token() * self.config.block_size * fwdbwd_per_iter / dt / peak_flops
+        return (math.nan if peak_flops is None else
+                self.flops_per_token() * self.config.block_size * fwdbwd_per_iter / dt / peak_flops)
 
 
 class Prism(LanguageModel):
@@ -514,9 +491,8 @@ class Prism(LanguageModel):
         """The shared count for the signal heads, the same again for the noise heads' matmuls, and
         the tied read-out's second use of each dictionary, 6 per weight."""
         c = self.config
-        noise_heads = 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
-        return super().flops_per_token() + noise_heads + 6 * sum(
-            b.attn.dictionary.weight.numel() for b in self.transformer.h)
+        return (super().flops_per_token() + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
+                + 6 * sum(b.attn.dictionary.weight.numel() for b in self.transformer.h))
 
     # What analyze_heads.py asks of a model.
     def rope_frequencies(self, layer=0):
@@ -530,10 +506,10 @@ class Prism(LanguageModel):
 
 
 # -----------------------------------------------------------------------------
-# 8. Architectures by name (checkpoint.py rebuilds a model from its arch's name). THE ONE HOOK
-# from the tutorial into the lab: get_arch imports the `lab` package on the first name ARCHS lacks, and the lab
-# registers its models (GPT-2, Gemma 3, our earlier reconstruction, ...) there. Without a lab/
-# folder the tutorial runs on its own.
+# 8. Architectures by name (checkpoint.py rebuilds a model from its arch's name). THE ONE HOOK from
+# the tutorial into the lab: get_arch imports the `lab` package on the first name ARCHS lacks, and
+# the lab registers its models (GPT-2, Gemma 3, our earlier reconstruction, ...) there. Without a
+# lab/ folder the tutorial runs on its own.
 ARCHS = {"prism": (PrismConfig, Prism)}
 LAB_PACKAGE = "lab"
 
@@ -542,7 +518,7 @@ def get_arch(name):
     """(ConfigClass, ModelClass) for an architecture name."""
     if name not in ARCHS:
         try:
-            importlib.import_module(LAB_PACKAGE)  # the one hook: registers the lab's archs
+            importlib.import_module(LAB_PACKAGE)
         except ModuleNotFoundError as e:
             if e.name != LAB_PACKAGE:  # the lab is there but cannot import: say why
                 raise
