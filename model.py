@@ -173,11 +173,11 @@ def rotary_tables(freqs, length):
     return angles.cos().float(), angles.sin().float()
 
 
-def rotate_pairs(x, cos, sin):
-    """RoPE on interleaved pairs (x_2i, x_2i+1) of x (B, heads, T, p); cos, sin (heads, T, p/2)."""
-    x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+def rotate_pairs(x, turns):
+    """RoPE on interleaved pairs: pair i of x (B, heads, T, p) read as the complex number
+    x_2i + i·x_2i+1 and multiplied by turns = e^{i·t·ω_i} (heads, T, p/2), a rotation by t·ω_i."""
+    turned = torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * turns
+    return torch.view_as_real(turned).flatten(-2).to(x.dtype)
 
 
 # -----------------------------------------------------------------------------
@@ -226,8 +226,7 @@ class PrismAttention(nn.Module):
         self.iso_energy = 1 / math.sqrt(2 * config.n_head * config.expansion)  # c
         self.resid_dropout = nn.Dropout(config.dropout)
         cos, sin = rotary_tables(rope_frequencies(config), config.block_size)  # built once
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope", torch.complex(cos, sin), persistent=False)  # e^{i·t·ω}
 
     def subspaces(self):  # (2H, p, d): each head's U_kᵀ, the atoms its q, k and v come from
         return self.dictionary.weight.view(self.n_head, self.head_dim, -1)
@@ -236,20 +235,25 @@ class PrismAttention(nn.Module):
         B, T, _ = z.shape
         w = self.dictionary(z).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # W_k
         start = 0 if cache is None else cache.length  # the position of z[:, 0]
-        q = rotate_pairs(w, self.rope_cos[:, start:start + T], self.rope_sin[:, start:start + T])
+        q = rotate_pairs(w, self.rope[:, start:start + T])
         k, v = (q, w) if cache is None else cache.extend(q, w)  # keep RoPE(W) and W: q = k = v
         if record is not None:  # the analysis path: the same numbers, probabilities kept
             y = explicit_attention(q, k, v, record)
         else:  # one new query against the cache sees every cached key: no mask
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
                                                dropout_p=self.dropout if self.training else 0.0)
-        half = self.n_head // 2
-        eta = torch.cat((y.new_ones(half), -self.noise_weight.to(y.dtype).expand(half)))
-        y = (y * eta[:, None, None]).transpose(1, 2).reshape(B, T, -1)  # [Y_S, −λY_N]
-        return self.resid_dropout(self.read_out(y))
+        y = y.transpose(1, 2).reshape(B, T, -1)  # the heads side by side: [Y_S, Y_N]
+        return self.resid_dropout(y @ self.read_out())
 
-    def read_out(self, y):  # back to R^d through the dictionary itself (tied): c·[Y_S, −λY_N] D
-        return self.iso_energy * (y @ self.dictionary.weight)
+    def read_out(self):
+        """c·diag(η)·D: the dictionary itself (tied), each atom weighted by its head's η_k (1 or −λ)
+        and by c, so that [Y_S, Y_N] times it is c·(Y_S D_S − λ Y_N D_N) (exact; the weights
+        cost 2Hp·d products where weighting Y would cost B·T·2Hp)."""
+        return self.iso_energy * self.atom_weights()[:, None] * self.dictionary.weight
+
+    def atom_weights(self):  # η_k repeated over head k's p atoms: 1 (signal), −λ (noise)
+        half = self.n_head // 2 * self.head_dim
+        return torch.cat((self.noise_weight.new_ones(half), -self.noise_weight.expand(half)))
 
 
 def explicit_attention(q, k, v, record):

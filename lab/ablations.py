@@ -38,8 +38,10 @@ class AblationAttention(PrismAttention):
         self.readout = (None if config.tied_readout else
                         nn.Parameter(self.dictionary.weight.detach().clone()))  # B, starts as D
 
-    def read_out(self, y):
-        return super().read_out(y) if self.readout is None else self.iso_energy * (y @ self.readout)
+    def read_out(self):
+        if self.readout is None:
+            return super().read_out()
+        return self.iso_energy * self.atom_weights()[:, None] * self.readout
 
 
 class PrismAblation(Prism):
