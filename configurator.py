@@ -48,7 +48,7 @@ def typed(key, value, source, default):
     """A command-line string (source None) parsed, or a config file's value checked, as the type of
     the field's default; a default None means auto (true, false or auto)."""
     kind = bool if default is None else type(default)
-    if source is not None:
+    if source is not None:  # a config file's value: checked, not parsed; an int is a fine float
         if (value is None and default is None) or type(value) is kind or (kind is float and type(value) is int):
             return value if value is None else kind(value)
         raise SettingsError(f"{key} = {value!r} in {source} should be of type {kind.__name__}")
