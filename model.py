@@ -173,11 +173,11 @@ def rotary_tables(freqs, length):
     return angles.cos().float(), angles.sin().float()
 
 
-def rotate_pairs(x, turns):
-    """RoPE on interleaved pairs: pair i of x (B, heads, T, p) read as the complex number
-    x_2i + i·x_2i+1 and multiplied by turns = e^{i·t·ω_i} (heads, T, p/2), a rotation by t·ω_i."""
-    turned = torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * turns
-    return torch.view_as_real(turned).flatten(-2).to(x.dtype)
+def rotate_pairs(x, cos, sin):
+    """RoPE on interleaved pairs: pair i of x (B, heads, T, p), (x_2i, x_2i+1), turned by t·ω_i:
+    x·cos + (x_2i+1, x_2i)·sin, with cos = (c_i, c_i) and sin = (−s_i, s_i) per pair (heads, T, p)."""
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return x * cos.to(x.dtype) + swapped * sin.to(x.dtype)
 
 
 # -----------------------------------------------------------------------------
@@ -226,7 +226,8 @@ class PrismAttention(nn.Module):
         self.iso_energy = 1 / math.sqrt(2 * config.n_head * config.expansion)  # c
         self.resid_dropout = nn.Dropout(config.dropout)
         cos, sin = rotary_tables(rope_frequencies(config), config.block_size)  # built once
-        self.register_buffer("rope", torch.complex(cos, sin), persistent=False)  # e^{i·t·ω}
+        self.register_buffer("rope_cos", cos.repeat_interleave(2, dim=-1), persistent=False)
+        self.register_buffer("rope_sin", torch.stack((-sin, sin), dim=-1).flatten(-2), persistent=False)
 
     def subspaces(self):  # (2H, p, d): each head's U_kᵀ, the atoms its q, k and v come from
         return self.dictionary.weight.view(self.n_head, self.head_dim, -1)
@@ -235,7 +236,7 @@ class PrismAttention(nn.Module):
         B, T, _ = z.shape
         w = self.dictionary(z).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # W_k
         start = 0 if cache is None else cache.length  # the position of z[:, 0]
-        q = rotate_pairs(w, self.rope[:, start:start + T])
+        q = rotate_pairs(w, self.rope_cos[:, start:start + T], self.rope_sin[:, start:start + T])
         k, v = (q, w) if cache is None else cache.extend(q, w)  # keep RoPE(W) and W: q = k = v
         if record is not None:  # the analysis path: the same numbers, probabilities kept
             y = explicit_attention(q, k, v, record)

@@ -92,8 +92,8 @@ def test_attention_scores_depend_only_on_relative_position():
     w = torch.randn(1, 4, 20, 32)
     q = model.transformer.h[0].attn
     shift = 7
-    a = rotate_pairs(w, q.rope[:, :20])
-    b = rotate_pairs(w, q.rope[:, shift:shift + 20])
+    a = rotate_pairs(w, q.rope_cos[:, :20], q.rope_sin[:, :20])
+    b = rotate_pairs(w, q.rope_cos[:, shift:shift + 20], q.rope_sin[:, shift:shift + 20])
     torch.testing.assert_close(a @ a.transpose(-2, -1), b @ b.transpose(-2, -1), rtol=1e-4, atol=1e-4)
     assert not torch.allclose(a, b, atol=1e-2)   # the rotated vectors did change
 
