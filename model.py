@@ -248,8 +248,9 @@ class PrismAttention(nn.Module):
 
     def read_out(self):
         """c·diag(η)·D: the dictionary itself (tied), each atom weighted by its head's η_k (1 or −λ)
-        and by c, so that [Y_S, Y_N] times it is c·(Y_S D_S − λ Y_N D_N) (exact; the weights
-        cost 2Hp·d products where weighting Y would cost B·T·2Hp)."""
+        and by c, so that [Y_S, Y_N] times it is c·(Y_S D_S − λ Y_N D_N) (exact). Weighting the
+        2Hp·d weights is cheaper than weighting Y (B·T·2Hp) in training; generating one token at a
+        time it costs about as many products as the read-out's own matmul."""
         return self.iso_energy * self.atom_weights()[:, None] * self.dictionary.weight
 
     def atom_weights(self):  # η_k repeated over head k's p atoms: 1 (signal), −λ (noise)
