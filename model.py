@@ -2,11 +2,11 @@
 PRISM (D. Huang, arXiv 2601.15540): attention modelled on a step of Maximal Coding Rate Reduction
 (MCR²), with one overcomplete dictionary for query, key, value and output, two RoPE bases (π-RoPE) and
 a differential read-out: the function the author's code computes (github HuangDongchen/PRISM-Transformer,
-commit b7a0024; docs/PRISM.md says where each fact comes from); everything else is nanoGPT's GPT-2.
+commit b7a0024); everything else is nanoGPT's GPT-2. docs/PRISM.md says where each fact comes from.
 
 Read it top to bottom, like the derivation (§1–§8). A statement is marked exact (an identity or a
-theorem, tested in tests/test_model.py where it can be) or heuristic (a choice, a reading, or a
-measurement).
+theorem; tests/test_model.py checks it where it can, docs/PRISM.md §2 has the proofs) or heuristic
+(a choice, a reading, or a measurement).
 Notation: tokens are rows; Z ∈ R^{n×d} holds n tokens. The dictionary D ∈ R^{2Hp×d} (one Linear's
 weight) holds one atom per row; head k owns p consecutive rows, U_kᵀ ∈ R^{p×d}, and reads the
 coordinates W_k = Z U_k ∈ R^{n×p}. Heads 0 … H−1 are the signal stream, H … 2H−1 the noise stream.
@@ -21,7 +21,6 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 
-# -----------------------------------------------------------------------------
 # 1. The rates (exact definitions). The coding rate of n tokens up to precision ε,
 #     R(Z) = ½ log det(I_d + d/(n ε²) ZᵀZ),
 # is a rate per token (MCR², Yu et al. 2020): coding all n tokens takes ((n + d)/2) log det(…) nats,
@@ -44,54 +43,30 @@ def compressed_coding_rate(Z, subspaces, eps=0.5):
     return sum(coding_rate(Z.double() @ U_kT.double().T, eps) for U_kT in subspaces)
 
 
-# -----------------------------------------------------------------------------
 # 2. From a step on R^c to attention (CRATE's construction). G_k = W_k W_kᵀ ∈ R^{n×n}: how alike
 # every two tokens are inside subspace k.
-# (a) Exact: ∇_Z R^c = Σ_k β (I_n + β G_k)⁻¹ W_k U_kᵀ.                 (compressed_rate_gradient)
+# (a) Exact: ∇_Z R^c = Σ_k β (I_n + β G_k)⁻¹ W_k U_kᵀ (tested against autograd).
 # (b) Heuristic: the Neumann series (I + βG)⁻¹ = I − βG + β²G² − … cut after two terms,
-#         −∇_Z R^c ≈ Σ_k (−β W_k + β² G_k W_k) U_kᵀ,                (neumann_descent_direction)
+#         −∇_Z R^c ≈ Σ_k (−β W_k + β² G_k W_k) U_kᵀ,
 #     accurate to O(β³) only where β·λ_max(G_k) < 1 (neumann_radius). Where the model runs it is far
-#     above 1 (about 370 at the paper's initial dictionary on isotropic tokens; tested), and there
-#     even the two-term series can point uphill.
+#     above 1 (about 370 at the paper's initial dictionary on isotropic tokens), and there even the
+#     two-term series can point uphill (both tested).
 # (c) A construction choice (CRATE): keep the second-order term with a causal softmax
-#     A_k = softmax_causal(W_k W_kᵀ/√p) in place of G_k, and drop the first-order term −β W_k U_kᵀ,
-#     which summed over k is −βZ Σ_k U_kU_kᵀ: exactly the uniform shrink −βZ when the atoms form a
-#     tight frame, Σ_k U_kU_kᵀ = DᵀD = I_d, as at PRISM's start (§3).
+#     A_k = softmax_causal(W_k W_kᵀ/√p) in place of G_k, and drop the first-order term, which summed
+#     over k is −βZ Σ_k U_kU_kᵀ: exactly the uniform shrink −βZ at a tight frame (§3).
 # What is left is one attention head per subspace with query = key = value = W_k:
 #         Z ← Z + η Σ_k A_k W_k U_kᵀ.
-# It is no descent step on R^c (exact): for one subspace the kept linear term cannot lower its rate
-# at first order, ⟨G_k W_k U_kᵀ, ∇_Z R(Z U_k)⟩ = β tr(W_kᵀ G_k (I + βG_k)⁻¹ W_k · U_kᵀU_k) ≥ 0 (the
-# trace of a product of two positive semi-definite matrices); for overlapping subspaces, as in every
-# overcomplete dictionary, the cross terms have no sign (the tests hold a case summing to
-# −69100/559). With the softmax the tests measure a rise of R^c along the step on random tokens
-# (measured, not proven). So the layer is CRATE's attention form, motivated by the series, not
-# implied by it; §5 says what PRISM's signs make of it.
-def coordinates(Z, subspaces, eps):
-    """Z in float64, β = p/(n ε²) and each subspace's (U_kᵀ, W_k = Z U_k)."""
-    Z, subspaces = Z.detach().double(), subspaces.detach().double()
-    return Z, subspaces.shape[1] / (len(Z) * eps**2), [(U_kT, Z @ U_kT.T) for U_kT in subspaces]
-
-
-def compressed_rate_gradient(Z, subspaces, eps=0.5):
-    """(a) ∇_Z R^c(Z; U) in closed form (exact; tested against autograd); float64."""
-    Z, beta, coords = coordinates(Z, subspaces, eps)
-    eye = torch.eye(len(Z), dtype=Z.dtype, device=Z.device)
-    return sum(beta * torch.linalg.solve(eye + beta * (W @ W.T), W) @ U_kT for U_kT, W in coords)
-
-
-def neumann_descent_direction(Z, subspaces, eps=0.5):
-    """(b) −∇_Z R^c to second order in β: Σ_k (−β W_k + β² G_k W_k) U_kᵀ (error O(β³), tested)."""
-    _, beta, coords = coordinates(Z, subspaces, eps)
-    return sum((-beta * W + beta**2 * (W @ W.T) @ W) @ U_kT for U_kT, W in coords)
-
-
+# It is no descent step on R^c (exact): with G_k, one subspace's own term cannot lower its rate at
+# first order; for overlapping subspaces, as in every overcomplete dictionary, the cross terms have
+# no sign (a counterexample is tested); with the softmax the tests measure R^c rising. So the layer
+# is CRATE's attention form, motivated by the series, not implied by it.
 def neumann_radius(Z, subspaces, eps=0.5):
-    """max_k β·λ_max(W_kᵀW_k): the series of (b) converges only where this is < 1."""
-    _, beta, coords = coordinates(Z, subspaces, eps)
-    return max(float(beta * torch.linalg.eigvalsh(W.T @ W)[-1]) for _, W in coords)
+    """max_k β·λ_max(W_kᵀW_k), β = p/(n ε²): the series of (b) converges only where this is < 1."""
+    Z, subspaces = Z.detach().double(), subspaces.detach().double()
+    beta = subspaces.shape[1] / (len(Z) * eps**2)
+    return max(float(beta * torch.linalg.eigvalsh(W.T @ W)[-1]) for W in Z @ subspaces.mT)
 
 
-# -----------------------------------------------------------------------------
 # The model's settings. The defaults are the paper's PRISM (config/prism_50m.py; heads of p = 128):
 # 51,192,320 parameters, 50,930,176 without the position embedding.
 @dataclass
@@ -131,31 +106,25 @@ def _check(config, name, ok, why):
         raise ValueError(f"{type(config).__name__}.{name} = {getattr(config, name)!r} {why}")
 
 
-# -----------------------------------------------------------------------------
 # 3. The dictionary: 2·H·p = 2R·d atoms in R^d, overcomplete R times per stream (4× in all at R = 2),
 # and no other attention weight: D gives the queries, keys and values (W = Z Dᵀ) and, tied, the
 # read-out back to R^d (§5). At R = 2 its 4d² weights are what GPT-2 spends on its q, k, v and
-# output projections: PRISM has exactly GPT-2's parameter count (exact, tested). It starts as a
-# tight frame, DᵀD = I_d (orthonormal columns: torch's orthogonal init, after the usual N(0, 0.02)
-# one), with exact consequences: ‖W‖ = ‖Z‖ (no direction of a token is lost or amplified in
-# coordinates); Σ_k U_kU_kᵀ = I_d, so §2's dropped term is the uniform shrink −βZ; and reading out
-# what a head reads in gives the token back, (Z Dᵀ) D = Z. Training moves D off the frame
-# (analyze_heads.py reports its frame bounds, the extreme eigenvalues of DᵀD).
-# A consequence of q = k (exact): a token's score with itself is ‖w_t‖², and w_tᵀw_s ≤ ‖w_t‖‖w_s‖
-# (Cauchy–Schwarz; RoPE keeps norms), so the diagonal tops every key no longer than w_t (not the
-# longer ones); analyze_heads.py reports the attention on itself and the distance without it.
+# output projections (exact, tested). It starts as a tight frame, DᵀD = I_d (torch's orthogonal
+# init, after the usual N(0, 0.02) one). Exactly then: ‖W‖ = ‖Z‖; Σ_k U_kU_kᵀ = I_d, so §2's dropped
+# term is −βZ; and reading out what a head reads in gives the token back, (Z Dᵀ) D = Z. Training
+# moves D off the frame (analyze_heads.py reports DᵀD's extreme eigenvalues, the frame bounds).
+# With q = k a token's score with itself, ‖w_t‖², tops its score with every key no longer than w_t
+# (Cauchy–Schwarz; RoPE keeps norms; exact); analyze_heads.py reports the attention on itself.
 #
 # 4. π-RoPE: two RoPE bases. Every head rotates the interleaved pairs (w_2i, w_2i+1) of its q = k by
 # t·ω_i at position t, ω_i = b^(−2i/p), i = 0 … p/2 − 1, b = 10⁴·π in the signal heads and 10⁴/π in
 # the noise heads; the value is not rotated. Scores depend on positions only through their
-# difference (exact). What the two bases do (computed in tests/test_model.py): both ladders start
-# at ω_0 = 1 rad/token, so pair 0 turns alike in every head, whatever the ratio of the bases; below
-# it noise pair i turns π^(4i/p) times faster than signal pair i (up to almost π² at the slow end),
-# so the noise band lies inside the signal band and only signal heads reach the slowest frequencies.
-# At p = 128 and T = 512, 36 of 64 signal and 29 of 64 noise pairs turn less than once over the
-# context. A rotation acts inside a head's p coordinates, so neither base changes span(U_k): the
-# streams differ in the frequencies they can use, not in the subspaces they read (exact). Which of
-# its frequencies a head relies on is learned (heuristic: analyze_heads.py measures it).
+# difference (exact). Computed in the tests: both ladders start at ω_0 = 1 rad/token; below it noise
+# pair i turns π^(4i/p) times faster than signal pair i, so the noise band lies inside the signal
+# band and only signal heads reach the slowest frequencies (at p = 128 and T = 512, 36 of 64 signal
+# and 29 of 64 noise pairs turn less than once over the context). A rotation acts inside a head's p
+# coordinates: the streams differ in the frequencies they can use, not in the subspaces they read
+# (exact). Which of its frequencies a head relies on is learned (analyze_heads.py measures it).
 def rotary_frequencies(head_dim, base):
     return base ** (-2 * torch.arange(head_dim // 2, dtype=torch.float64) / head_dim)
 
@@ -180,40 +149,31 @@ def rotate_pairs(x, cos, sin):
     return x * cos.to(x.dtype) + swapped * sin.to(x.dtype)
 
 
-# -----------------------------------------------------------------------------
 # 5. The differential, tied read-out S − λN. The layer adds
 #         Δ = c·(Σ_{k∈S} A_k W_k U_kᵀ − λ Σ_{k∈N} A_k W_k U_kᵀ),      c = 1/√(2HR),
 # §2's step with η = c for the signal heads and −λc for the noise heads, read out through the
-# dictionary itself: head k's term lies in span(U_k), the subspace it read, as in §2's step (exact;
-# an untied read-out B_k would put it in span(B_k) instead).
-# The signs in MCR² terms. Exact with the linear similarity G_k in place of A_k: head k's term moves
-# its own subspace's rate R(Z U_k) at first order by η_k times §2's trace (≥ 0): a signal head's
-# term raises the rate of its own subspace (expands it), a noise head's lowers it (compresses it:
-# the paper's "denoising"). Exact with the causal softmax too where β → 0, U_kᵀU_k = I and the
-# scores are not rotated (no RoPE): the change is then η_k β Σ_t Σ_s A_ts ⟨w_t, w_s⟩, each row's
-# softmax mean of its scores is at least their plain mean (the weights grow with the score:
-# Chebyshev's sum inequality), and Σ_t ⟨w_t, mean_{s≤t} w_s⟩ ≥ 0 (Abel summation of ‖prefix sums‖²).
-# At finite β with other U_k it can have the wrong sign (the tests hold such draws); with RoPE the
-# weights grow with the rotated score, not with ⟨w_t, w_s⟩, and the argument does not go through.
-# What is read into it: each term also moves the other subspaces' rates, with no sign for
-# overlapping subspaces (§2's counterexample), and ΔR's expansion term R(Z) does not enter.
+# dictionary itself: head k's term lies in span(U_k), the subspace it read (exact; an untied
+# read-out B_k would put it in span(B_k) instead).
+# The signs in MCR² terms. Exact with G_k in place of A_k: head k's term moves its own subspace's
+# rate R(Z U_k) at first order with the sign of η_k: a signal head expands its subspace, a noise
+# head compresses its own (the paper's "denoising"). With the causal softmax this is exact only as
+# β → 0 with U_kᵀU_k = I and unrotated scores; at finite β it can fail (the tests hold such draws),
+# and with RoPE the argument does not go through. Read into it: each term also moves the other
+# subspaces' rates, with no sign for overlapping subspaces (§2), and ΔR's R(Z) does not enter.
 # λ is not learned: a buffer of every layer, saved with the model, that train.py sets before each
 # iteration from a cosine ramp over the run (noise_weight_at; from 0.01 to 0.1). Every path from a
-# noise atom to the output carries the factor λ (exact), so λ = 0 would leave the noise atoms to
-# weight decay alone; AdamW's step does not grow with a constant factor on a gradient, so a small λ
-# quiets the noise stream's output rather than its learning (heuristic for a slowly moving λ).
-# The "iso-energy" factor c is no reparametrisation of D (exact): D enters the scores quadratically
-# and the values and read-out linearly, so scaling D by a multiplies the scores by a² and, at fixed
-# attention, Δ by a²; c is D's scale (a = √c) only together with a softmax temperature. Measured at
-# the start (paper's config, random tokens; tested): the update's RMS is about 2% of its input's,
-# where it would be about 11% without c; the name's "energy" is not conserved by it.
+# noise atom to the output carries the factor λ (exact); AdamW's step does not grow with a constant
+# factor on a gradient, so a small λ quiets the noise stream's output rather than its learning
+# (heuristic, for a slowly moving λ).
+# The "iso-energy" factor c is no reparametrisation of D (exact: D enters the scores quadratically,
+# Δ linearly). Measured at the start (paper's config, random tokens; tested): the update's RMS is
+# about 2% of its input's, about 11% without c; no energy is conserved by it.
 def noise_weight_at(progress, start, end):
     """λ after `progress` (0 … 1, clipped) of the run: start + (end − start)·½(1 − cos(π·progress))."""
     progress = min(1.0, max(0.0, progress))
     return start + (end - start) * 0.5 * (1.0 - math.cos(math.pi * progress))
 
 
-# -----------------------------------------------------------------------------
 # 6. The layer: one projection, one fused attention call for all 2H heads, one read-out.
 class PrismAttention(nn.Module):
     """Δ = c·Σ_k η_k softmax_causal(q_k q_kᵀ/√p) W_k U_kᵀ, q_k = RoPE(W_k), η_S = 1, η_N = −λ."""
@@ -247,10 +207,9 @@ class PrismAttention(nn.Module):
         return self.resid_dropout(y @ self.read_out())
 
     def read_out(self):
-        """c·diag(η)·D: the dictionary itself (tied), each atom weighted by its head's η_k (1 or −λ)
-        and by c, so that [Y_S, Y_N] times it is c·(Y_S D_S − λ Y_N D_N) (exact). Weighting the
-        2Hp·d weights is cheaper than weighting Y (B·T·2Hp) in training; generating one token at a
-        time it costs about as many products as the read-out's own matmul."""
+        """c·diag(η)·D: the tied dictionary, each atom weighted by its head's η_k (1 or −λ) and c, so
+        [Y_S, Y_N] times it is c·(Y_S D_S − λ Y_N D_N) (exact). Cheaper than weighting Y in training;
+        when generating one token it costs about as many products as the read-out's matmul."""
         return self.iso_energy * self.atom_weights()[:, None] * self.dictionary.weight
 
     def atom_weights(self):  # η_k repeated over head k's p atoms: 1 (signal), −λ (noise)
@@ -269,7 +228,6 @@ def explicit_attention(q, k, v, record):
     return attn @ v
 
 
-# -----------------------------------------------------------------------------
 # 7. The rest is nanoGPT's GPT-2: learned absolute positions added to the token embeddings (as
 # well as RoPE), pre-LayerNorm residual blocks, a GELU MLP of width 4d, a final LayerNorm and the
 # output layer tied to the token embedding.
@@ -308,20 +266,18 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """What one attention layer keeps of the tokens seen while generating: the (B, heads, T, p)
-    tensors later queries read, in the order the layer passes them."""
+    """One attention layer's (B, heads, T, p) tensors of the tokens seen so far, while generating."""
 
     def __init__(self):
         self.length = 0  # positions seen so far = the position of the next token
         self.tensors = None
 
     def extend(self, *new):
-        """Append the new positions and return past + new. Several positions at once (the
-        prompt) only into an empty cache, where the causal mask is the right one."""
+        """Append the new positions, -> past + new. Several at once (the prompt) only when empty."""
         T = new[0].shape[-2]
-        if self.tensors is not None and T != 1:
-            raise ValueError(f"{T} positions into a non-empty cache: one at a time")
         if self.tensors is not None:
+            if T != 1:
+                raise ValueError(f"{T} positions into a non-empty cache: one at a time")
             new = tuple(torch.cat((past, t), dim=-2) for past, t in zip(self.tensors, new))
         self.length += T
         self.tensors = new
@@ -377,11 +333,10 @@ class LanguageModel(nn.Module):
         """One line for the log: the arch and its parameter counts by part."""
         parts = dict(embedding=0, attention=0, mlp=0, norm=0)
         for name, p in self.named_parameters():
-            parts["attention" if ".attn." in name else "mlp" if ".mlp." in name
-                  else "embedding" if name.startswith(("transformer.wte", "transformer.wpe"))
-                  else "norm"] += p.numel()
-        return (f"{self.arch}: {self.get_num_params() / 1e6:.2f}M parameters ("
-                + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in parts.items()) + ")")
+            parts["attention" if ".attn." in name else "mlp" if ".mlp." in name else
+                  "embedding" if name.startswith("transformer.w") else "norm"] += p.numel()  # wte, wpe
+        sizes = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in parts.items())
+        return f"{self.arch}: {self.get_num_params() / 1e6:.2f}M parameters ({sizes})"
 
     def set_progress(self, progress):
         """train.py calls it before every iteration with the fraction of the run done (PRISM: λ)."""
@@ -399,8 +354,7 @@ class LanguageModel(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None):
-        """idx (B, T) -> logits (B, T, vocab_size), and the mean cross-entropy against targets
-        (B, T) when given (-1 marks positions to ignore)."""
+        """idx (B, T) -> logits (B, T, vocab_size), mean cross-entropy against targets (-1: ignored)."""
         return self._head(self.forward_hidden(idx), targets)
 
     def analyze(self, idx, targets=None):
@@ -425,9 +379,8 @@ class LanguageModel(nn.Module):
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                         use_cache=True):
-        """Yield (B, 1) sampled tokens one at a time (temperature 0: greedy). The context is
-        cropped to the last block_size tokens. With the cache only the newest token runs through
-        the model; the tokens are the same as without it (up to float rounding in near-ties)."""
+        """Yield (B, 1) sampled tokens one at a time (temperature 0: greedy), the context cropped to
+        block_size. The cache runs only the newest token: the same tokens (but near-ties' rounding)."""
         cache = self.new_cache() if use_cache else None
         for _ in range(max_new_tokens):
             if cache is not None and idx.shape[1] > self.config.block_size:
@@ -443,11 +396,9 @@ class LanguageModel(nn.Module):
             idx = torch.cat((idx, next_token), dim=1)
             yield next_token
 
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
-        """idx (B, T) -> (B, T + max_new_tokens)."""
-        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache))
-        return torch.cat([idx, *new], dim=1)
+    def generate(self, idx, max_new_tokens, **sampling):
+        """idx (B, T) -> (B, T + max_new_tokens); `sampling`: generate_stream's options."""
+        return torch.cat([idx, *self.generate_stream(idx, max_new_tokens, **sampling)], dim=1)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW, weight decay on matrices and embeddings only; fused on CUDA."""
@@ -458,14 +409,12 @@ class LanguageModel(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
     def flops_per_token(self):
-        """Training FLOPs per token: 6 per weight (PaLM, appendix B) plus the attention matmuls,
-        12·L·(Σ head widths)·T, with n_head heads of head_dim."""
+        """Training FLOPs per token: 6 per weight (PaLM, app. B) + the attention's 12·L·H·p·T."""
         c = self.config
         return 6 * self.get_num_params() + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops):
-        """Model FLOPs utilisation of `fwdbwd_per_iter` sequences in `dt` seconds against the
-        device's dense `peak_flops`; NaN without one."""
+        """Model FLOPs utilisation of `fwdbwd_per_iter` sequences in `dt` s; NaN without a peak."""
         return (math.nan if peak_flops is None else
                 self.flops_per_token() * self.config.block_size * fwdbwd_per_iter / dt / peak_flops)
 
@@ -494,8 +443,7 @@ class Prism(LanguageModel):
             block.attn.noise_weight.fill_(lam)
 
     def flops_per_token(self):
-        """The shared count for the signal heads, the same again for the noise heads' matmuls, and
-        the tied read-out's second use of each dictionary, 6 per weight."""
+        """The shared count (signal heads), the noise heads' matmuls, the read-out's use of D."""
         c = self.config
         return (super().flops_per_token() + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
                 + 6 * sum(b.attn.dictionary.weight.numel() for b in self.transformer.h))
@@ -511,11 +459,9 @@ class Prism(LanguageModel):
         return self.transformer.h[layer].attn.subspaces()
 
 
-# -----------------------------------------------------------------------------
-# 8. Architectures by name (checkpoint.py rebuilds a model from its arch's name). THE ONE HOOK from
-# the tutorial into the lab: get_arch imports the `lab` package on the first name ARCHS lacks, and
-# the lab registers its models (GPT-2, Gemma 3, our earlier reconstruction, ...) there. Without a
-# lab/ folder the tutorial runs on its own.
+# 8. Architectures by name (a checkpoint names its model's). THE ONE HOOK from the tutorial into the
+# lab: get_arch imports the `lab` package on the first name ARCHS lacks, and the lab registers its
+# models (GPT-2, Gemma 3, our earlier reconstruction, ...) there. Without lab/ the tutorial runs alone.
 ARCHS = {"prism": (PrismConfig, Prism)}
 LAB_PACKAGE = "lab"
 
@@ -536,7 +482,6 @@ def get_arch(name):
 def build_model(arch, **model_args):
     """A fresh model of `arch`; unknown or bad model_args raise ValueError naming the field."""
     config_cls, model_cls = get_arch(arch)
-    unknown = sorted(set(model_args) - {f.name for f in fields(config_cls)})
-    if unknown:
+    if unknown := sorted(set(model_args) - {f.name for f in fields(config_cls)}):
         raise ValueError(f"{config_cls.__name__} has no field {unknown[0]!r}")
     return model_cls(config_cls(**model_args))

@@ -399,8 +399,21 @@ def derivation_case(seed=0, n=48, d=24, K=3, p=8):
     return Z, U
 
 
+# model.py §2 (a) and (b), written out: float64, β = p/(n ε²), W_k = Z U_k, G_k = W_k W_kᵀ.
+def compressed_rate_gradient(Z, U, eps=0.5):
+    """(a) ∇_Z R^c = Σ_k β (I_n + β G_k)⁻¹ W_k U_kᵀ."""
+    beta, eye = U.shape[1] / (len(Z) * eps**2), torch.eye(len(Z), dtype=Z.dtype)
+    return sum(beta * torch.linalg.solve(eye + beta * (Z @ Uk.T) @ (Z @ Uk.T).T, Z @ Uk.T) @ Uk for Uk in U)
+
+
+def neumann_descent_direction(Z, U, eps=0.5):
+    """(b) −∇_Z R^c to second order in β: Σ_k (−β W_k + β² G_k W_k) U_kᵀ."""
+    beta = U.shape[1] / (len(Z) * eps**2)
+    return sum((-beta * W + beta**2 * W @ W.T @ W) @ Uk for Uk in U for W in [Z @ Uk.T])
+
+
 def test_closed_form_gradient_of_the_compressed_rate_equals_autograd():
-    from model import compressed_coding_rate, compressed_rate_gradient
+    from model import compressed_coding_rate
 
     Z, U = derivation_case()
     for eps in (0.5, 2.0):
@@ -410,7 +423,7 @@ def test_closed_form_gradient_of_the_compressed_rate_equals_autograd():
 
 
 def test_second_order_series_matches_the_descent_direction_to_order_beta_squared():
-    from model import compressed_rate_gradient, neumann_descent_direction, neumann_radius
+    from model import neumann_radius
 
     Z, U = derivation_case()
     errors = []
@@ -425,8 +438,6 @@ def test_second_order_series_matches_the_descent_direction_to_order_beta_squared
 def own_rate_change(Z, Uk, eta, eps=0.5, softmax=False):
     """⟨η·S_k W_k U_kᵀ, ∇_Z R(Z U_k)⟩: head k's term against its own subspace's rate, with the
     linear similarity S = G_k or the causal softmax."""
-    from model import compressed_rate_gradient
-
     W = Z @ Uk.T
     n, p = W.shape
     S = (W @ W.T / math.sqrt(p)).masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1),
@@ -438,8 +449,6 @@ def test_signal_terms_expand_their_own_rate_and_noise_terms_compress_it():
     """§5: with G_k, head k's term moves R(Z U_k) with the sign of η_k (signal +1 up, noise −λ
     down), overlapping subspaces or not; for the whole R^c the cross terms have no sign (§2's
     counterexample)."""
-    from model import compressed_rate_gradient
-
     for seed in range(5):
         Z, U = derivation_case(seed)
         for Uk in U:
@@ -479,8 +488,7 @@ def test_the_causal_softmax_term_raises_its_own_rate_where_beta_is_small():
 def test_the_layer_is_not_a_descent_step_on_random_tokens():
     """Measured, not proven (§2): the causal softmax step has a negative cosine with −∇R^c and
     R^c rises along it; at β·λ_max ≫ 1 even the two-term series points uphill."""
-    from model import (compressed_coding_rate, compressed_rate_gradient,
-                       neumann_descent_direction, neumann_radius)
+    from model import compressed_coding_rate, neumann_radius
 
     def cosine(a, b):
         return float(F.cosine_similarity(a.flatten(), b.flatten(), dim=0))
