@@ -1,7 +1,8 @@
 """
 The checkpoint file: checkpoint_payload is a model in it (arch, config, weights, the vocabulary its
-token ids belong to), to which train.py adds the optimizer, RNG states and settings of an exact
-resume; sample.py and analyze_heads.py read it back with load_model. Written whole or not at all
+token ids belong to); training_checkpoint adds what an exact resume needs (optimizer, scaler, every
+process's RNG states, settings), which restore_training_state puts back. sample.py and
+analyze_heads.py read a model back with load_model. Written whole or not at all
 (replace_file, which train.py uses for log.jsonl too); read without running any code it holds.
 """
 
@@ -66,6 +67,34 @@ def load_model(path, device="cpu"):
     # what the checkpoint says of its run, for the scripts' "loaded ..." line (None: absent)
     model.training_run = {k: ckpt.get(k) for k in ("iter_num", "best_val_loss", "train_config")}
     return model.to(device).eval()
+
+
+def rng_states(rng, device):
+    """This process's random states: numpy's generator (the data order), torch's and CUDA's (dropout)."""
+    return {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(),
+            **({"cuda": torch.cuda.get_rng_state(device)} if torch.device(device).type == "cuda" else {})}
+
+
+def training_checkpoint(model, optimizer, scaler, train_config, iter_num, best_val_loss, rng, elapsed_s):
+    """What train.py writes at every evaluation: the model, and all an exact resume needs (`rng`:
+    every process's rng_states)."""
+    return {**checkpoint_payload(model), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "train_config": train_config, "iter_num": iter_num, "best_val_loss": best_val_loss, "rng": rng,
+            "elapsed_s": elapsed_s}
+
+
+def restore_training_state(ckpt, model, optimizer, scaler, rng, rank, device):
+    """training_checkpoint's state back into the run (process `rank`'s own random states);
+    -> (iter_num, best_val_loss, elapsed_s)."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    state = ckpt["rng"][rank % len(ckpt["rng"])]
+    rng.bit_generator.state = state["numpy"]
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    return ckpt["iter_num"], ckpt["best_val_loss"], ckpt.get("elapsed_s", 0.0)
 
 
 def read_training_checkpoint(path, arch, model_config):

@@ -27,7 +27,10 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import CheckpointError, checkpoint_payload, read_training_checkpoint, replace_file
+from tqdm import tqdm
+
+from checkpoint import (CheckpointError, read_training_checkpoint, replace_file, restore_training_state,
+                        rng_states, training_checkpoint)
 from configurator import SettingsError, describe, read_settings, split_settings, typed
 from model import build_model, get_arch
 
@@ -85,8 +88,6 @@ class TrainConfig:
 # -----------------------------------------------------------------------------
 # Settings: config files, then --key=value arguments (configurator.py), checked against the fields
 # above and the arch's config; --help from the comments beside them
-
-
 def parse_args(argv):
     """Config files, then --key=value arguments -> (TrainConfig, the arch's model args)."""
     settings = read_settings(argv)
@@ -176,34 +177,11 @@ def estimate_loss(model, data, block_size, cfg, ctx, seed):
     return total / cfg.eval_iters
 
 
-def resume(ckpt, model, optimizer, scaler, rng, cfg, rank, log, path):
-    """Weights (λ included), optimizer, scaler, this process's RNGs -> (iter, best val loss, elapsed s)."""
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
-    state = ckpt["rng"][rank % len(ckpt["rng"])]
-    rng.bit_generator.state = state["numpy"]
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and cfg.device.startswith("cuda"):
-        torch.cuda.set_rng_state(state["cuda"], cfg.device)
-    changed = [f"{k}={v!r} (was {ckpt['train_config'].get(k)!r})" for k, v in asdict(cfg).items()
-               if k != "init_from" and ckpt["train_config"].get(k) != v]
-    log(f"resuming from {path} at iter {ckpt['iter_num']}" + (f"; changed: {', '.join(changed)}" if changed else ""))
-    return ckpt["iter_num"], ckpt["best_val_loss"], ckpt.get("elapsed_s", 0.0)
-
-
 # -----------------------------------------------------------------------------
-# The training loop, and its progress line's time left and MFU
-def format_duration(seconds):
-    """12s, 3m05s, 2h07m: short enough for the progress line."""
-    minutes, seconds = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
-
-
-# Dense peak TFLOP/s for MFU, from the datasheets (which quote 2:4 sparsity, twice these): (pattern in
-# torch.cuda.get_device_name(), bfloat16, float16, float32 matmuls: TF32 where the GPU has it, else its
-# CUDA cores). None: no such unit. A GPU not listed gets no MFU, not a guess.
+# The training loop, and its progress line's MFU. Dense peak TFLOP/s from the datasheets (which quote
+# 2:4 sparsity, twice these): (pattern in torch.cuda.get_device_name(), bfloat16, float16, float32
+# matmuls: TF32 where the GPU has it, else its CUDA cores). None: no such unit. A GPU not listed
+# gets no MFU, not a guess.
 GPU_PEAK_TFLOPS = (
     (r"H100 80GB HBM3$|H200$", 989.4, 989.4, 494.7),  # SXM
     (r"H100 PCIe$", 756.5, 756.5, 378.0),
@@ -293,8 +271,11 @@ def train(cfg, model_args=None):
     scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")
     iter_num, best_val_loss, elapsed, kept_log = 0, math.inf, 0.0, []
     if ckpt is not None:
-        iter_num, best_val_loss, elapsed = resume(ckpt, raw_model, optimizer, scaler, rng, cfg, rank,
-                                                  log, ckpt_path)
+        iter_num, best_val_loss, elapsed = restore_training_state(ckpt, raw_model, optimizer, scaler, rng,
+                                                                  rank, device)  # λ is in the weights
+        changed = [f"{k}={v!r} (was {ckpt['train_config'].get(k)!r})" for k, v in asdict(cfg).items()
+                   if k != "init_from" and ckpt["train_config"].get(k) != v]
+        log(f"resuming from {ckpt_path} at iter {iter_num}" + (f"; changed: {', '.join(changed)}" if changed else ""))
         if master and os.path.isfile(log_path):  # a crash may come after a log line, before its checkpoint
             with open(log_path, "rb") as f:
                 kept_log = [line for line in f if line.strip() and json.loads(line)["iter"] <= iter_num]
@@ -327,11 +308,9 @@ def train(cfg, model_args=None):
                     torch.cuda.synchronize()
                 seg_time = time.time() - t_seg
                 train_time += seg_time
-                state = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(),
-                         **({"cuda": torch.cuda.get_rng_state(device)} if device_type == "cuda" else {})}
-                states = [state] * world_size  # every process's, to resume its own
+                states = [rng_states(rng, device)] * world_size  # every process's, to resume its own
                 if ddp:
-                    torch.distributed.all_gather_object(states, state)
+                    torch.distributed.all_gather_object(states, states[0])
                 if master:
                     train_loss = estimate_loss(eval_model, train_data, block_size, cfg, ctx, seed=cfg.seed + 1)
                     val_loss = estimate_loss(eval_model, val_data, block_size, cfg, ctx, seed=cfg.seed + 2)
@@ -349,10 +328,9 @@ def train(cfg, model_args=None):
                     if not (iter_num == start_iter and ckpt is not None):  # a resumed start is saved
                         with open(log_path, "a", encoding="utf-8") as f:
                             f.write(json.dumps(record) + "\n")
-                        replace_file(ckpt_path, lambda f: torch.save({
-                            **checkpoint_payload(raw_model), "optimizer": optimizer.state_dict(),
-                            "scaler": scaler.state_dict(), "train_config": asdict(cfg), "iter_num": iter_num,
-                            "best_val_loss": best_val_loss, "rng": states, "elapsed_s": time.time() - run_start}, f))
+                        replace_file(ckpt_path, lambda f: torch.save(training_checkpoint(
+                            raw_model, optimizer, scaler, asdict(cfg), iter_num, best_val_loss, states,
+                            time.time() - run_start), f))
                 ckpt_iter, seg_iters = iter_num, 0
                 t_seg = t_log = time.time()  # the evaluation's own time counts in neither
             if iter_num >= cfg.max_iters:
@@ -391,7 +369,7 @@ def train(cfg, model_args=None):
                     mfu = step_mfu if mfu < 0 else 0.9 * mfu + 0.1 * step_mfu
                 log(f"iter {iter_num}/{cfg.max_iters} | loss {mean_loss:.4f} | lr {lr:.2e} | "
                     f"{tokens_per_iter / dt:,.0f} tok/s | {dt * 1000:.1f} ms/iter | "  # eta without the evals
-                    f"eta {format_duration((cfg.max_iters - iter_num) * dt)}"
+                    f"eta {tqdm.format_interval((cfg.max_iters - iter_num) * dt)}"
                     + (f" | mfu {mfu * 100:.1f}%" if peak_flops else ""))
                 t_log, log_iters, loss_sum = time.time(), 0, 0.0
     except KeyboardInterrupt:  # main() prints what to do next

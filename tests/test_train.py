@@ -213,14 +213,13 @@ def test_ctrl_c_says_whether_there_is_anything_to_resume(data_dir, tmp_path, mon
     assert err.strip() == (f"interrupted at iter 7: continue from iter 5 with --init_from=resume "
                            f"({tmp_path / 'ckpt.pt'})")
     progress = [line for line in out.splitlines() if line.startswith("iter 6/10")]
-    assert len(progress) == 1 and re.search(r"\| eta \d+s$", progress[0])  # 4 iterations to go
+    assert len(progress) == 1 and re.search(r"\| eta 00:\d\d$", progress[0])  # 4 iterations to go
     with monkeypatch.context() as m:  # Ctrl-C in the resumed run before its next checkpoint
         m.setattr(T, "get_lr", lambda it, cfg: interrupt() if it == 6 else real_get_lr(it, cfg))
         with pytest.raises(SystemExit):
             T.main([config, "--init_from=resume"])
     assert "interrupted at iter 6: continue from iter 5 with" in capsys.readouterr().err
     assert T.main([config, "--init_from=resume"])["iters"] == 10
-    assert T.format_duration(3725) == "1h02m" and T.format_duration(185) == "3m05s"
 
 
 def test_ddp_two_gloo_processes_match_one_process(data_dir, tmp_path):
