@@ -12,7 +12,7 @@ weight) holds one atom per row; head k owns p consecutive rows, U_kᵀ ∈ R^{p�
 coordinates W_k = Z U_k ∈ R^{n×p}. Heads 0 … H−1 are the signal stream, H … 2H−1 the noise stream.
 """
 
-import importlib
+import importlib.util
 import math
 from dataclasses import dataclass, fields
 
@@ -269,8 +269,7 @@ class KVCache:
     """One attention layer's (B, heads, T, p) tensors of the tokens seen so far, while generating."""
 
     def __init__(self):
-        self.length = 0  # positions seen so far = the position of the next token
-        self.tensors = None
+        self.length, self.tensors = 0, None  # positions seen so far = the position of the next token
 
     def extend(self, *new):
         """Append the new positions, -> past + new. Several at once (the prompt) only when empty."""
@@ -313,18 +312,15 @@ class LanguageModel(nn.Module):
             drop=nn.Dropout(config.dropout), h=nn.ModuleList(blocks), ln_f=final_norm))
         self.lm_head = nn.Linear(config.n_embd, vocab, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied input/output embeddings
-        self.apply(self._init_weights)
+        for module in self.modules():  # GPT-2's init
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
         # GPT-2's residual scaling: the layers that write into the residual stream start smaller.
         for name, p in self.named_parameters():
             if name.endswith(self.residual_outputs):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    @staticmethod
-    def _init_weights(module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
 
     def get_num_params(self):
         return sum(p.numel() for p in self.parameters())  # the tied output counted once
@@ -345,9 +341,8 @@ class LanguageModel(nn.Module):
         """The final hidden states (B, T, d); `record` collects each layer's analysis; with
         `cache` (from new_cache(), generation only) idx continues the tokens it holds."""
         start = 0 if cache is None else cache[0].length
-        if start + idx.shape[1] > self.config.block_size:
-            raise ValueError(f"sequence of length {start + idx.shape[1]} is longer than "
-                             f"block_size = {self.config.block_size}")
+        if (length := start + idx.shape[1]) > self.config.block_size:
+            raise ValueError(f"sequence of length {length} is longer than block_size = {self.config.block_size}")
         x = self.transformer.drop(self.embed(idx, start))
         for i, block in enumerate(self.transformer.h):
             x = block(x, record, None if cache is None else cache[i])
@@ -361,8 +356,7 @@ class LanguageModel(nn.Module):
         """(logits, loss, layers): forward()'s numbers, and per layer the attention
         probabilities `attn` (B, heads, T, T), the rotated `q`, `k` and the layer's input `z`."""
         record = []
-        logits, loss = self._head(self.forward_hidden(idx, record), targets)
-        return logits, loss, record
+        return *self._head(self.forward_hidden(idx, record), targets), record
 
     def _head(self, x, targets):
         logits = self.lm_head(x)  # (B, T, padded vocab)
@@ -468,12 +462,8 @@ LAB_PACKAGE = "lab"
 
 def get_arch(name):
     """(ConfigClass, ModelClass) for an architecture name."""
-    if name not in ARCHS:
-        try:
-            importlib.import_module(LAB_PACKAGE)
-        except ModuleNotFoundError as e:
-            if e.name != LAB_PACKAGE:  # the lab is there but cannot import: say why
-                raise
+    if name not in ARCHS and importlib.util.find_spec(LAB_PACKAGE):  # a lab that fails to import says why
+        importlib.import_module(LAB_PACKAGE)
     if name not in ARCHS:
         raise ValueError(f"unknown arch {name!r}; choose from {', '.join(ARCHS)}")
     return ARCHS[name]
