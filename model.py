@@ -112,7 +112,8 @@ def _check(config, name, ok, why):
 # output projections (exact, tested). It starts as a tight frame, DᵀD = I_d (torch's orthogonal
 # init, after the usual N(0, 0.02) one). Exactly then: ‖W‖ = ‖Z‖; Σ_k U_kU_kᵀ = I_d, so §2's dropped
 # term is −βZ; and reading out what a head reads in gives the token back, (Z Dᵀ) D = Z. Training
-# moves D off the frame (analyze_heads.py reports DᵀD's extreme eigenvalues, the frame bounds).
+# moves D far off it: DᵀD's extreme eigenvalues (the frame bounds, which analyze_heads.py reports)
+# are 0.37–0.44 and 43–274 across the layers of 8 seeds at cpu-small (measured; lab/results).
 # With q = k a token's score with itself, ‖w_t‖², tops its score with every key no longer than w_t
 # (Cauchy–Schwarz; RoPE keeps norms; exact); analyze_heads.py reports the attention on itself.
 #
