@@ -166,9 +166,10 @@ def rotate_pairs(x, cos, sin):
 # noise atom to the output carries the factor λ (exact); AdamW's step does not grow with a constant
 # factor on a gradient, so a small λ quiets the noise stream's output rather than its learning
 # (heuristic, for a slowly moving λ).
-# The "iso-energy" factor c is no reparametrisation of D (exact: D enters the scores quadratically,
-# Δ linearly). Measured at the start (paper's config, random tokens; tested): the update's RMS is
-# about 2% of its input's, about 11% without c; no energy is conserved by it.
+# The "iso-energy" factor c is no reparametrisation of D (exact): scaling D by a scales the scores by
+# a² and, at fixed attention, Δ by a², so c is D's scale only together with a softmax temperature.
+# Measured at the start (paper's config, random tokens; tested): the update's RMS is about 2% of its
+# input's, about 11% without c; no energy is conserved by it.
 def noise_weight_at(progress, start, end):
     """λ after `progress` (0 … 1, clipped) of the run: start + (end − start)·½(1 − cos(π·progress))."""
     progress = min(1.0, max(0.0, progress))

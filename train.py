@@ -178,10 +178,10 @@ def estimate_loss(model, data, block_size, cfg, ctx, seed):
 
 
 # -----------------------------------------------------------------------------
-# The training loop, and its progress line's MFU. Dense peak TFLOP/s from the datasheets (which quote
-# 2:4 sparsity, twice these): (pattern in torch.cuda.get_device_name(), bfloat16, float16, float32
-# matmuls: TF32 where the GPU has it, else its CUDA cores). None: no such unit. A GPU not listed
-# gets no MFU, not a guess.
+# The training loop, and the MFU on its progress line
+# Dense peak TFLOP/s from the datasheets (which quote 2:4 sparsity, twice these): (pattern in
+# torch.cuda.get_device_name(), bfloat16, float16, float32 matmuls: TF32 where the GPU has it, else
+# its CUDA cores). None: no such unit. A GPU not listed gets no MFU, not a guess.
 GPU_PEAK_TFLOPS = (
     (r"H100 80GB HBM3$|H200$", 989.4, 989.4, 494.7),  # SXM
     (r"H100 PCIe$", 756.5, 756.5, 378.0),
@@ -272,7 +272,7 @@ def train(cfg, model_args=None):
     iter_num, best_val_loss, elapsed, kept_log = 0, math.inf, 0.0, []
     if ckpt is not None:
         iter_num, best_val_loss, elapsed = restore_training_state(ckpt, raw_model, optimizer, scaler, rng,
-                                                                  rank, device)  # λ is in the weights
+                                                                  rank, device)  # λ too: a buffer
         changed = [f"{k}={v!r} (was {ckpt['train_config'].get(k)!r})" for k, v in asdict(cfg).items()
                    if k != "init_from" and ckpt["train_config"].get(k) != v]
         log(f"resuming from {ckpt_path} at iter {iter_num}" + (f"; changed: {', '.join(changed)}" if changed else ""))
