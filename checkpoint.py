@@ -75,12 +75,13 @@ def rng_states(rng, device):
             **({"cuda": torch.cuda.get_rng_state(device)} if torch.device(device).type == "cuda" else {})}
 
 
-def training_checkpoint(model, optimizer, scaler, train_config, iter_num, best_val_loss, rng, elapsed_s):
-    """What train.py writes at every evaluation: the model, and all an exact resume needs (`rng`:
-    every process's rng_states)."""
+def training_checkpoint(model, optimizer, scaler, train_config, iter_num, best_val_loss, states_by_rank,
+                        elapsed_s):
+    """What train.py writes at every evaluation: the model, and all an exact resume needs
+    (states_by_rank: every process's rng_states, in rank order)."""
     return {**checkpoint_payload(model), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "train_config": train_config, "iter_num": iter_num, "best_val_loss": best_val_loss, "rng": rng,
-            "elapsed_s": elapsed_s}
+            "train_config": train_config, "iter_num": iter_num, "best_val_loss": best_val_loss,
+            "rng": states_by_rank, "elapsed_s": elapsed_s}
 
 
 def restore_training_state(ckpt, model, optimizer, scaler, rng, rank, device):

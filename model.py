@@ -53,12 +53,13 @@ def compressed_coding_rate(Z, subspaces, eps=0.5):
 #     two-term series can point uphill (both tested).
 # (c) A construction choice (CRATE): keep the second-order term with a causal softmax
 #     A_k = softmax_causal(W_k W_kᵀ/√p) in place of G_k, and drop the first-order term, which summed
-#     over k is −βZ Σ_k U_kU_kᵀ: exactly the uniform shrink −βZ at a tight frame (§3).
+#     over k is −βZ Σ_k U_kU_kᵀ: exactly the uniform shrink −βZ at a tight frame of bound 1 (§3).
 # What is left is one attention head per subspace with query = key = value = W_k:
 #         Z ← Z + η Σ_k A_k W_k U_kᵀ.
 # It is no descent step on R^c (exact): with G_k, one subspace's own term cannot lower its rate at
 # first order; for overlapping subspaces, as in every overcomplete dictionary, the cross terms have
-# no sign (a counterexample is tested); with the softmax the tests measure R^c rising. So the layer
+# no sign (a counterexample is tested); with the softmax the tests measure R^c rising (measured, not
+# proven). So the layer
 # is CRATE's attention form, motivated by the series, not implied by it.
 def neumann_radius(Z, subspaces, eps=0.5):
     """max_k β·λ_max(W_kᵀW_k), β = p/(n ε²): the series of (b) converges only where this is < 1."""
@@ -113,7 +114,8 @@ def _check(config, name, ok, why):
 # init, after the usual N(0, 0.02) one). Exactly then: ‖W‖ = ‖Z‖; Σ_k U_kU_kᵀ = I_d, so §2's dropped
 # term is −βZ; and reading out what a head reads in gives the token back, (Z Dᵀ) D = Z. Training
 # moves D far off it: DᵀD's extreme eigenvalues (the frame bounds, which analyze_heads.py reports)
-# are 0.37–0.44 and 43–274 across the layers of 8 seeds at cpu-small (measured; lab/results).
+# are 0.37–0.44 and 43–274 across the layers of the study's 8 report seeds at cpu-small (measured;
+# docs/PRISM.md §5).
 # With q = k a token's score with itself, ‖w_t‖², tops its score with every key no longer than w_t
 # (Cauchy–Schwarz; RoPE keeps norms; exact); analyze_heads.py reports the attention on itself.
 #
@@ -125,7 +127,8 @@ def _check(config, name, ok, why):
 # band and only signal heads reach the slowest frequencies (at p = 128 and T = 512, 36 of 64 signal
 # and 29 of 64 noise pairs turn less than once over the context). A rotation acts inside a head's p
 # coordinates: the streams differ in the frequencies they can use, not in the subspaces they read
-# (exact). Which of its frequencies a head relies on is learned (analyze_heads.py measures it).
+# (exact). Which of its frequencies a head relies on is learned (heuristic; analyze_heads.py
+# measures it).
 def rotary_frequencies(head_dim, base):
     return base ** (-2 * torch.arange(head_dim // 2, dtype=torch.float64) / head_dim)
 
@@ -158,9 +161,10 @@ def rotate_pairs(x, cos, sin):
 # The signs in MCR² terms. Exact with G_k in place of A_k: head k's term moves its own subspace's
 # rate R(Z U_k) at first order with the sign of η_k: a signal head expands its subspace, a noise
 # head compresses its own (the paper's "denoising"). With the causal softmax this is exact only as
-# β → 0 with U_kᵀU_k = I and unrotated scores; at finite β it can fail (the tests hold such draws),
-# and with RoPE the argument does not go through. Read into it: each term also moves the other
-# subspaces' rates, with no sign for overlapping subspaces (§2), and ΔR's R(Z) does not enter.
+# β → 0 with U_kᵀU_k = I and unrotated scores; at finite β with other U_k it can fail (the tests hold
+# such draws), and with RoPE the argument does not go through. What is read into it: each term also
+# moves the other subspaces' rates, with no sign for overlapping subspaces (§2), and ΔR's R(Z) does
+# not enter.
 # λ is not learned: a buffer of every layer, saved with the model, that train.py sets before each
 # iteration from a cosine ramp over the run (noise_weight_at; from 0.01 to 0.1). Every path from a
 # noise atom to the output carries the factor λ (exact); AdamW's step does not grow with a constant
@@ -169,7 +173,7 @@ def rotate_pairs(x, cos, sin):
 # The "iso-energy" factor c is no reparametrisation of D (exact): scaling D by a scales the scores by
 # a² and, at fixed attention, Δ by a², so c is D's scale only together with a softmax temperature.
 # Measured at the start (paper's config, random tokens; tested): the update's RMS is about 2% of its
-# input's, about 11% without c; no energy is conserved by it.
+# input's, so about 11% without c (Δ is linear in c); no energy is conserved by it.
 def noise_weight_at(progress, start, end):
     """λ after `progress` (0 … 1, clipped) of the run: start + (end − start)·½(1 − cos(π·progress))."""
     progress = min(1.0, max(0.0, progress))
@@ -331,8 +335,8 @@ class LanguageModel(nn.Module):
         """One line for the log: the arch and its parameter counts by part."""
         parts = dict(embedding=0, attention=0, mlp=0, norm=0)
         for name, p in self.named_parameters():
-            parts["attention" if ".attn." in name else "mlp" if ".mlp." in name else
-                  "embedding" if name.startswith("transformer.w") else "norm"] += p.numel()  # wte, wpe
+            parts["attention" if ".attn." in name else "mlp" if ".mlp." in name else "embedding"
+                  if name.startswith(("transformer.wte", "transformer.wpe")) else "norm"] += p.numel()
         sizes = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in parts.items())
         return f"{self.arch}: {self.get_num_params() / 1e6:.2f}M parameters ({sizes})"
 
@@ -376,7 +380,8 @@ class LanguageModel(nn.Module):
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                         use_cache=True):
         """Yield (B, 1) sampled tokens one at a time (temperature 0: greedy), the context cropped to
-        block_size. The cache runs only the newest token: the same tokens (but near-ties' rounding)."""
+        block_size. With the cache only the newest token runs through the model: the same tokens,
+        up to float rounding in near-ties."""
         cache = self.new_cache() if use_cache else None
         for _ in range(max_new_tokens):
             if cache is not None and idx.shape[1] > self.config.block_size:
@@ -439,7 +444,8 @@ class Prism(LanguageModel):
             block.attn.noise_weight.fill_(lam)
 
     def flops_per_token(self):
-        """The shared count (signal heads), the noise heads' matmuls, the read-out's use of D."""
+        """The shared count (the signal heads' matmuls), the noise heads' matmuls, and 6 per weight
+        for the tied read-out's second use of each dictionary."""
         c = self.config
         return (super().flops_per_token() + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
                 + 6 * sum(b.attn.dictionary.weight.numel() for b in self.transformer.h))

@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
-
 from tqdm import tqdm
 
 from checkpoint import (CheckpointError, read_training_checkpoint, replace_file, restore_training_state,
@@ -308,9 +307,10 @@ def train(cfg, model_args=None):
                     torch.cuda.synchronize()
                 seg_time = time.time() - t_seg
                 train_time += seg_time
-                states = [rng_states(rng, device)] * world_size  # every process's, to resume its own
+                state = rng_states(rng, device)
+                states = [state] * world_size  # every process's, to resume its own
                 if ddp:
-                    torch.distributed.all_gather_object(states, states[0])
+                    torch.distributed.all_gather_object(states, state)
                 if master:
                     train_loss = estimate_loss(eval_model, train_data, block_size, cfg, ctx, seed=cfg.seed + 1)
                     val_loss = estimate_loss(eval_model, val_data, block_size, cfg, ctx, seed=cfg.seed + 2)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import train as T
-from checkpoint import load_model
+from checkpoint import load_model, read_checkpoint
 from configurator import field_help, read_config_file
 from conftest import REPO, unsafe_message
 from model import build_model
@@ -242,6 +242,9 @@ def test_ddp_two_gloo_processes_match_one_process(data_dir, tmp_path):
         for key in ("train_loss", "val_loss"):
             assert a[key] == pytest.approx(b[key], abs=1e-5), (a["iter"], key)
     assert one["val_loss"] < one_log[0]["val_loss"]
+    states = read_checkpoint(tmp_path / "two" / "ckpt.pt")["rng"]  # each process's own, to resume it
+    assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])  # seed + rank
+    assert states[0]["numpy"] == states[1]["numpy"]  # every process draws the whole batch
 
 
 def test_under_torchrun_the_ddp_wrapper_is_gone_before_the_process_group(data_dir, tmp_path,
