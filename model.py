@@ -397,9 +397,10 @@ class LanguageModel(nn.Module):
             idx = torch.cat((idx, next_token), dim=1)
             yield next_token
 
-    def generate(self, idx, max_new_tokens, **sampling):
-        """idx (B, T) -> (B, T + max_new_tokens); `sampling`: generate_stream's options."""
-        return torch.cat([idx, *self.generate_stream(idx, max_new_tokens, **sampling)], dim=1)
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
+        """idx (B, T) -> (B, T + max_new_tokens): generate_stream's tokens appended."""
+        new = self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache)
+        return torch.cat([idx, *new], dim=1)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW, weight decay on matrices and embeddings only; fused on CUDA."""
