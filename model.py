@@ -59,8 +59,7 @@ def compressed_coding_rate(Z, subspaces, eps=0.5):
 # It is no descent step on R^c (exact): with G_k, one subspace's own term cannot lower its rate at
 # first order; for overlapping subspaces, as in every overcomplete dictionary, the cross terms have
 # no sign (a counterexample is tested); with the softmax the tests measure R^c rising (measured, not
-# proven). So the layer
-# is CRATE's attention form, motivated by the series, not implied by it.
+# proven). So the layer is CRATE's attention form, motivated by the series, not implied by it.
 def neumann_radius(Z, subspaces, eps=0.5):
     """max_k β·λ_max(W_kᵀW_k), β = p/(n ε²): the series of (b) converges only where this is < 1."""
     Z, subspaces = Z.detach().double(), subspaces.detach().double()
